@@ -1,0 +1,39 @@
+# The two set-up commands of the README: `make demo` and `make test`. Each creates .venv/ on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch and torchvision are pinned to the release this project is tested with; override on other machines,
+# e.g. make demo TORCH="torch torchvision --index-url https://download.pytorch.org/whl/cpu"
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test install lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## The main job on the embedded default config (tiny offline model + synthetic data, CPU).
+demo: $(STAMP)
+	$(BIN)/surgvqa run
+
+## The test suite (installs Debian's chromium for the report's browser test when it is missing).
+test: $(STAMP)
+	bash scripts/ensure-chromium.sh
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+
+clean:
+	rm -rf runs .cache

@@ -1,0 +1,3 @@
+from surgvqa.cli import main
+
+main()

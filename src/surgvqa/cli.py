@@ -1,0 +1,126 @@
+"""Command line: parses arguments, loads the config, calls a stage. No logic of its own."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from surgvqa.config import Config, ConfigError, load_config, write_resolved_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fine-tune Qwen2-VL-family models on surgical / GI-endoscopy VQA and measure them per type.")
+
+ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (default: embedded demo)")]
+SetOption = Annotated[list[str] | None, typer.Option("--set", help="override a config key: --set train.lr=1e-4")]
+JsonOption = Annotated[bool, typer.Option("--json", help="print a JSON object instead of tables")]
+
+
+def fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _config(config: Path | None, overrides: list[str] | None, *, write: bool = True) -> Config:
+    try:
+        loaded = load_config(config, overrides or [])
+    except ConfigError as exc:
+        fail(str(exc))
+    if write:
+        write_resolved_config(loaded)
+    return loaded
+
+
+def _print_json(payload: object) -> None:
+    typer.echo(json.dumps(payload, indent=2, ensure_ascii=False))
+
+
+@app.command("make-tiny-model")
+def make_tiny_model(
+    out: Annotated[Path, typer.Argument(help="output directory")],
+    arch: Annotated[str, typer.Option(help="qwen2_vl or qwen2_5_vl")] = "qwen2_vl",
+    seed: int = 0,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 112 * 112,
+) -> None:
+    """Write an offline tiny Qwen2-VL (real Qwen2 vocabulary and chat template, random weights)."""
+    from surgvqa.tiny import build_tiny_model
+
+    if arch not in ("qwen2_vl", "qwen2_5_vl"):
+        fail(f"--arch must be qwen2_vl or qwen2_5_vl, not {arch!r}")
+    path = build_tiny_model(out, arch=arch, seed=seed, min_pixels=min_pixels, max_pixels=max_pixels)
+    typer.echo(f"tiny {arch} model written to {path}")
+
+
+@app.command("make-synthetic")
+def make_synthetic(
+    out: Annotated[Path, typer.Argument(help="output directory")],
+    images: Annotated[int, typer.Option(min=1)] = 300,
+    seed: int = 0,
+    image_size: Annotated[int, typer.Option(min=28)] = 112,
+) -> None:
+    """Write a synthetic Kvasir-like dataset in the Kvasir-VQA parquet schema."""
+    from surgvqa.data.synthetic import make_synthetic as build
+
+    path = build(out, images=images, seed=seed, image_size=image_size)
+    typer.echo(f"synthetic dataset written to {path}")
+
+
+@app.command()
+def prepare(config: ConfigOption = None, set_: SetOption = None, as_json: JsonOption = False) -> None:
+    """Read the raw source, validate, split by image, type the questions, write prepared JSONL."""
+    from surgvqa.data.sources import SourceError
+    from surgvqa.prepare import prepare as run_prepare
+    from surgvqa.prepare import print_prepare_summary
+
+    cfg = _config(config, set_)
+    try:
+        result = run_prepare(cfg, quiet=as_json)
+    except (SourceError, ValueError) as exc:
+        fail(str(exc))
+    if as_json:
+        _print_json(json.loads((result.prepared_dir / "summary.json").read_text()))
+    else:
+        print_prepare_summary(result)
+
+
+def _prepared_file(cfg: Config, data: Path | None, split: str) -> Path:
+    path = data or cfg.run_dir / "prepared" / f"{split}.jsonl"
+    if not path.is_file():
+        fail(f"{path} not found: run `surgvqa prepare` first (or pass --data)")
+    return path
+
+
+@app.command()
+def diagnose(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    data: Annotated[Path | None, typer.Option(help="prepared JSONL (default: the run's train split)")] = None,
+    n: Annotated[int, typer.Option("--n", min=1, help="samples shown per question type")] = 5,
+    whole_file: Annotated[bool, typer.Option(help="also check every other sample for the summary")] = True,
+    as_json: JsonOption = False,
+) -> None:
+    """The masking diagnostic: supervised tokens, decoded text, mask ratio, shapes, image tokens per sample."""
+    from surgvqa.diagnostics import print_diagnostic, run_diagnostic
+    from surgvqa.modeling import load_processor, resolve_model_path
+
+    cfg = _config(config, set_)
+    path = _prepared_file(cfg, data, "train")
+    processor = load_processor(resolve_model_path(cfg), cfg.model, cfg.masking.strategy)
+    report = run_diagnostic(cfg, processor, path, per_type=n, full_summary=whole_file, quiet=as_json)
+    if as_json:
+        _print_json(report.to_json())
+    else:
+        print_diagnostic(report)
+    if report.failing:
+        raise typer.Exit(1)
+
+
+def main() -> None:  # pragma: no cover - console entry for `python -m surgvqa`
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,257 @@
+"""Typed run configuration: YAML file + ``--set a.b=c`` overrides, validated by pydantic.
+
+Unknown keys and wrong types are errors that name the dotted key, because a silently ignored typo in a
+config (``lora.aplha``) costs a whole GPU run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from surgvqa.io import atomic_write_text
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SplitConfig(_Section):
+    train: float = 0.7
+    val: float = 0.15
+    test: float = 0.15
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self) -> SplitConfig:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6 or min(self.train, self.val, self.test) < 0:
+            raise ValueError(f"split fractions must be >= 0 and sum to 1 (got {total:.4f})")
+        return self
+
+
+class SyntheticConfig(_Section):
+    images: int = Field(300, gt=0)
+    seed: int = 0
+    image_size: int = Field(112, ge=28)
+
+
+class DataConfig(_Section):
+    # A path (parquet file or folder, save_to_disk folder, .jsonl, .csv), a hub id ("hub:SimulaMet-HOST/Kvasir-VQA"),
+    # or "synthetic" for the generated Kvasir-like set in the cache directory.
+    source: str = "synthetic"
+    format: Literal["auto", "parquet", "save_to_disk", "jsonl", "csv", "hub"] = "auto"
+    image_root: str | None = None  # where relative image paths of JSONL/CSV sources resolve; default: the file's folder
+    hub_split: str = "raw"
+    max_rows: int | None = None
+    split: SplitConfig = SplitConfig()
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+
+class ModelConfig(_Section):
+    # "tiny" builds the offline demo model into the cache directory; anything else is a local path or hub id.
+    name_or_path: str = "tiny"
+    tiny_arch: Literal["qwen2_vl", "qwen2_5_vl"] = "qwen2_vl"
+    tiny_seed: int = 0
+    min_pixels: int = Field(56 * 56, gt=0)
+    max_pixels: int = Field(112 * 112, gt=0)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    freeze_vision: bool = True
+    train_merger: bool = False
+
+    @model_validator(mode="after")
+    def _pixels_ordered(self) -> ModelConfig:
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels ({self.min_pixels}) exceeds max_pixels ({self.max_pixels})")
+        return self
+
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a medical visual question answering assistant for gastrointestinal endoscopy. "
+    "Look at the image and answer the question with the answer alone, as briefly as possible."
+)
+
+
+class PromptConfig(_Section):
+    system: str = DEFAULT_SYSTEM_PROMPT
+    user_template: str = "Question type: {question_type}\nQuestion: {question}"
+    list_candidates: bool = False
+    candidates_template: str = "\nOptions: {candidates}"
+    normalize_targets: bool = True  # teach lower-case answers with multi-label sets in one canonical order
+
+
+class MaskingConfig(_Section):
+    strategy: Literal["span", "sentinel"] = "span"
+    max_length: int = Field(2048, gt=0)  # over-long samples are rejected, never truncated through image tokens
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, gt=0)
+    alpha: int = 32
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class TrainConfig(_Section):
+    per_device_batch_size: int = Field(4, gt=0)
+    grad_accum: int = Field(16, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = -1  # > 0 overrides epochs
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = 0.0
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    lr_scheduler: str = "cosine"
+    max_grad_norm: float = 1.0
+    save_steps: int = Field(200, gt=0)
+    save_total_limit: int = Field(2, gt=0)
+    logging_steps: int = Field(10, gt=0)
+    group_by_length: bool = True
+    num_workers: int = Field(0, ge=0)
+    seed: int = 42
+
+
+class SanityConfig(_Section):
+    samples: int = Field(64, gt=0)
+    max_steps: int = Field(200, gt=0)
+    loss_threshold: float = 2.0
+    min_match: float = Field(0.9, ge=0, le=1)
+    lr: float | None = None  # None: train.lr
+    batch_size: int = Field(8, gt=0)
+
+
+class PredictConfig(_Section):
+    mode: Literal["generate", "constrained", "rank"] = "constrained"
+    batch_size: int = Field(8, gt=0)
+    split: Literal["train", "val", "test"] = "test"
+    max_new_tokens_open: int = Field(64, gt=0)
+    multi_label_threshold: float | None = None  # rank mode; None: calibrated on the validation split
+
+
+class EvaluateConfig(_Section):
+    size_tolerance_mm: float = Field(5.0, ge=0)
+    count_tolerance: int = Field(1, ge=0)
+    bootstrap_samples: int = Field(1000, gt=0)
+    confidence: float = Field(0.95, gt=0, lt=1)
+    seed: int = 0
+    failure_examples: int = Field(6, ge=0)
+
+
+class SlurmConfig(_Section):
+    partition: str = "gpu"
+    account: str | None = None
+    gpus: int = Field(1, ge=0)
+    nodes: int = Field(1, gt=0)
+    cpus_per_task: int = Field(8, gt=0)
+    mem: str = "64G"
+    time: str = "24:00:00"
+    env_setup: str = "source .venv/bin/activate"
+    extra_sbatch: list[str] = []
+
+
+class Config(_Section):
+    run_name: str = "demo"
+    output_dir: str = "runs"
+    cache_dir: str = ".cache/surgvqa"
+    seed: int = 42
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    prompt: PromptConfig = PromptConfig()
+    masking: MaskingConfig = MaskingConfig()
+    lora: LoraConfig | None = LoraConfig()  # null = full fine-tuning
+    train: TrainConfig = TrainConfig()
+    sanity: SanityConfig = SanityConfig()
+    predict: PredictConfig = PredictConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    slurm: SlurmConfig = SlurmConfig()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def section_hash(self, *sections: str) -> str:
+        """A stable hash of the named config sections: a stage reruns when what it reads changes."""
+        payload = {name: self.to_dict()[name] for name in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+DEFAULT_CONFIG_NAME = "default.yaml"
+
+
+def default_config_path() -> Path:
+    return Path(str(resources.files("surgvqa") / "configs" / DEFAULT_CONFIG_NAME))
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key.sub=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: empty key")
+    # YAML parses the value so that numbers, booleans, null and lists work as they do in the file.
+    return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for depth, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = {}
+            node[part] = child
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {'.'.join(path)}: {'.'.join(path[: depth + 1])} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _format_validation_error(error: ValidationError, origin: str) -> str:
+    problems = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "<root>"
+        if item["type"] == "extra_forbidden":
+            problems.append(f"unknown key '{key}'")
+        else:
+            problems.append(f"'{key}': {item['msg']} (got {item.get('input')!r})")
+    return f"{origin}: " + "; ".join(problems)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (the embedded default when ``path`` is None) and apply ``key.sub=value`` overrides."""
+    config_path = Path(path) if path is not None else default_config_path()
+    if not config_path.is_file():
+        raise ConfigError(f"config file not found: {config_path}")
+    try:
+        tree = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{config_path}: not valid YAML ({exc})") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{config_path}: the top level must be a mapping of sections")
+    for item in overrides or []:
+        key_path, value = _parse_override(item)
+        _apply_override(tree, key_path, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, str(config_path))) from None
+
+
+def write_resolved_config(config: Config, run_dir: str | Path | None = None) -> Path:
+    target = Path(run_dir or config.run_dir) / "config.resolved.yaml"
+    atomic_write_text(target, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return target

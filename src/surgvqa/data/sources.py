@@ -1,0 +1,226 @@
+"""Readers for every place a Kvasir-VQA copy can live, all yielding the same raw row.
+
+Formats: the Hugging Face parquet export (file or folder), a ``datasets`` ``save_to_disk`` folder, a hub id
+(only where a hub is reachable), JSON lines with image paths, and CSV + an image folder. Images may be embedded
+bytes or paths; paths must resolve inside the dataset root. Readers never judge a row's content (that is
+``prepare``'s job); they only report rows that cannot be read at all.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Column aliases seen in exported copies and in the seed's JSONL format.
+IMAGE_KEYS = ("image", "image_path", "img_path", "file", "filename")
+QUESTION_KEYS = ("question", "query")
+ANSWER_KEYS = ("answer", "answers", "label")
+IMG_ID_KEYS = ("img_id", "image_id")
+SOURCE_KEYS = ("source", "category")
+
+
+class SourceError(ValueError):
+    """The data source as a whole cannot be read (missing path, unknown format); names the path."""
+
+
+@dataclass
+class RawRow:
+    origin: str  # where the row came from, for messages: "file.parquet row 12", "data.jsonl line 3"
+    img_id: str | None
+    question: Any
+    answer: Any
+    source: Any
+    image_bytes: bytes | None = None
+    image_file: Path | None = None
+    problem: str | None = None  # a reason the row could not be read at all
+    detail: str = ""
+
+
+def _first(row: dict[str, Any], keys: tuple[str, ...]) -> Any:
+    for key in keys:
+        if key in row:
+            return row[key]
+    return None
+
+
+def resolve_inside(root: Path, reference: str) -> Path | None:
+    """Resolve an image path against the dataset root; None when it escapes the root."""
+    root = root.resolve()
+    candidate = (root / reference).resolve()
+    return candidate if candidate.is_relative_to(root) else None
+
+
+def _row_from_mapping(row: dict[str, Any], origin: str, root: Path) -> RawRow:
+    image = _first(row, IMAGE_KEYS)
+    img_id = _first(row, IMG_ID_KEYS)
+    raw = RawRow(
+        origin=origin,
+        img_id=None if img_id is None else str(img_id),
+        question=_first(row, QUESTION_KEYS),
+        answer=_first(row, ANSWER_KEYS),
+        source=_first(row, SOURCE_KEYS),
+    )
+    if isinstance(image, dict):  # the datasets Image feature: {"bytes": ..., "path": ...}
+        if image.get("bytes") is not None:
+            raw.image_bytes = bytes(image["bytes"])
+            image = None
+        else:
+            image = image.get("path")
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        raw.image_bytes = bytes(image)
+    elif isinstance(image, str) and image.strip():
+        resolved = resolve_inside(root, image.strip())
+        if resolved is None:
+            raw.problem, raw.detail = "image_outside_root", f"image path {image!r} escapes the dataset root {root}"
+        else:
+            raw.image_file = resolved
+    elif raw.image_bytes is None:
+        raw.problem, raw.detail = "missing_image", "no image field"
+    if raw.img_id is None:
+        name = raw.image_file.stem if raw.image_file is not None else None
+        if name is None and isinstance(image, str):
+            name = Path(image).stem
+        raw.img_id = name
+    return raw
+
+
+def _iter_parquet(path: Path) -> Iterator[RawRow]:
+    import pyarrow.parquet as pq
+
+    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+    if not files:
+        raise SourceError(f"{path}: no .parquet files found")
+    root = path if path.is_dir() else path.parent
+    for file in files:
+        parquet = pq.ParquetFile(file)
+        index = 0
+        # Batches keep memory flat: the real export repeats each image's bytes on every question row.
+        for batch in parquet.iter_batches(batch_size=512):
+            for row in batch.to_pylist():
+                yield _row_from_mapping(row, f"{file.name} row {index}", root)
+                index += 1
+
+
+def _iter_save_to_disk(path: Path, split: str) -> Iterator[RawRow]:
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    parts = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [(None, loaded)]
+    if isinstance(loaded, datasets.DatasetDict) and split in loaded:
+        parts = [(split, loaded[split])]
+    for name, dataset in parts:
+        yield from _iter_dataset(dataset, f"{path.name}{'/' + name if name else ''}", path)
+
+
+def _iter_dataset(dataset: Any, label: str, root: Path) -> Iterator[RawRow]:
+    import datasets
+
+    if "image" in dataset.column_names and isinstance(dataset.features.get("image"), datasets.Image):
+        dataset = dataset.cast_column("image", datasets.Image(decode=False))
+    for index, row in enumerate(dataset):
+        yield _row_from_mapping(row, f"{label} row {index}", root)
+
+
+def _iter_hub(name: str, split: str, cache_dir: Path) -> Iterator[RawRow]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # noqa: BLE001 - offline or unknown name: one clear line, not a hub traceback
+        raise SourceError(f"hub:{name}: cannot load split {split!r} ({type(exc).__name__}: {exc}); "
+                          f"download it where a hub is reachable and point data.source at the local copy") from None
+    yield from _iter_dataset(dataset, name, cache_dir)
+
+
+def _decode_lines(path: Path) -> Iterator[tuple[int, str | None]]:
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield number, None
+
+
+def _iter_jsonl(path: Path, root: Path) -> Iterator[RawRow]:
+    for number, line in _decode_lines(path):
+        origin = f"{path.name} line {number}"
+        if line is None:
+            yield RawRow(origin, None, None, None, None, problem="not_utf8", detail="line is not valid UTF-8")
+            continue
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            yield RawRow(origin, None, None, None, None, problem="bad_json", detail=str(exc))
+            continue
+        if not isinstance(row, dict):
+            yield RawRow(origin, None, None, None, None, problem="bad_json", detail="not a JSON object")
+            continue
+        yield _row_from_mapping(row, origin, root)
+
+
+def _iter_csv(path: Path, root: Path) -> Iterator[RawRow]:
+    raw_bytes = path.read_bytes()
+    try:
+        text = raw_bytes.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        # Decode line by line so one bad line is reported instead of the whole file failing.
+        good_lines = []
+        for number, line in enumerate(raw_bytes.split(b"\n"), start=1):
+            try:
+                good_lines.append(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                yield RawRow(f"{path.name} line {number}", None, None, None, None, problem="not_utf8",
+                             detail="line is not valid UTF-8")
+        text = "\n".join(good_lines)
+    reader = csv.DictReader(io.StringIO(text))
+    for index, row in enumerate(reader):
+        yield _row_from_mapping(dict(row), f"{path.name} row {index + 2}", root)
+
+
+def detect_format(source: str) -> str:
+    if source.startswith("hub:"):
+        return "hub"
+    path = Path(source)
+    if not path.exists():
+        raise SourceError(f"data source not found: {source}")
+    if path.is_dir():
+        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            return "save_to_disk"
+        if any(path.rglob("*.parquet")):
+            return "parquet"
+        raise SourceError(f"{source}: folder holds neither parquet files nor a save_to_disk dataset")
+    suffix = path.suffix.lower()
+    formats = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv"}
+    if suffix not in formats:
+        raise SourceError(f"{source}: cannot tell the format from the suffix {suffix!r}; set data.format")
+    return formats[suffix]
+
+
+def iter_raw_rows(source: str, fmt: str = "auto", *, image_root: str | None = None, hub_split: str = "raw",
+                  cache_dir: str | Path = ".cache/surgvqa") -> Iterator[RawRow]:
+    """Yield every row of a data source, whatever its format."""
+    fmt = detect_format(source) if fmt == "auto" else fmt
+    if fmt == "hub":
+        yield from _iter_hub(source.removeprefix("hub:"), hub_split, Path(cache_dir))
+        return
+    path = Path(source)
+    if not path.exists():
+        raise SourceError(f"data source not found: {source}")
+    root = Path(image_root) if image_root else (path if path.is_dir() else path.parent)
+    if fmt == "parquet":
+        yield from _iter_parquet(path)
+    elif fmt == "save_to_disk":
+        yield from _iter_save_to_disk(path, hub_split)
+    elif fmt == "jsonl":
+        yield from _iter_jsonl(path, root)
+    elif fmt == "csv":
+        yield from _iter_csv(path, root)
+    else:
+        raise SourceError(f"unknown data.format {fmt!r}")

@@ -1,0 +1,282 @@
+"""A tiny, offline Qwen2-VL / Qwen2.5-VL checkpoint for demos and tests.
+
+The real checkpoints are gigabytes and need the hub. Everything the pipeline depends on *outside* the weights
+is kept real here, because that is where silent failures live: the Qwen2 BPE vocabulary (so token boundaries,
+offsets and answer lengths are the ones the 2B model sees), the 14 Qwen2-VL special tokens at their real ids,
+the official Instruct chat template byte for byte, and the real image processor (patch 14, merge 2). Only the
+transformer is shrunk (hidden 64, 2 layers, ~10 M parameters, random weights) so CPU runs take seconds.
+
+The vocabulary comes from ``qwen.tiktoken``, which the PyPI package ``dashscope`` ships; converting it needs
+``tiktoken`` and no network.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+# The Qwen2 pre-tokenizer regex. It differs from tiktoken's cl100k default in `\p{N}` (single digits, not
+# runs of up to three), which changes how every number in an answer ("5mm", "11-20") is split.
+QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+# Order matters: appended after the 151,643 BPE tokens they take ids 151643..151656, exactly as in Qwen2-VL.
+SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+BPE_VOCAB_SIZE = 151_643
+VOCAB_SIZE = BPE_VOCAB_SIZE + len(SPECIAL_TOKENS)  # 151,657
+ENDOFTEXT_ID, IM_START_ID, IM_END_ID = 151643, 151644, 151645
+VISION_START_ID, VISION_END_ID, IMAGE_PAD_ID, VIDEO_PAD_ID = 151652, 151653, 151655, 151656
+
+ARCHS = ("qwen2_vl", "qwen2_5_vl")
+CHAT_TEMPLATE_ASSET = "qwen2_vl_chat_template.jinja"
+_MARKER = ".surgvqa-tiny-complete"
+
+
+def chat_template() -> str:
+    """Qwen2-VL-Instruct's official chat template (Qwen2.5-VL-Instruct ships the identical string)."""
+    return resources.files("surgvqa").joinpath("assets", CHAT_TEMPLATE_ASSET).read_text(encoding="utf-8")
+
+
+def qwen_tiktoken_path() -> Path:
+    try:
+        import dashscope
+    except ImportError as exc:  # pragma: no cover - dependency of the package
+        raise RuntimeError(
+            "the tiny model needs the Qwen2 vocabulary shipped by `pip install dashscope`"
+        ) from exc
+    path = Path(dashscope.__file__).parent / "resources" / "qwen.tiktoken"
+    if not path.is_file():
+        raise RuntimeError(f"dashscope is installed but {path} is missing; reinstall dashscope")
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def _qwen2_backend():
+    # Converting 151k BPE ranks into merges takes seconds; Qwen2Tokenizer deep-copies this object, so one
+    # cached conversion per process is safe to share between builds.
+    from tokenizers import AddedToken, normalizers, processors
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    backend = TikTokenConverter(vocab_file=str(qwen_tiktoken_path()), pattern=QWEN2_PATTERN).converted()
+    if backend.get_vocab_size() != BPE_VOCAB_SIZE:
+        raise RuntimeError(f"qwen.tiktoken has {backend.get_vocab_size()} tokens, expected {BPE_VOCAB_SIZE}")
+    # Added before wrapping: Qwen2Tokenizer.__init__ registers eos/pad itself, and whichever it saw first would
+    # otherwise take id 151643.
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    # The real tokenizer.json normalises to NFC and keeps raw byte offsets; offsets locate answer spans.
+    backend.normalizer = normalizers.NFC()
+    backend.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    return backend
+
+
+def build_tokenizer():
+    """The Qwen2 tokenizer, configured as Qwen2-VL-Instruct's tokenizer_config.json configures it."""
+    from transformers import Qwen2Tokenizer
+
+    return Qwen2Tokenizer(
+        tokenizer_object=_qwen2_backend(),
+        bos_token=None,
+        eos_token="<|im_end|>",  # Instruct checkpoints end a turn with <|im_end|>; the base model uses <|endoftext|>
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        extra_special_tokens=list(SPECIAL_TOKENS[1:]),
+        add_prefix_space=False,
+        clean_up_tokenization_spaces=False,
+        errors="replace",
+        model_max_length=32768,
+        padding_side="left",  # as the real Qwen2-VL-Instruct tokenizer_config.json; collators choose their own
+        split_special_tokens=False,
+        chat_template=chat_template(),
+    )
+
+
+def build_processor(arch: str, tokenizer, min_pixels: int, max_pixels: int):
+    from transformers import (
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    image_processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
+    # transformers 5 refuses to build the processor without a video processor; videos are unused here.
+    video_processor = Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
+    cls = Qwen2VLProcessor if arch == "qwen2_vl" else Qwen2_5_VLProcessor
+    return cls(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=chat_template(),
+    )
+
+
+def build_config(arch: str, hidden_size: int = 64, num_layers: int = 2):
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+    heads = 4
+    head_dim = hidden_size // heads
+    # M-RoPE splits head_dim/2 rotary frequencies over (time, height, width); the real model uses [16, 24, 24]
+    # of 64, i.e. 1/4, 3/8, 3/8.
+    half = head_dim // 2
+    t_part = half // 4
+    h_part = (half - t_part) // 2
+    mrope_section = [t_part, h_part, half - t_part - h_part]
+    text_config = {
+        "vocab_size": VOCAB_SIZE,
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads // 2,
+        "max_position_embeddings": 32768,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 1_000_000.0,
+            "mrope_section": mrope_section,
+        },
+        "bos_token_id": ENDOFTEXT_ID,
+        "eos_token_id": IM_END_ID,
+        "pad_token_id": ENDOFTEXT_ID,
+        # the 151,657 x hidden embedding is most of the model; tying halves it
+        "tie_word_embeddings": True,
+    }
+    special_ids = {
+        "image_token_id": IMAGE_PAD_ID,
+        "video_token_id": VIDEO_PAD_ID,
+        "vision_start_token_id": VISION_START_ID,
+        "vision_end_token_id": VISION_END_ID,
+    }
+    if arch == "qwen2_vl":
+        vision_config = {
+            "depth": num_layers,
+            "embed_dim": hidden_size,
+            "hidden_size": hidden_size,  # the merger projects straight into the text width
+            "num_heads": heads,
+            "mlp_ratio": 2,
+        }
+        return Qwen2VLConfig(
+            text_config=text_config, vision_config=vision_config, tie_word_embeddings=True, **special_ids
+        )
+    if arch == "qwen2_5_vl":
+        vision_config = {
+            "depth": num_layers,
+            "hidden_size": hidden_size,
+            "intermediate_size": 2 * hidden_size,
+            "num_heads": heads,
+            "out_hidden_size": hidden_size,  # the merger projects straight into the text width
+            "window_size": 112,  # as the real model: 112 px = 4x4 merged tokens per attention window
+            # the last block sees the whole image, as in the real model
+            "fullatt_block_indexes": [num_layers - 1],
+        }
+        return Qwen2_5_VLConfig(
+            text_config=text_config, vision_config=vision_config, tie_word_embeddings=True, **special_ids
+        )
+    raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+
+
+def build_model(arch: str, seed: int, hidden_size: int = 64, num_layers: int = 2):
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+    config = build_config(arch, hidden_size=hidden_size, num_layers=num_layers)
+    cls = Qwen2VLForConditionalGeneration if arch == "qwen2_vl" else Qwen2_5_VLForConditionalGeneration
+    # Weights come only from this generator state, so the same seed gives byte-identical safetensors.
+    # HF's own init (normal, std = initializer_range 0.02) keeps logits near uniform: an untrained model that
+    # neither explodes nor collapses onto one token.
+    torch.manual_seed(seed)
+    model = cls(config)
+    model.generation_config = greedy_generation_config()
+    return model.eval()
+
+
+def greedy_generation_config():
+    """Qwen2-VL-Instruct's token ids, but greedy: demo predictions must be reproducible."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        bos_token_id=ENDOFTEXT_ID,
+        eos_token_id=[IM_END_ID, ENDOFTEXT_ID],
+        pad_token_id=ENDOFTEXT_ID,
+        do_sample=False,
+        repetition_penalty=1.0,
+    )
+
+
+def build_tiny_model(
+    out_dir: str | Path,
+    arch: str = "qwen2_vl",
+    seed: int = 0,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 224 * 224,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+) -> Path:
+    """Write a loadable tiny ``arch`` checkpoint (model, tokenizer, processor, chat template) to ``out_dir``.
+
+    Replaces ``out_dir`` if it exists. Built in a sibling temporary directory and renamed at the end, so a
+    crash never leaves a half-written checkpoint that a later ``from_pretrained`` would half-load.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        tokenizer = build_tokenizer()
+        processor = build_processor(arch, tokenizer, min_pixels, max_pixels)
+        model = build_model(arch, seed, hidden_size=hidden_size, num_layers=num_layers)
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        # The tokenizer alone (AutoTokenizer) must also render the official template, as with the real repo.
+        tokenizer.save_pretrained(tmp)
+        (tmp / "chat_template.jinja").write_text(chat_template(), encoding="utf-8")
+        (tmp / _MARKER).write_text(f"{arch} seed={seed} min_pixels={min_pixels} max_pixels={max_pixels}\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:
+            # Another process (e.g. a second rank) finished the same build first: same seed, same bytes.
+            if not (out_dir / _MARKER).is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def tiny_model_dirname(arch: str, seed: int, min_pixels: int, max_pixels: int) -> str:
+    return f"tiny-{arch}-seed{seed}-px{min_pixels}-{max_pixels}"
+
+
+def ensure_tiny_model(
+    cache_dir: str | Path,
+    arch: str = "qwen2_vl",
+    seed: int = 0,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 224 * 224,
+) -> Path:
+    """Return the cached tiny checkpoint for these settings, building it first if it is not complete."""
+    path = Path(cache_dir) / tiny_model_dirname(arch, seed, min_pixels, max_pixels)
+    if (path / _MARKER).is_file():
+        return path
+    return build_tiny_model(path, arch=arch, seed=seed, min_pixels=min_pixels, max_pixels=max_pixels)
