@@ -1,0 +1,85 @@
+"""The one conversation builder, used by training and by inference.
+
+Training renders ``prompt + assistant answer``; inference renders the same messages without the answer and with
+the generation prompt (plus the opening sentinel in ``sentinel`` mode). Because both come from
+:func:`build_messages` and the model's own chat template, the inference prompt is a prefix of the training text
+by construction — a prompt that drifts between training and inference is the most common silent failure in
+fine-tuning projects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from surgvqa.config import PromptConfig
+from surgvqa.data.records import Record
+from surgvqa.data.schema import normalize_answer
+
+ANSWER_OPEN = "<ANS>"
+ANSWER_CLOSE = "</ANS>"
+END_OF_TURN = "<|im_end|>"
+
+
+def user_text(record: Record, prompt: PromptConfig) -> str:
+    text = prompt.user_template.format(question_type=record.question_type, question=record.question,
+                                       source=record.source)
+    if prompt.list_candidates and record.candidates:
+        text += prompt.candidates_template.format(candidates=", ".join(record.candidates))
+    return text
+
+
+def training_target(record: Record, prompt: PromptConfig) -> str:
+    """The answer text the model is taught to produce.
+
+    Normalised (lower case, multi-label answers in one canonical order) by default: the raw data lists labels in
+    random order, and teaching a random order is teaching noise.
+    """
+    return normalize_answer(record.answer) if prompt.normalize_targets else record.answer.strip()
+
+
+def assistant_content(answer: str, strategy: str) -> str:
+    return f"{ANSWER_OPEN}{answer}{ANSWER_CLOSE}" if strategy == "sentinel" else answer
+
+
+def build_messages(record: Record, prompt: PromptConfig, answer: str | None = None,
+                   strategy: str = "span") -> list[dict[str, Any]]:
+    """System / user(image + text) / assistant(answer, training only) in the chat-template message format."""
+    messages: list[dict[str, Any]] = []
+    if prompt.system:
+        messages.append({"role": "system", "content": [{"type": "text", "text": prompt.system}]})
+    messages.append({"role": "user", "content": [{"type": "image"},
+                                                 {"type": "text", "text": user_text(record, prompt)}]})
+    if answer is not None:
+        messages.append({"role": "assistant",
+                         "content": [{"type": "text", "text": assistant_content(answer, strategy)}]})
+    return messages
+
+
+@dataclass(frozen=True)
+class RenderedChat:
+    text: str  # the whole rendered conversation (training) or the prompt (inference), before image expansion
+    prompt_chars: int  # where the assistant's content starts in ``text``
+    content: str  # the assistant content ("" at inference, or the opening sentinel)
+
+
+def render_prompt(processor: Any, record: Record, prompt: PromptConfig, strategy: str = "span") -> str:
+    """The inference prompt: the training text up to the answer (and the opening sentinel in sentinel mode)."""
+    text = processor.apply_chat_template(build_messages(record, prompt), tokenize=False,
+                                         add_generation_prompt=True)
+    return text + (ANSWER_OPEN if strategy == "sentinel" else "")
+
+
+def render_training(processor: Any, record: Record, prompt: PromptConfig, strategy: str = "span",
+                    answer: str | None = None) -> RenderedChat:
+    answer = training_target(record, prompt) if answer is None else answer
+    generation_prompt = processor.apply_chat_template(build_messages(record, prompt), tokenize=False,
+                                                      add_generation_prompt=True)
+    full = processor.apply_chat_template(build_messages(record, prompt, answer, strategy), tokenize=False)
+    content = assistant_content(answer, strategy)
+    if not full.startswith(generation_prompt + content + END_OF_TURN):
+        # The chat template must render the prompt as a prefix of the whole conversation; a template that
+        # rewrites earlier turns (e.g. strips reasoning) would make training and inference see different text.
+        raise ValueError(f"{record.id}: the chat template does not render the prompt as a prefix of the "
+                         f"conversation; answer-only supervision cannot be located")
+    return RenderedChat(text=full, prompt_chars=len(generation_prompt), content=content)

@@ -1,0 +1,142 @@
+"""Encoding (image + whole conversation in ONE processor call), the training dataset and the collators."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from surgvqa.chat import render_prompt, render_training, training_target
+from surgvqa.config import MaskingConfig, PromptConfig
+from surgvqa.data.records import Record, image_path, read_records
+from surgvqa.masking import (
+    IGNORE_INDEX,
+    expected_supervised_text,
+    labels_from_offsets,
+    shift_for_expansion,
+    supervised_char_spans,
+)
+
+
+class SampleTooLong(ValueError):
+    """A sample longer than masking.max_length: rejected, never truncated through its image tokens."""
+
+
+def load_image(record: Record, base_dir: str | Path) -> Image.Image:
+    path = image_path(record, base_dir)
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{record.id}: cannot read image {path} ({exc})") from None
+
+
+@dataclass
+class EncodedExample:
+    features: dict[str, torch.Tensor]  # input_ids, attention_mask, labels, pixel_values, image_grid_thw, ...
+    target: str  # the answer text the labels teach
+    expected_text: str  # what the supervised tokens must decode to
+    straddling: list[int] = field(default_factory=list)
+
+
+def _offsets_and_replacements(encoding: Any) -> tuple[list, list]:
+    offsets = encoding.pop("offset_mapping")[0]
+    replacements = encoding.pop("text_replacement_offsets", None)
+    replacements = replacements[0] if replacements else []
+    return offsets.tolist() if hasattr(offsets, "tolist") else offsets, replacements
+
+
+def encode_example(processor: Any, record: Record, image: Image.Image, prompt: PromptConfig,
+                   masking: MaskingConfig) -> EncodedExample:
+    """Encode image + whole conversation in one processor call and label the answer tokens only."""
+    rendered = render_training(processor, record, prompt, masking.strategy)
+    target = training_target(record, prompt)
+    encoding = processor(text=[rendered.text], images=[image], return_offsets_mapping=True,
+                         return_text_replacement_offsets=True, return_tensors="pt")
+    offsets, replacements = _offsets_and_replacements(encoding)
+    input_ids = encoding["input_ids"][0]
+    if len(input_ids) > masking.max_length:
+        raise SampleTooLong(f"{record.id}: {len(input_ids)} tokens exceed masking.max_length={masking.max_length}; "
+                            f"lower model.max_pixels (image tokens) or raise max_length — samples are never "
+                            f"truncated through image tokens")
+    spans = shift_for_expansion(supervised_char_spans(rendered, masking.strategy), replacements)
+    token_labels = labels_from_offsets(input_ids.tolist(), offsets, spans)
+    features = {key: value[0] if key in ("input_ids", "attention_mask", "mm_token_type_ids") else value
+                for key, value in encoding.items()}
+    features["labels"] = torch.tensor(token_labels.labels, dtype=torch.long)
+    return EncodedExample(features, target, expected_supervised_text(target, masking.strategy),
+                          token_labels.straddling)
+
+
+def encode_prompt(processor: Any, record: Record, image: Image.Image, prompt: PromptConfig,
+                  strategy: str) -> dict[str, torch.Tensor]:
+    """The inference encoding: the training sequence up to (and excluding) the answer."""
+    text = render_prompt(processor, record, prompt, strategy)
+    encoding = processor(text=[text], images=[image], return_tensors="pt")
+    return {key: value[0] if key in ("input_ids", "attention_mask", "mm_token_type_ids") else value
+            for key, value in encoding.items()}
+
+
+def estimate_length(record: Record, base_dir: str | Path, image_tokens: int) -> int:
+    """A cheap token-count estimate for length-grouped batching (no image decode, no tokenizer call)."""
+    return image_tokens + (len(record.question) + len(record.answer)) // 3 + 40
+
+
+class VQADataset(torch.utils.data.Dataset):
+    """Prepared JSONL records, encoded lazily (images are read when an item is requested)."""
+
+    def __init__(self, records: list[Record], base_dir: str | Path, processor: Any, prompt: PromptConfig,
+                 masking: MaskingConfig):
+        self.records = records
+        self.base_dir = Path(base_dir)
+        self.processor = processor
+        self.prompt = prompt
+        self.masking = masking
+
+    @classmethod
+    def from_jsonl(cls, path: str | Path, processor: Any, prompt: PromptConfig, masking: MaskingConfig,
+                   limit: int | None = None) -> VQADataset:
+        records = read_records(path)
+        return cls(records[:limit] if limit else records, Path(path).parent, processor, prompt, masking)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        record = self.records[index]
+        return encode_example(self.processor, record, load_image(record, self.base_dir), self.prompt,
+                              self.masking).features
+
+    def lengths(self, image_tokens: int) -> list[int]:
+        return [estimate_length(record, self.base_dir, image_tokens) for record in self.records]
+
+
+def collate(features: list[dict[str, torch.Tensor]], pad_token_id: int, padding_side: str = "right") -> dict:
+    """Pad token tensors to the longest sample; concatenate pixel patches and grids as Qwen2-VL expects."""
+    longest = max(len(item["input_ids"]) for item in features)
+    batch: dict[str, Any] = {}
+    pad_values = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX, "mm_token_type_ids": 0}
+    for key, pad_value in pad_values.items():
+        if key not in features[0]:
+            continue
+        rows = []
+        for item in features:
+            value = item[key]
+            padding = torch.full((longest - len(value),), pad_value, dtype=value.dtype)
+            rows.append(torch.cat([value, padding] if padding_side == "right" else [padding, value]))
+        batch[key] = torch.stack(rows)
+    for key in ("pixel_values", "image_grid_thw"):
+        if key in features[0]:
+            batch[key] = torch.cat([item[key] for item in features])
+    return batch
+
+
+@dataclass
+class TrainingCollator:
+    pad_token_id: int
+
+    def __call__(self, features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return collate(features, self.pad_token_id, "right")

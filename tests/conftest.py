@@ -1,0 +1,41 @@
+"""Shared fixtures: the offline tiny model and a prepared synthetic split, built once per test session."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("surgvqa-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(session_cache) -> Path:
+    from surgvqa.tiny import ensure_tiny_model
+
+    return ensure_tiny_model(session_cache / "models", arch="qwen2_vl", seed=0, min_pixels=56 * 56,
+                             max_pixels=112 * 112)
+
+
+@pytest.fixture(scope="session")
+def demo_config_overrides(session_cache, tmp_path_factory) -> list[str]:
+    """Overrides that point the embedded default config at session-scoped folders."""
+    runs = tmp_path_factory.mktemp("runs")
+    return [f"output_dir={runs}", f"cache_dir={session_cache}"]
+
+
+@pytest.fixture(scope="session")
+def prepared_demo(demo_config_overrides) -> Path:
+    """The default config's synthetic data, prepared once; returns the prepared folder."""
+    from surgvqa.config import load_config
+    from surgvqa.prepare import prepare
+
+    config = load_config(None, demo_config_overrides)
+    return prepare(config, quiet=True).prepared_dir
