@@ -119,6 +119,52 @@ def diagnose(
         raise typer.Exit(1)
 
 
+@app.command()
+def train(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the latest checkpoint")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Fine-tune (LoRA, or every weight when lora is null) with answer-only supervision."""
+    from surgvqa.training import PREEMPTED_EXIT_CODE, Preempted
+    from surgvqa.training import train as run_train
+
+    cfg = _config(config, set_)
+    try:
+        result = run_train(cfg, resume=resume)
+    except Preempted as exc:
+        typer.echo(f"stopped: {exc}", err=True)
+        raise typer.Exit(PREEMPTED_EXIT_CODE) from None
+    except FileNotFoundError as exc:
+        fail(str(exc))
+    payload = {"model_dir": str(result.model_dir), "global_step": result.global_step,
+               "final_loss": result.final_loss, "resumed_from": result.resumed_from}
+    if as_json:
+        _print_json(payload)
+    else:
+        typer.echo(f"trained {result.global_step} steps (mean loss {result.final_loss:.4f}); "
+                   f"model saved to {result.model_dir}")
+
+
+@app.command()
+def merge(
+    adapter: Annotated[Path, typer.Argument(help="LoRA adapter directory (e.g. runs/exp1/model)")],
+    out: Annotated[Path, typer.Argument(help="where to write the merged model")],
+    config: ConfigOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Fold a LoRA adapter into its base model and write a plain model directory."""
+    from surgvqa.training import merge_adapter
+
+    cfg = _config(config, set_, write=False)
+    try:
+        path = merge_adapter(cfg, adapter, out)
+    except FileNotFoundError as exc:
+        fail(str(exc))
+    typer.echo(f"merged model written to {path}")
+
+
 def main() -> None:  # pragma: no cover - console entry for `python -m surgvqa`
     try:
         app()

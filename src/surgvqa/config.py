@@ -102,6 +102,7 @@ class LoraConfig(_Section):
     alpha: int = 32
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    include_vision: bool = False  # also adapt matching modules of the vision tower (off: language model only)
 
 
 class TrainConfig(_Section):

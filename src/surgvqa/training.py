@@ -1,0 +1,345 @@
+"""Fine-tuning: the HF ``Trainer`` extended at its seams.
+
+- the loss is computed on supervised positions only: the model's own forward is asked for the hidden states of
+  those positions alone (``logits_to_keep`` as a boolean mask), so the 151,657-wide logits are never built for
+  the 98 % of positions that are masked — on a small model that is most of a step's time and memory;
+- batches are grouped by an estimated length, with an order that depends only on (seed, epoch), so a resumed run
+  sees the same data order;
+- logs go to ``train_log.jsonl`` / ``train_log.csv`` always (TensorBoard too when installed);
+- SIGTERM / SIGUSR1 (SLURM pre-emption) save a checkpoint and stop cleanly.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import logging
+import os
+import resource
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from surgvqa.config import Config, LoraConfig
+from surgvqa.dataset import TrainingCollator, VQADataset
+from surgvqa.masking import IGNORE_INDEX
+from surgvqa.modeling import load_model, load_processor, register_sentinel_tokens, resolve_model_path
+
+log = logging.getLogger(__name__)
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: a checkpoint was saved; rerun with --resume
+
+
+class Preempted(RuntimeError):
+    """Training stopped on SIGTERM/SIGUSR1 after saving a checkpoint."""
+
+
+def supervised_only_loss(model: Any, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
+                         num_items_in_batch: int | torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Causal-LM cross-entropy over the positions whose next-token label is supervised.
+
+    Equal to the model's own ``loss`` (shifted labels, mean over supervised tokens, or sum / num_items_in_batch
+    under gradient accumulation) but applies the LM head to the supervised positions only.
+    """
+    shifted = labels[:, 1:]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = shifted != IGNORE_INDEX
+    outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
+    targets = shifted[shifted != IGNORE_INDEX]
+    loss = F.cross_entropy(outputs.logits.float(), targets, reduction="sum")
+    divisor = num_items_in_batch if num_items_in_batch is not None else max(targets.numel(), 1)
+    if torch.is_tensor(divisor):
+        divisor = divisor.to(loss.device)
+    return loss / divisor, targets.numel()
+
+
+class EpochSeededLengthSampler(LengthGroupedSampler):
+    """Length-grouped order that depends only on (seed, epoch), so ``--resume`` replays the same batches."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths, generator=torch.Generator().manual_seed(seed))
+        self.seed = seed
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator = torch.Generator().manual_seed(self.seed + epoch)
+
+
+class SupervisedOnlyTrainer(Trainer):
+    """HF Trainer with the supervised-positions loss, length grouping from estimates, and throughput logs."""
+
+    def __init__(self, *args: Any, lengths: list[int] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.lengths = lengths
+        # The loss is normalised over the whole accumulated (and device-gathered) batch, as HF's own loss is.
+        self.model_accepts_loss_kwargs = True
+        self.loss_is_scaled_for_ga = True
+        self._window = {"tokens": 0, "supervised": 0, "steps_start": time.perf_counter()}
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
+        if self.lengths is None:
+            return super()._get_train_sampler(train_dataset)
+        return EpochSeededLengthSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        self.lengths, self.args.seed)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        model = model if model is not None else self.model
+        unwrapped = self.accelerator.unwrap_model(model)
+        if hasattr(unwrapped, "peft_config"):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # transformers 5.24's Trainer restores a checkpoint by raw state-dict keys, but Qwen2-VL checkpoints are
+        # saved under the original key names (visual.*, model.layers.*): nothing matches, a warning is printed and
+        # training silently restarts from the base weights. Load through from_pretrained, which maps the keys.
+        loaded = type(unwrapped).from_pretrained(resume_from_checkpoint, dtype=unwrapped.dtype)
+        unwrapped.load_state_dict(loaded.state_dict(), strict=True)
+        return None
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: int | torch.Tensor | None = None) -> Any:
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        loss, supervised = supervised_only_loss(model, inputs, labels, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients; the divisor was global
+        if model.training:
+            self._window["tokens"] += int(inputs["attention_mask"].sum())
+            self._window["supervised"] += supervised
+        return (loss, None) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            elapsed = max(time.perf_counter() - self._window["steps_start"], 1e-9)
+            logs["tokens_per_s"] = round(self._window["tokens"] / elapsed, 1)
+            logs["supervised_tokens"] = self._window["supervised"]
+            logs["peak_memory_mb"] = round(peak_memory_mb(), 1)
+            self._window = {"tokens": 0, "supervised": 0, "steps_start": time.perf_counter()}
+        super().log(logs, start_time)
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class FileLogCallback(TrainerCallback):
+    """Every logged step to ``train_log.jsonl`` and ``train_log.csv`` (main process only), appended, so a
+    resumed run continues the same history."""
+
+    FIELDS = ("step", "epoch", "loss", "grad_norm", "learning_rate", "supervised_tokens", "tokens_per_s",
+              "peak_memory_mb")
+
+    def __init__(self, run_dir: Path, name: str = "train_log"):
+        self.jsonl = run_dir / f"{name}.jsonl"
+        self.csv = run_dir / f"{name}.csv"
+
+    def on_log(self, args: TrainingArguments, state: Any, control: Any, logs: dict | None = None, **_: Any) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        row = {"step": state.global_step, **logs}
+        with self.jsonl.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+        if "loss" in logs:
+            new = not self.csv.exists()
+            with self.csv.open("a", newline="", encoding="utf-8") as handle:
+                writer = csv.DictWriter(handle, fieldnames=self.FIELDS, extrasaction="ignore")
+                if new:
+                    writer.writeheader()
+                writer.writerow(row)
+
+
+class PreemptionCallback(TrainerCallback):
+    """SIGTERM / SIGUSR1 set a flag; at the next step end the Trainer saves a checkpoint and stops."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **_: Any) -> Any:
+        if self.signal_name:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+def latest_complete_checkpoint(folder: Path) -> str | None:
+    """The newest checkpoint whose trainer state was written (HF writes it last): a run killed while saving
+    leaves a half-written folder that must not be resumed from."""
+    if not folder.is_dir():
+        return None
+    steps = sorted((int(path.name.split("-")[1]), path) for path in folder.glob("checkpoint-*")
+                   if path.name.split("-")[1].isdigit())
+    for _, path in reversed(steps):
+        if (path / "trainer_state.json").is_file():
+            return str(path)
+    return None
+
+
+def truncate_logs(run_dir: Path, last_step: int) -> None:
+    """Drop log rows past the checkpoint being resumed, so the history continues without duplicates."""
+    from surgvqa.io import atomic_write_text, iter_jsonl
+
+    jsonl = run_dir / "train_log.jsonl"
+    if jsonl.exists():
+        kept = [row for _, row in iter_jsonl(jsonl, skip_bad=True) if row.get("step", 0) <= last_step]
+        atomic_write_text(jsonl, "".join(json.dumps(row) + "\n" for row in kept))
+    table = run_dir / "train_log.csv"
+    if table.exists():
+        with table.open(newline="", encoding="utf-8") as handle:
+            rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= last_step]
+        lines = [",".join(FileLogCallback.FIELDS)]
+        lines += [",".join(row.get(field, "") or "" for field in FileLogCallback.FIELDS) for row in rows]
+        atomic_write_text(table, "\n".join(lines) + "\n")
+
+
+def lora_target_regex(lora: LoraConfig) -> str:
+    names = "|".join(lora.target_modules)
+    # Qwen2-VL's vision blocks reuse names such as `proj`/`down_proj`; anchor on the language model unless asked.
+    scope = r".*" if lora.include_vision else r".*language_model.*"
+    return rf"{scope}\.({names})$"
+
+
+def apply_lora(model: Any, lora: LoraConfig, trainable_token_ids: list[int] | None = None) -> Any:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_config = PeftLoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora_target_regex(lora),
+        task_type="CAUSAL_LM",
+        # New sentinel tokens need their embedding rows trained; only those rows, not the whole table.
+        trainable_token_indices={"embed_tokens": trainable_token_ids} if trainable_token_ids else None,
+    )
+    return get_peft_model(model, peft_config)
+
+
+def training_arguments(config: Config, output_dir: Path, *, max_steps: int | None = None,
+                       batch_size: int | None = None, grad_accum: int | None = None, lr: float | None = None,
+                       save: bool = True, report_tensorboard: bool = True) -> TrainingArguments:
+    train = config.train
+    on_cuda = torch.cuda.is_available()
+    use_bf16 = on_cuda and config.model.dtype in ("auto", "bfloat16") and torch.cuda.is_bf16_supported()
+    report_to = ["tensorboard"] if report_tensorboard and importlib.util.find_spec("tensorboard") else []
+    if report_to:  # transformers 5 takes the TensorBoard folder from the environment only
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output_dir.parent / "tensorboard"))
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=batch_size or train.per_device_batch_size,
+        gradient_accumulation_steps=grad_accum or train.grad_accum,
+        num_train_epochs=train.epochs,
+        max_steps=max_steps if max_steps is not None else train.max_steps,
+        learning_rate=lr or train.lr,
+        weight_decay=train.weight_decay,
+        warmup_steps=train.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        lr_scheduler_type=train.lr_scheduler,
+        max_grad_norm=train.max_grad_norm,
+        logging_steps=train.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps" if save else "no",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        seed=train.seed,
+        data_seed=train.seed,
+        bf16=use_bf16,
+        use_cpu=not on_cuda,
+        ddp_backend="gloo" if not on_cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=train.num_workers,
+        remove_unused_columns=False,
+        report_to=report_to,
+        disable_tqdm=False,
+    )
+
+
+def build_model_for_training(config: Config, base_path: str, processor: Any) -> Any:
+    model = load_model(base_path, config, processor, for_training=True)
+    if config.lora is None:
+        return model
+    token_ids = list(register_sentinel_tokens(processor.tokenizer)) if config.masking.strategy == "sentinel" else None
+    return apply_lora(model, config.lora, token_ids)
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path
+    global_step: int
+    final_loss: float | None
+    resumed_from: str | None
+
+
+def save_trained(model: Any, processor: Any, target: Path) -> Path:
+    """Save the adapter (LoRA) or the full model, with its processor, atomically into ``target``."""
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    processor.save_pretrained(partial)
+    if target.exists():
+        shutil.rmtree(target)
+    partial.rename(target)
+    return target
+
+
+def train(config: Config, *, resume: bool = False) -> TrainResult:
+    run_dir = config.run_dir
+    prepared = run_dir / "prepared" / "train.jsonl"
+    if not prepared.is_file():
+        raise FileNotFoundError(f"{prepared} not found: run `surgvqa prepare` first")
+    checkpoints = run_dir / "checkpoints"
+    base_path = resolve_model_path(config)
+    processor = load_processor(base_path, config.model, config.masking.strategy)
+    model = build_model_for_training(config, base_path, processor)
+    dataset = VQADataset.from_jsonl(prepared, processor, config.prompt, config.masking)
+    args = training_arguments(config, checkpoints)
+    image_tokens = config.model.max_pixels // (28 * 28)
+    preemption = PreemptionCallback()
+    trainer = SupervisedOnlyTrainer(
+        model=model, args=args, train_dataset=dataset,
+        data_collator=TrainingCollator(processor.tokenizer.pad_token_id),
+        lengths=dataset.lengths(image_tokens) if config.train.group_by_length else None,
+        callbacks=[FileLogCallback(run_dir), preemption],
+    )
+    last = latest_complete_checkpoint(checkpoints) if resume else None
+    if resume and last is None:
+        log.warning("--resume: no checkpoint in %s; starting from the first step", checkpoints)
+    if last is None:
+        for name in ("train_log.jsonl", "train_log.csv"):
+            (run_dir / name).unlink(missing_ok=True)
+    else:
+        truncate_logs(run_dir, int(Path(last).name.rsplit("-", 1)[1]))
+    output = trainer.train(resume_from_checkpoint=last)
+    if preemption.signal_name:
+        raise Preempted(f"{preemption.signal_name}: checkpoint saved in {checkpoints} at step "
+                        f"{trainer.state.global_step}; rerun with --resume to continue")
+    model_dir = run_dir / "model"
+    if trainer.is_world_process_zero():
+        save_trained(trainer.model, processor, model_dir)
+    return TrainResult(model_dir, trainer.state.global_step, output.training_loss, last)
+
+
+def merge_adapter(config: Config, adapter_dir: Path, out_dir: Path) -> Path:
+    """Fold a LoRA adapter into its base model and save a plain model directory."""
+    from peft import PeftModel
+
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter_dir} holds no adapter_config.json: not a LoRA adapter directory")
+    base_path = resolve_model_path(config)
+    processor = load_processor(str(adapter_dir) if (adapter_dir / "tokenizer.json").exists() else base_path,
+                               config.model, config.masking.strategy)
+    base = load_model(base_path, config, processor, for_training=False)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    return save_trained(merged, processor, out_dir)
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
