@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -148,6 +149,24 @@ def train(
 
 
 @app.command()
+def overfit(config: ConfigOption = None, set_: SetOption = None, as_json: JsonOption = False) -> None:
+    """The sanity gate: memorise the first training samples; exit 1 unless loss and greedy answers pass."""
+    from surgvqa.sanity import print_sanity, sanity_overfit
+
+    cfg = _config(config, set_)
+    try:
+        result = sanity_overfit(cfg, quiet=as_json)
+    except FileNotFoundError as exc:
+        fail(str(exc))
+    if as_json:
+        _print_json(json.loads((cfg.run_dir / "sanity.json").read_text()))
+    else:
+        print_sanity(result)
+    if not result.passed:
+        raise typer.Exit(1)
+
+
+@app.command()
 def merge(
     adapter: Annotated[Path, typer.Argument(help="LoRA adapter directory (e.g. runs/exp1/model)")],
     out: Annotated[Path, typer.Argument(help="where to write the merged model")],
@@ -163,6 +182,130 @@ def merge(
     except FileNotFoundError as exc:
         fail(str(exc))
     typer.echo(f"merged model written to {path}")
+
+
+@app.command()
+def slurm(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    submit: Annotated[bool, typer.Option("--submit", help="also run RUN_ALL.sh (sbatch chained with afterok)")] = False,
+) -> None:
+    """Write one sbatch script per stage and RUN_ALL.sh into the run's slurm/ folder (edit them, then submit)."""
+    from surgvqa.slurm import render_slurm
+    from surgvqa.slurm import submit as submit_all
+
+    cfg = _config(config, set_)
+    paths = render_slurm(cfg, config, set_ or [])
+    for path in paths:
+        typer.echo(str(path))
+    if submit:
+        try:
+            typer.echo(submit_all(paths[-1].parent), nl=False)
+        except (FileNotFoundError, RuntimeError) as exc:
+            fail(str(exc), 1)
+
+
+@app.command()
+def doctor(config: ConfigOption = None, set_: SetOption = None, as_json: JsonOption = False) -> None:
+    """Preflight: torch/CUDA, GPU memory held by other processes, model and data paths, disk, image tokens."""
+    from surgvqa.doctor import print_report, run_doctor
+
+    report = run_doctor(_config(config, set_, write=False))
+    if as_json:
+        _print_json(report.to_json())
+    else:
+        print_report(report)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def evaluate(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    predictions: Annotated[Path | None, typer.Option(help="predictions.jsonl (default: the run's)")] = None,
+    baseline: Annotated[Path | None, typer.Option(help="a baseline run's predictions.jsonl to compare with")] = None,
+    out: Annotated[Path | None, typer.Option(help="output folder (default: the run directory)")] = None,
+    report: Annotated[bool, typer.Option(help="write plots and report.html")] = True,
+    as_json: JsonOption = False,
+) -> None:
+    """Per-type metrics with tolerance and bootstrap CIs, text metrics, baseline deltas, plots, report.html."""
+    from surgvqa.evaluate import EvaluateError, print_metrics_table, run_evaluate
+
+    cfg = _config(config, set_)
+    try:
+        metrics = run_evaluate(predictions or cfg.run_dir / "predictions.jsonl", out or cfg.run_dir, cfg.evaluate,
+                               baseline=baseline, run_dir=cfg.run_dir, with_report=report)
+    except EvaluateError as exc:
+        fail(str(exc))
+    if as_json:
+        _print_json(metrics)
+    else:
+        print_metrics_table(metrics)
+
+
+@app.command()
+def run(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    from_stage: Annotated[str | None, typer.Option("--from", help="rerun from this stage on")] = None,
+    force: Annotated[bool, typer.Option("--force", help="rerun every stage")] = False,
+    skip_sanity: Annotated[bool, typer.Option("--skip-sanity", help="do not run the overfit gate")] = False,
+) -> None:
+    """Every stage in order (prepare, diagnose, overfit, train, baseline, predict, evaluate), skipping the
+    stages whose inputs and config are unchanged."""
+    from surgvqa.data.sources import SourceError
+    from surgvqa.evaluate import print_metrics_table
+    from surgvqa.pipeline import STAGE_NAMES, PipelineStop, run_pipeline
+
+    if from_stage is not None and from_stage not in STAGE_NAMES:
+        fail(f"--from {from_stage!r}: choose one of {', '.join(STAGE_NAMES)}")
+    cfg = _config(config, set_)
+    try:
+        outcome = run_pipeline(cfg, from_stage=from_stage, force=force, skip_sanity=skip_sanity)
+    except PipelineStop as exc:
+        fail(f"stopped: {exc}", code=1)
+    except (SourceError, FileNotFoundError) as exc:
+        fail(str(exc))
+    if outcome.metrics is not None:
+        print_metrics_table(outcome.metrics)
+    typer.echo(f"stages run: {', '.join(outcome.ran) or 'none'}; up to date: {', '.join(outcome.skipped) or 'none'}")
+    if outcome.report is not None:
+        typer.echo(f"report: {outcome.report.resolve()}")
+
+
+@app.command()
+def predict(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    mode: Annotated[str | None, typer.Option(help="generate | constrained | rank (default: predict.mode)")] = None,
+    data: Annotated[Path | None, typer.Option(help="prepared JSONL (default: the run's predict.split)")] = None,
+    out: Annotated[Path | None, typer.Option(help="predictions file (default: <run>/predictions.jsonl)")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="model, adapter or merged directory "
+                                              "(default: <run>/model if present, else the base model)")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Batched, resumable inference to predictions.jsonl (one process, or one shard per rank under torchrun)."""
+    from surgvqa.io import read_jsonl
+    from surgvqa.predict import MODES, run_predict
+
+    if mode is not None and mode not in MODES:
+        fail(f"--mode {mode!r}: choose one of {', '.join(MODES)}")
+    cfg = _config(config, set_)
+    path = _prepared_file(cfg, data, cfg.predict.split)
+    try:
+        written = run_predict(cfg, mode=mode, data=path, out=out, model_path=model, quiet=as_json)
+    except (FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # rank 0 reports the merged file
+    rows = read_jsonl(written)
+    payload = {"predictions": str(written), "mode": mode or cfg.predict.mode, "rows": len(rows),
+               "errors": sum(row.get("error") is not None for row in rows)}
+    if as_json:
+        _print_json(payload)
+    else:
+        typer.echo(f"{payload['rows']} predictions ({payload['errors']} errors) in {written}")
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m surgvqa`

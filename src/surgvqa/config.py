@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from surgvqa.io import atomic_write_text
 
@@ -63,6 +63,8 @@ class ModelConfig(_Section):
     name_or_path: str = "tiny"
     tiny_arch: Literal["qwen2_vl", "qwen2_5_vl"] = "qwen2_vl"
     tiny_seed: int = 0
+    tiny_hidden_size: int = Field(64, ge=16)
+    tiny_layers: int = Field(2, ge=1)
     min_pixels: int = Field(56 * 56, gt=0)
     max_pixels: int = Field(112 * 112, gt=0)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
@@ -159,6 +161,15 @@ class SlurmConfig(_Section):
     time: str = "24:00:00"
     env_setup: str = "source .venv/bin/activate"
     extra_sbatch: list[str] = []
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _time_as_text(cls, value: object) -> object:
+        # YAML 1.1 reads an unquoted 48:00:00 as a base-60 integer (172800 seconds); give SLURM its H:MM:SS back.
+        if isinstance(value, int) and not isinstance(value, bool):
+            hours, rest = divmod(value, 3600)
+            return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+        return value
 
 
 class Config(_Section):

@@ -22,7 +22,8 @@ def resolve_model_path(config: Config) -> str:
     from surgvqa.tiny import ensure_tiny_model
 
     return str(ensure_tiny_model(Path(config.cache_dir) / "models", arch=model.tiny_arch, seed=model.tiny_seed,
-                                 min_pixels=model.min_pixels, max_pixels=model.max_pixels))
+                                 min_pixels=model.min_pixels, max_pixels=model.max_pixels,
+                                 hidden_size=model.tiny_hidden_size, num_layers=model.tiny_layers))
 
 
 def register_sentinel_tokens(tokenizer: Any) -> tuple[int, int]:
@@ -37,6 +38,8 @@ def register_sentinel_tokens(tokenizer: Any) -> tuple[int, int]:
            for text in (ANSWER_OPEN, ANSWER_CLOSE) if text not in tokenizer.get_vocab()]
     if new:
         tokenizer.add_tokens(new)
+        # A tokenizer saved after training already has them, with trained embedding rows to keep.
+        tokenizer.surgvqa_new_sentinels = True
     return tokenizer.convert_tokens_to_ids(ANSWER_OPEN), tokenizer.convert_tokens_to_ids(ANSWER_CLOSE)
 
 
@@ -67,14 +70,16 @@ def _attention_implementation(requested: str) -> str:
     return requested
 
 
-def init_sentinel_embeddings(model: Any, tokenizer: Any) -> None:
-    """Grow the embedding table if the new sentinel ids do not fit, and start each sentinel row at the mean of
-    the embeddings of its text pieces (a sensible start instead of a random row)."""
+def init_sentinel_embeddings(model: Any, tokenizer: Any, *, initialise: bool = True) -> None:
+    """Grow the embedding table if the sentinel ids do not fit, and (for newly added sentinels) start each
+    sentinel row at the mean of the embeddings of its text pieces (a sensible start instead of a random row)."""
     open_id, close_id = register_sentinel_tokens(tokenizer)
     embeddings = model.get_input_embeddings()
     if max(open_id, close_id) >= embeddings.weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         embeddings = model.get_input_embeddings()
+    if not initialise:
+        return
     backend = tokenizer.backend_tokenizer
     with torch.no_grad():
         for token_id, text in ((open_id, ANSWER_OPEN), (close_id, ANSWER_CLOSE)):
@@ -95,7 +100,8 @@ def load_model(path: str, config: Config, processor: Any, *, for_training: bool 
         path, dtype=torch_dtype(settings), attn_implementation=_attention_implementation(settings.attn_implementation),
         trust_remote_code=False)
     if config.masking.strategy == "sentinel":
-        init_sentinel_embeddings(model, processor.tokenizer)
+        init_sentinel_embeddings(model, processor.tokenizer,
+                                 initialise=getattr(processor.tokenizer, "surgvqa_new_sentinels", False))
     if for_training:
         freeze_vision_tower(model, train_merger=settings.train_merger, freeze=settings.freeze_vision)
         if settings.gradient_checkpointing:

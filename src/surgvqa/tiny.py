@@ -264,8 +264,10 @@ def build_tiny_model(
     return out_dir
 
 
-def tiny_model_dirname(arch: str, seed: int, min_pixels: int, max_pixels: int) -> str:
-    return f"tiny-{arch}-seed{seed}-px{min_pixels}-{max_pixels}"
+def tiny_model_dirname(arch: str, seed: int, min_pixels: int, max_pixels: int, hidden_size: int = 64,
+                       num_layers: int = 2) -> str:
+    size = "" if (hidden_size, num_layers) == (64, 2) else f"-h{hidden_size}-l{num_layers}"
+    return f"tiny-{arch}-seed{seed}-px{min_pixels}-{max_pixels}{size}"
 
 
 def ensure_tiny_model(
@@ -274,9 +276,12 @@ def ensure_tiny_model(
     seed: int = 0,
     min_pixels: int = 56 * 56,
     max_pixels: int = 224 * 224,
+    hidden_size: int = 64,
+    num_layers: int = 2,
 ) -> Path:
     """Return the cached tiny checkpoint for these settings, building it first if it is not complete."""
-    path = Path(cache_dir) / tiny_model_dirname(arch, seed, min_pixels, max_pixels)
+    path = Path(cache_dir) / tiny_model_dirname(arch, seed, min_pixels, max_pixels, hidden_size, num_layers)
     if (path / _MARKER).is_file():
         return path
-    return build_tiny_model(path, arch=arch, seed=seed, min_pixels=min_pixels, max_pixels=max_pixels)
+    return build_tiny_model(path, arch=arch, seed=seed, min_pixels=min_pixels, max_pixels=max_pixels,
+                            hidden_size=hidden_size, num_layers=num_layers)

@@ -1,0 +1,199 @@
+"""``surgvqa run``: every stage in order, in one run directory, skipping stages whose inputs are unchanged.
+
+prepare → diagnose → overfit (a gate) → train → predict with the untrained model (the baseline) → predict with
+the trained model → evaluate (trained against untrained). Each stage's key is a hash of the config sections it
+reads and of the keys of the stages it reads from; ``stages.json`` in the run directory records the key of each
+completed stage, so a rerun with the same config does nothing, and a change reruns exactly what depends on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from surgvqa.config import Config
+from surgvqa.io import atomic_write_json
+
+
+class PipelineStop(RuntimeError):
+    """A gate failed (masking diagnostic, sanity overfit); the message says what and how to continue."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    sections: tuple[str, ...]  # config sections the stage reads
+    upstream: tuple[str, ...]  # stages whose outputs it reads
+    output: str  # path, relative to the run directory, that exists once the stage has completed
+
+
+STAGES = (
+    Stage("prepare", ("data",), (), "prepared/summary.json"),
+    Stage("diagnose", ("model", "prompt", "masking"), ("prepare",), "diagnose.json"),
+    Stage("overfit", ("model", "prompt", "masking", "lora", "train", "sanity", "predict"), ("prepare",),
+          "sanity.json"),
+    Stage("train", ("model", "prompt", "masking", "lora", "train"), ("prepare",), "model"),
+    Stage("baseline", ("model", "prompt", "masking", "predict"), ("prepare",), "predictions.untrained.jsonl"),
+    Stage("predict", ("predict",), ("train",), "predictions.jsonl"),
+    Stage("evaluate", ("evaluate",), ("predict", "baseline"), "metrics.json"),
+)
+STAGE_NAMES = tuple(stage.name for stage in STAGES)
+
+
+def _source_fingerprint(config: Config) -> str:
+    """Size and modification time of a local data source, so that a changed file reruns ``prepare``."""
+    path = Path(config.data.source)
+    if config.data.source == "synthetic" or not path.exists():
+        return config.data.source
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    return ";".join(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file())
+
+
+def stage_keys(config: Config) -> dict[str, str]:
+    keys: dict[str, str] = {}
+    for stage in STAGES:
+        payload = {"sections": config.section_hash(*stage.sections), "seed": config.seed,
+                   "upstream": [keys[name] for name in stage.upstream]}
+        if stage.name == "prepare":
+            payload["source"] = _source_fingerprint(config)
+        keys[stage.name] = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return keys
+
+
+class StageLedger:
+    """``stages.json``: the key each stage last completed with."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "stages.json"
+        self.entries: dict[str, dict] = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def is_current(self, stage: Stage, key: str, run_dir: Path) -> bool:
+        entry = self.entries.get(stage.name)
+        return bool(entry) and entry.get("key") == key and (run_dir / stage.output).exists()
+
+    def record(self, stage: Stage, key: str, seconds: float) -> None:
+        self.entries[stage.name] = {"key": key, "seconds": round(seconds, 1),
+                                    "completed_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        atomic_write_json(self.path, self.entries)
+
+    def forget(self, name: str) -> None:
+        if self.entries.pop(name, None) is not None:
+            atomic_write_json(self.path, self.entries)
+
+
+@dataclass
+class RunOutcome:
+    ran: list[str]
+    skipped: list[str]
+    metrics: dict | None
+    report: Path | None
+
+
+def _run_prepare(config: Config, quiet: bool) -> None:
+    from surgvqa.prepare import prepare, print_prepare_summary
+
+    result = prepare(config, quiet=quiet)
+    if not quiet:
+        print_prepare_summary(result)
+
+
+def _run_diagnose(config: Config, quiet: bool) -> None:
+    from surgvqa.diagnostics import run_diagnostic
+    from surgvqa.modeling import load_processor, resolve_model_path
+
+    processor = load_processor(resolve_model_path(config), config.model, config.masking.strategy)
+    report = run_diagnostic(config, processor, config.run_dir / "prepared" / "train.jsonl", per_type=2,
+                            quiet=quiet)
+    atomic_write_json(config.run_dir / "diagnose.json", report.to_json())
+    print(f"masking diagnostic: {report.total} samples, {report.failing} would fail, "
+          f"mean supervised ratio {report.mean_mask_ratio:.3f}")
+    if report.failing:
+        raise PipelineStop(f"the masking diagnostic found {report.failing} failing sample(s) "
+                           f"(first: {report.failing_ids[:5]}); run `surgvqa diagnose` for the details")
+
+
+def _run_overfit(config: Config, quiet: bool) -> None:
+    from surgvqa.sanity import print_sanity, sanity_overfit
+
+    result = sanity_overfit(config, quiet=quiet)
+    print_sanity(result)
+    if not result.passed:
+        raise PipelineStop(f"the sanity overfit gate failed ({result.reason}); fix the set-up, or rerun with "
+                           f"--skip-sanity to train anyway")
+
+
+def _run_train(config: Config, quiet: bool) -> None:
+    from surgvqa.training import train
+
+    result = train(config)
+    print(f"trained {result.global_step} steps; model saved to {result.model_dir}")
+
+
+def _fresh_predictions(config: Config, out: Path, model_path: str, quiet: bool) -> None:
+    from surgvqa.predict import run_predict
+
+    out.unlink(missing_ok=True)  # stale predictions from another config must not be resumed
+    run_predict(config, out=out, model_path=model_path, quiet=quiet)
+
+
+def _run_baseline(config: Config, quiet: bool) -> None:
+    from surgvqa.modeling import resolve_model_path
+
+    _fresh_predictions(config, config.run_dir / "predictions.untrained.jsonl", resolve_model_path(config), quiet)
+
+
+def _run_predict(config: Config, quiet: bool) -> None:
+    _fresh_predictions(config, config.run_dir / "predictions.jsonl", str(config.run_dir / "model"), quiet)
+
+
+def _run_evaluate(config: Config, quiet: bool) -> None:
+    from surgvqa.evaluate import run_evaluate
+
+    run_dir = config.run_dir
+    baseline = run_dir / "predictions.untrained.jsonl"
+    run_evaluate(run_dir / "predictions.jsonl", run_dir, config.evaluate,
+                 baseline=baseline if baseline.exists() else None, run_dir=run_dir)
+
+
+RUNNERS: dict[str, Callable[[Config, bool], None]] = {
+    "prepare": _run_prepare, "diagnose": _run_diagnose, "overfit": _run_overfit, "train": _run_train,
+    "baseline": _run_baseline, "predict": _run_predict, "evaluate": _run_evaluate,
+}
+
+
+def run_pipeline(config: Config, *, from_stage: str | None = None, force: bool = False,
+                 skip_sanity: bool = False, quiet: bool = False) -> RunOutcome:
+    if from_stage is not None and from_stage not in STAGE_NAMES:
+        raise ValueError(f"--from {from_stage!r}: choose one of {', '.join(STAGE_NAMES)}")
+    run_dir = config.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    keys = stage_keys(config)
+    ledger = StageLedger(run_dir)
+    forced_from = STAGE_NAMES.index(from_stage) if from_stage else (0 if force else len(STAGE_NAMES))
+    ran, skipped = [], []
+    for index, stage in enumerate(STAGES):
+        if stage.name == "overfit" and skip_sanity:
+            print("overfit: skipped (--skip-sanity)")
+            skipped.append(stage.name)
+            continue
+        if index < forced_from and ledger.is_current(stage, keys[stage.name], run_dir):
+            print(f"{stage.name}: up to date, skipped")
+            skipped.append(stage.name)
+            continue
+        print(f"== {stage.name}")
+        ledger.forget(stage.name)
+        if stage.name == "train":
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # a new key means a new training run
+        started = time.perf_counter()
+        RUNNERS[stage.name](config, quiet)
+        ledger.record(stage, keys[stage.name], time.perf_counter() - started)
+        ran.append(stage.name)
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
+    report = run_dir / "report.html"
+    return RunOutcome(ran, skipped, metrics, report if report.exists() else None)

@@ -1,0 +1,526 @@
+"""The ``predict`` stage: batched, resumable inference over prepared JSONL to ``predictions.jsonl``.
+
+Modes (``predict.mode``):
+
+- ``generate``: free greedy generation for every record (closed types normalised afterwards);
+- ``constrained``: closed-set records decode through their candidate trie (:mod:`surgvqa.decoding`) — always one
+  candidate, or distinct candidates joined by "; " when multi-label, then the end token; open-ended records are
+  generated freely;
+- ``rank``: every candidate of a closed-set record is scored by its log-likelihood given the prompt (the prompt
+  and image run once, candidates continue from its cache); the best sum wins, and multi-label records add every
+  label whose per-token score passes a threshold (configured, or calibrated on the validation split). Open-ended
+  records are generated freely.
+
+The prompt is :func:`surgvqa.dataset.encode_prompt`, the training encoding minus the answer. Rows are appended and
+flushed per batch; a rerun skips ids already written (a half-written last line from a killed run is dropped
+first). Under ``torchrun`` / ``accelerate launch`` each rank predicts ``records[rank::world]`` into its own file and
+rank 0 merges them in input order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from surgvqa.chat import ANSWER_CLOSE, ANSWER_OPEN, END_OF_TURN
+from surgvqa.config import Config
+from surgvqa.data.records import Record, image_path, read_records
+from surgvqa.data.schema import OPEN_ENDED, label_set, normalize_answer
+from surgvqa.dataset import collate, encode_prompt, load_image
+from surgvqa.decoding import (
+    CandidateLogitsProcessor,
+    CandidateScore,
+    CandidateSet,
+    calibrate_threshold,
+    candidate_set,
+    is_closed,
+    max_new_tokens,
+    score_candidates,
+    select_labels,
+)
+from surgvqa.io import JsonlLineError, atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+MODES = ("generate", "constrained", "rank")
+THRESHOLD_FILE = "rank_threshold.json"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model loading
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def default_model_path(config: Config) -> str:
+    """The trained model or adapter the training stage saved, else the base model."""
+    from surgvqa.modeling import resolve_model_path
+
+    trained = config.run_dir / "model"
+    return str(trained) if trained.exists() else resolve_model_path(config)
+
+
+def _holds_processor(path: Path) -> bool:
+    return (path / "preprocessor_config.json").is_file() or (path / "processor_config.json").is_file()
+
+
+def load_for_prediction(config: Config, model_path: str, quiet: bool = False) -> tuple[Any, Any]:
+    """(model in eval mode on its device, processor) for a base model, a LoRA adapter or a full/merged model.
+
+    A base model goes through ``modeling.load_model`` (sentinel rows initialised as in training). A trained full
+    model keeps its own (trained) sentinel rows; they are initialised only if the checkpoint lacks them.
+    """
+    from transformers import AutoModelForImageTextToText
+
+    from surgvqa.modeling import (
+        _attention_implementation,
+        init_sentinel_embeddings,
+        load_model,
+        load_processor,
+        resolve_model_path,
+        torch_dtype,
+    )
+
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    strategy = config.masking.strategy
+    path = Path(model_path)
+    adapter_config = path / "adapter_config.json"
+    base = resolve_model_path(config)
+    if adapter_config.is_file():
+        named = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        # The adapter's own base when it is a directory here; otherwise the config's model (the same hub id in
+        # practice, and the rebuilt tiny model for the demo).
+        base = named if named and Path(named).is_dir() else base
+    processor = load_processor(str(path) if _holds_processor(path) else base, config.model, strategy)
+    if adapter_config.is_file():
+        from peft import PeftModel
+
+        model = load_model(base, config, processor, for_training=False)
+        # Merged for inference: the same function without the LoRA side branch at every layer.
+        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    elif path.exists() and path.resolve() != Path(base).resolve():
+        model = AutoModelForImageTextToText.from_pretrained(
+            str(path), dtype=torch_dtype(config.model),
+            attn_implementation=_attention_implementation(config.model.attn_implementation))
+        if strategy == "sentinel":
+            close_id = processor.tokenizer.convert_tokens_to_ids(ANSWER_CLOSE)
+            if close_id >= model.get_input_embeddings().weight.shape[0]:
+                init_sentinel_embeddings(model, processor.tokenizer)
+    else:
+        model = load_model(model_path, config, processor, for_training=False)
+    model.to(_device())
+    model.eval()
+    return model, processor
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The predictor: one batch of records in, one prediction row per record out
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    raw_text: str | None = None
+    prediction: str | None = None
+    method: str | None = None  # generate | constrained | rank: what produced this row
+    scores: dict[str, dict[str, float]] | None = None
+    error: str | None = None
+
+
+class Predictor:
+    """Wraps model + processor + config: encodes prompts, generates (free or constrained), ranks candidates."""
+
+    def __init__(self, model: Any, processor: Any, config: Config, base_dir: Path):
+        self.model = model
+        self.processor = processor
+        self.config = config
+        self.base_dir = base_dir
+        self.strategy = config.masking.strategy
+        tokenizer = processor.tokenizer
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+        self.terminator = tokenizer.convert_tokens_to_ids(ANSWER_CLOSE) if self.strategy == "sentinel" \
+            else end_of_turn
+        configured = getattr(model.generation_config, "eos_token_id", None)
+        configured = configured if isinstance(configured, list) else [configured] if configured is not None else []
+        self.stop_ids = list(dict.fromkeys([self.terminator, end_of_turn, *configured]))
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self._candidate_sets: dict[tuple[tuple[str, ...], bool], CandidateSet] = {}
+        self.threshold: float | None = None
+
+    # -- inputs ----------------------------------------------------------------------------------------------
+
+    def encode(self, record: Record) -> dict[str, torch.Tensor]:
+        image = load_image(record, self.base_dir)
+        return encode_prompt(self.processor, record, image, self.config.prompt, self.strategy)
+
+    def batch(self, features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        batch = collate(features, self.pad_id, padding_side="left")
+        return {key: value.to(self.device, dtype=self.dtype) if value.is_floating_point() else value.to(self.device)
+                for key, value in batch.items()}
+
+    def candidates(self, record: Record) -> CandidateSet:
+        key = (tuple(record.candidates), record.multi_label)
+        if key not in self._candidate_sets:
+            self._candidate_sets[key] = candidate_set(self.tokenizer, record.candidates, record.multi_label,
+                                                      self.terminator)
+        return self._candidate_sets[key]
+
+    # -- decoding ----------------------------------------------------------------------------------------------
+
+    def _text(self, tokens: list[int]) -> str:
+        for index, token in enumerate(tokens):
+            if token in self.stop_ids:
+                tokens = tokens[:index]
+                break
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return text.replace(ANSWER_OPEN, "").replace(ANSWER_CLOSE, "").strip()
+
+    @torch.inference_mode()
+    def generate(self, features: list[dict[str, torch.Tensor]], candidate_sets: Sequence[CandidateSet | None],
+                 budget: int) -> list[str]:
+        """Greedy generation; rows with a candidate set are constrained to it."""
+        batch = self.batch(features)
+        processors = [CandidateLogitsProcessor(candidate_sets)] if any(candidate_sets) else []
+        output = self.model.generate(
+            **batch, max_new_tokens=budget, do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
+            repetition_penalty=None, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
+            logits_processor=processors)
+        new_tokens = output[:, batch["input_ids"].shape[1]:].tolist()
+        return [self._text(tokens) for tokens in new_tokens]
+
+    def predict_free(self, records: list[Record], features: list[dict]) -> list[Outcome]:
+        texts = self.generate(features, [None] * len(records), self.config.predict.max_new_tokens_open)
+        return [Outcome(text, _normalise(record, text), "generate") for record, text in zip(records, texts)]
+
+    def predict_constrained(self, records: list[Record], features: list[dict]) -> list[Outcome]:
+        sets = [self.candidates(record) for record in records]
+        texts = self.generate(features, sets, max(max_new_tokens(cs) for cs in sets))
+        return [Outcome(text, normalize_answer(text), "constrained") for text in texts]
+
+    def predict_rank(self, records: list[Record], features: list[dict]) -> list[Outcome]:
+        sets = [self.candidates(record) for record in records]
+        scores = self.score(features, sets)
+        outcomes = []
+        for record, cs, row in zip(records, sets, scores):
+            chosen = [cs.labels[i] for i in select_labels(row, record.multi_label, self.threshold)]
+            text = "; ".join(chosen)
+            outcomes.append(Outcome(text, normalize_answer(text), "rank",
+                                    {label: score.to_json() for label, score in zip(cs.labels, row)}))
+        return outcomes
+
+    def score(self, features: list[dict], sets: Sequence[CandidateSet]) -> list[list[CandidateScore]]:
+        return score_candidates(self.model, self.batch(features), [cs.sequences for cs in sets])
+
+    def predict_batch(self, records: list[Record], mode: str) -> list[Outcome]:
+        """One outcome per record; a record that fails (unreadable image, over-long prompt, ...) gets its error
+        and the others go on."""
+        outcomes: list[Outcome | None] = [None] * len(records)
+        features: dict[int, dict] = {}
+        for index, record in enumerate(records):
+            try:
+                features[index] = self.encode(record)
+            except Exception as exc:  # noqa: BLE001 - any failure of one record is that record's error
+                outcomes[index] = Outcome(error=f"{type(exc).__name__}: {exc}")
+        groups: dict[str, list[int]] = {}
+        for index in features:
+            closed = mode != "generate" and is_closed(records[index])
+            groups.setdefault(mode if closed else "generate", []).append(index)
+        runners: dict[str, Callable[[list[Record], list[dict]], list[Outcome]]] = {
+            "generate": self.predict_free, "constrained": self.predict_constrained, "rank": self.predict_rank}
+        for method, indices in groups.items():
+            for index, outcome in zip(indices, self._run_isolated(runners[method], records, features, indices)):
+                outcomes[index] = outcome
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    def _run_isolated(self, runner: Callable, records: list[Record], features: dict[int, dict],
+                      indices: list[int]) -> list[Outcome]:
+        """Run a group as one batch; if that fails, row by row, so that one bad record cannot sink the others."""
+        try:
+            return runner([records[i] for i in indices], [features[i] for i in indices])
+        except Exception as exc:  # noqa: BLE001
+            if len(indices) == 1:
+                return [Outcome(error=f"{type(exc).__name__}: {exc}")]
+            log.warning("batch failed (%s); retrying its %d records one by one", exc, len(indices))
+            return [outcome for index in indices
+                    for outcome in self._run_isolated(runner, records, features, [index])]
+
+
+def _normalise(record: Record, text: str) -> str:
+    return text.strip() if record.question_type == OPEN_ENDED else normalize_answer(text)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Multi-label threshold (rank mode)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def calibrate_on_validation(predictor: Predictor, val_path: Path, batch_size: int, quiet: bool = True
+                            ) -> dict[str, Any]:
+    """Score the validation split's multi-label records and pick the threshold with the best set-exact match."""
+    records = [r for r in read_records(val_path) if is_closed(r) and r.multi_label]
+    saved_base, predictor.base_dir = predictor.base_dir, val_path.parent
+    examples = []
+    try:
+        for start in tqdm(range(0, len(records), batch_size), desc="predict: calibrating threshold",
+                          disable=quiet, unit="batch"):
+            chunk = []
+            for record in records[start:start + batch_size]:
+                try:
+                    chunk.append((record, predictor.encode(record)))
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("calibration skips %s: %s", record.id, exc)
+            if not chunk:
+                continue
+            sets = [predictor.candidates(record) for record, _ in chunk]
+            scores = predictor.score([features for _, features in chunk], sets)
+            examples += [(tuple(normalize_answer(label) for label in cs.labels), row, label_set(record.answer))
+                         for (record, _), cs, row in zip(chunk, sets, scores)]
+    finally:
+        predictor.base_dir = saved_base
+    threshold, match = calibrate_threshold(examples)
+    return {"threshold": threshold if math.isfinite(threshold) else None, "set_exact_match": match,
+            "records": len(examples), "score": "mean log-probability per token (label + end token)"}
+
+
+def _fingerprint(path: Path) -> str | None:
+    """Sizes and modification times of a file or a directory's files: a retrained model (same path, new
+    weights) or a re-prepared split must not reuse a threshold calibrated on the old one."""
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+    if not files:
+        return None
+    return ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+
+
+def resolve_threshold(config: Config, get_predictor: Callable[[], Predictor], model_path: str, val_path: Path,
+                      rank: int, world: int, quiet: bool) -> float | None:
+    """``predict.multi_label_threshold``, or the value calibrated on ``val_path`` (cached in the run dir)."""
+    if config.predict.multi_label_threshold is not None:
+        return config.predict.multi_label_threshold
+    cache = config.run_dir / THRESHOLD_FILE
+    key = {"model": str(model_path), "model_files": _fingerprint(Path(model_path)), "val": str(val_path),
+           "val_file": _fingerprint(val_path), "strategy": config.masking.strategy,
+           "prompt": config.section_hash("prompt", "model")}
+
+    def cached() -> dict | None:
+        if cache.is_file():
+            payload = json.loads(cache.read_text(encoding="utf-8"))
+            if payload.get("key") == key:
+                return payload
+        return None
+
+    if rank == 0 and cached() is None:
+        if val_path.is_file():
+            payload = calibrate_on_validation(get_predictor(), val_path, config.predict.batch_size, quiet)
+        else:
+            log.warning("%s not found: multi-label records get their best label only", val_path)
+            payload = {"threshold": None, "set_exact_match": None, "records": 0, "score": "none: no validation"}
+        atomic_write_json(cache, {**payload, "key": key})
+    _barrier(world)
+    payload = cached()
+    return None if payload is None else payload["threshold"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resumable output
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def read_done(path: Path, *, repair: bool = True) -> list[dict[str, Any]]:
+    """Rows already in a predictions file.
+
+    A run killed mid-write leaves a last line without its newline (or, rarely, a broken last line): it is
+    dropped, and with ``repair`` the file is rewritten without it (temp + rename) so that appending continues on
+    a clean line boundary. A broken line anywhere else is an error: the file is not ours to guess about.
+    """
+    if not path.is_file():
+        return []
+    lines = path.read_bytes().split(b"\n")
+    torn = lines.pop().strip() != b""  # the text after the last newline: a line that never got its newline
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            row = None
+        if not isinstance(row, dict) or "id" not in row:
+            if number == len(lines) and not torn:
+                torn = True
+                lines.pop()
+                break
+            raise JsonlLineError(f"{path}:{number}: not a prediction row; remove or fix the file")
+        rows.append(row)
+    if torn and repair:
+        log.warning("%s: dropping a half-written last line left by an interrupted run", path)
+        atomic_write_text(path, "".join(line.decode("utf-8") + "\n" for line in lines if line.strip()))
+    return rows
+
+
+def prediction_row(record: Record, image: str, outcome: Outcome, mode: str) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "img_id": record.img_id,
+        "image": image,
+        "question": record.question,
+        "question_type": record.question_type,
+        "template": record.template,
+        "answer": record.answer,
+        "prediction": outcome.prediction,
+        "raw_text": outcome.raw_text,
+        "mode": outcome.method or mode,
+        "scores": outcome.scores,
+        "error": outcome.error,
+        "multi_label": record.multi_label,
+        "candidates": record.candidates,
+    }
+
+
+def _image_reference(record: Record, base_dir: Path, out_dir: Path) -> str:
+    path = image_path(record, base_dir).absolute()
+    try:
+        return os.path.relpath(path, out_dir.absolute())
+    except ValueError:  # another drive (Windows)
+        return str(path)
+
+
+def rank_file(out: Path, rank: int) -> Path:
+    return out.with_name(f"{out.stem}.rank{rank}{out.suffix}")
+
+
+def merge_rank_files(out: Path, records: Sequence[Record]) -> int:
+    """Fold every per-rank file (of this or an interrupted earlier run, whatever its world size) into ``out``:
+    input order, one row per id (the first one met: ``out``, then rank 0, 1, ...). Returns the row count."""
+    parts = sorted(out.parent.glob(f"{out.stem}.rank*{out.suffix}"),
+                   key=lambda path: int(path.stem.rsplit(".rank", 1)[1]) if path.stem.rsplit(".rank", 1)[1].isdigit()
+                   else -1)
+    by_id: dict[str, dict] = {}
+    for path in [out, *parts]:
+        for row in read_done(path, repair=False):
+            by_id.setdefault(row["id"], row)
+    ordered = [by_id.pop(record.id) for record in records if record.id in by_id]
+    rows = ordered + list(by_id.values())  # rows of ids not in this input are kept, after the others
+    atomic_write_text(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    for path in parts:
+        path.unlink()
+    return len(rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Multi-process
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _distributed() -> tuple[int, int, bool]:
+    """(rank, world size, whether this call initialised the process group)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world <= 1:
+        return 0, 1, False
+    import torch.distributed as dist
+
+    if dist.is_available() and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return rank, world, True
+    return rank, world, False
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The stage
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def run_predict(config: Config, mode: str | None = None, data: Path | None = None, out: Path | None = None,
+                model_path: str | None = None, quiet: bool = False) -> Path:
+    """Predict every record of ``data`` into ``out`` (resuming), and return ``out``."""
+    mode = mode or config.predict.mode
+    if mode not in MODES:
+        raise ValueError(f"unknown predict mode {mode!r}; expected one of {MODES}")
+    data = Path(data) if data is not None else config.run_dir / "prepared" / f"{config.predict.split}.jsonl"
+    out = Path(out) if out is not None else config.run_dir / "predictions.jsonl"
+    if not data.is_file():
+        raise FileNotFoundError(f"{data} not found: run `surgvqa prepare` first (or pass --data)")
+    records = read_records(data)
+    model_path = model_path or default_model_path(config)
+    rank, world, owns_group = _distributed()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if world == 1 and any(out.parent.glob(f"{out.stem}.rank*{out.suffix}")):
+            merge_rank_files(out, records)  # the shards of an interrupted multi-process run
+        target = rank_file(out, rank) if world > 1 else out
+        # Under several ranks the merged file of an earlier run is read-only here: rank 0 rewrites it at the end.
+        done = {row["id"] for row in read_done(out, repair=False)} if world > 1 else set()
+        done |= {row["id"] for row in read_done(target)}
+        pending = [record for record in records[rank::world] if record.id not in done]
+
+        predictor: Predictor | None = None
+
+        def get_predictor() -> Predictor:
+            nonlocal predictor
+            if predictor is None:
+                model, processor = load_for_prediction(config, model_path, quiet=quiet)
+                predictor = Predictor(model, processor, config, data.parent)
+            return predictor
+
+        # Decided from what every rank sees alike, because calibration ends with a barrier.
+        scope = records if world > 1 else pending
+        if mode == "rank" and any(is_closed(r) and r.multi_label for r in scope):
+            val = data.parent / "val.jsonl"
+            val = val if val.is_file() else config.run_dir / "prepared" / "val.jsonl"
+            threshold = resolve_threshold(config, get_predictor, model_path, val, rank, world, quiet)
+        else:
+            threshold = None
+
+        batch_size = config.predict.batch_size
+        progress = tqdm(total=len(pending), desc=f"predict ({mode})", unit="record", disable=quiet or rank != 0)
+        with target.open("a", encoding="utf-8") as handle:
+            for start in range(0, len(pending), batch_size):
+                chunk = pending[start:start + batch_size]
+                active = get_predictor()
+                active.threshold = threshold
+                outcomes = active.predict_batch(chunk, mode)
+                for record, outcome in zip(chunk, outcomes):
+                    row = prediction_row(record, _image_reference(record, data.parent, out.parent), outcome, mode)
+                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+                handle.flush()
+                progress.update(len(chunk))
+        progress.close()
+        if world > 1:
+            _barrier(world)
+            if rank == 0:
+                merge_rank_files(out, records)
+            _barrier(world)
+    finally:
+        if owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return out

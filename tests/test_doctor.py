@@ -1,0 +1,221 @@
+"""The preflight: GPU memory held by other processes (with a fake NVML), CPU mode, paths, disk, image tokens."""
+
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from typer.testing import CliRunner
+
+from surgvqa import doctor
+from surgvqa.cli import app
+from surgvqa.config import load_config
+
+GIB = 1024**3
+FOREIGN_PID = 4242
+
+
+class FakeNVMLError(Exception):
+    pass
+
+
+class FakeNVML:
+    """The pynvml calls the doctor makes, answering for one 80 GiB GPU."""
+
+    NVMLError = FakeNVMLError
+
+    def __init__(self, compute=(), graphics=(), gpus=1, init_error=False):
+        self.compute, self.graphics, self.gpus, self.init_error = list(compute), list(graphics), gpus, init_error
+        self.shut_down = False
+
+    def nvmlInit(self):
+        if self.init_error:
+            raise FakeNVMLError("NVML Shared Library Not Found")
+
+    def nvmlShutdown(self):
+        self.shut_down = True
+
+    def nvmlSystemGetDriverVersion(self):
+        return "550.54.15"
+
+    def nvmlDeviceGetCount(self):
+        return self.gpus
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return f"handle-{index}"
+
+    def nvmlDeviceGetName(self, handle):
+        return b"NVIDIA H100 80GB HBM3"
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        used = sum({p.pid: p.usedGpuMemory or 0 for p in self.compute + self.graphics}.values())
+        return SimpleNamespace(total=80 * GIB, free=80 * GIB - used, used=used)
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle):
+        return self.compute
+
+    def nvmlDeviceGetGraphicsRunningProcesses(self, handle):
+        return self.graphics
+
+
+def foreign_process(pid=FOREIGN_PID, gib=17.8):
+    return SimpleNamespace(pid=pid, usedGpuMemory=int(gib * GIB))
+
+
+@pytest.fixture
+def overrides(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    return [f"output_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}"]
+
+
+def checks(report, name):
+    return [check for check in report.checks if check.name == name]
+
+
+def test_foreign_process_holding_gpu_memory_fails(overrides):
+    fake = FakeNVML(compute=[foreign_process()], graphics=[foreign_process()])  # listed twice: reported once
+    report = doctor.run_doctor(load_config(None, overrides), nvml=fake)
+
+    assert not report.ok
+    held = checks(report, "gpu 0 process")
+    assert len(held) == 1 and held[0].status == "fail"
+    assert f"pid {FOREIGN_PID}" in held[0].detail and "17.8 GiB" in held[0].detail
+    assert held[0].fix == f"stop PID {FOREIGN_PID} or choose another GPU with CUDA_VISIBLE_DEVICES"
+    gpu = checks(report, "gpu 0")[0]
+    assert gpu.status == "ok" and "NVIDIA H100 80GB HBM3: 80.0 GiB total, 62.2 GiB free" in gpu.detail
+    assert "550.54.15" in checks(report, "driver")[0].detail
+    assert fake.shut_down
+    assert json.loads(json.dumps(report.to_json()))["ok"] is False
+
+
+def test_own_process_is_not_a_problem(overrides):
+    fake = FakeNVML(compute=[SimpleNamespace(pid=os.getpid(), usedGpuMemory=2 * GIB)])
+    report = doctor.run_doctor(load_config(None, overrides), nvml=fake)
+    assert not checks(report, "gpu 0 process")
+    # torch on this machine sees no GPU while the fake NVML reports one: that mismatch is the only failure.
+    failing = [check.name for check in report.checks if check.status == "fail"]
+    assert failing in ([], ["cuda"])
+
+
+def test_process_user_is_read_from_proc():
+    import pwd
+
+    assert doctor.process_user(os.getpid()) == pwd.getpwuid(os.getuid()).pw_name
+    assert doctor.process_user(2**30) == "?"
+
+
+def test_gpus_outside_cuda_visible_devices_are_not_checked(overrides, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    report = doctor.run_doctor(load_config(None, overrides), nvml=FakeNVML(compute=[foreign_process()], gpus=2))
+    assert "not used" in checks(report, "gpu 0")[0].detail
+    assert [check.name for check in report.checks if check.name.endswith("process")] == ["gpu 1 process"]
+
+
+def test_no_gpu_is_cpu_mode(overrides):
+    report = doctor.run_doctor(load_config(None, overrides), nvml=FakeNVML(init_error=True))
+    assert report.ok
+    gpu = checks(report, "gpu")[0]
+    assert gpu.status == "ok" and gpu.detail.startswith("CPU mode")
+
+
+def test_cli_exits_nonzero_and_names_the_process(overrides, monkeypatch):
+    monkeypatch.setattr(doctor, "NVML_MODULE_LOADER", lambda: FakeNVML(compute=[foreign_process()]))
+    args = ["doctor", *[part for item in overrides for part in ("--set", item)]]
+
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert f"pid {FOREIGN_PID}" in result.output and "17.8 GiB" in result.output
+    assert f"stop PID {FOREIGN_PID} or choose another GPU with CUDA_VISIBLE_DEVICES" in result.output
+
+    as_json = CliRunner().invoke(app, [*args, "--json"])
+    assert as_json.exit_code == 1
+    payload = json.loads(as_json.stdout)
+    assert payload["ok"] is False
+    assert any("17.8 GiB" in check["detail"] for check in payload["checks"] if check["status"] == "fail")
+
+
+def test_cli_cpu_mode_exits_zero(overrides, monkeypatch):
+    monkeypatch.setattr(doctor, "NVML_MODULE_LOADER", lambda: FakeNVML(init_error=True))
+    args = ["doctor", *[part for item in overrides for part in ("--set", item)]]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "CPU mode" in result.output and "preflight passed" in result.output
+
+
+def test_cli_on_this_machine(overrides):
+    """The real pynvml: on a machine without a GPU the report is CPU mode and passes."""
+    result = CliRunner().invoke(app, ["doctor", "--json", *[part for item in overrides for part in ("--set", item)]])
+    payload = json.loads(result.stdout)
+    assert result.exit_code == (0 if payload["ok"] else 1)
+    gpu_checks = [check for check in payload["checks"] if check["name"].startswith("gpu")]
+    if gpu_checks[0]["name"] == "gpu":  # no GPU here
+        assert gpu_checks[0]["detail"].startswith("CPU mode") and result.exit_code == 0
+
+
+def test_model_paths(overrides, tmp_path, monkeypatch):
+    model_dir = tmp_path / "models" / "broken"
+    model_dir.mkdir(parents=True)
+    report = doctor.run_doctor(load_config(None, [*overrides, f"model.name_or_path={model_dir}"]),
+                               nvml=FakeNVML(init_error=True))
+    assert checks(report, "model")[0].status == "fail" and "config.json" in checks(report, "model")[0].detail
+
+    (model_dir / "config.json").write_text("{}")
+    (model_dir / "model.safetensors").write_bytes(b"\0" * 1024)
+    report = doctor.run_doctor(load_config(None, [*overrides, f"model.name_or_path={model_dir}"]),
+                               nvml=FakeNVML(init_error=True))
+    assert checks(report, "model")[0].status == "ok"
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    monkeypatch.setattr(doctor, "_hub_cached_config", lambda repo_id: None)
+    report = doctor.run_doctor(load_config(None, [*overrides, "model.name_or_path=Qwen/Qwen2-VL-2B-Instruct"]),
+                               nvml=FakeNVML(init_error=True))
+    model = checks(report, "model")[0]
+    assert model.status == "fail" and "download it first" in model.fix and not report.ok
+
+
+def test_data_source_must_exist(overrides, tmp_path):
+    report = doctor.run_doctor(load_config(None, [*overrides, f"data.source={tmp_path / 'nowhere'}"]),
+                               nvml=FakeNVML(init_error=True))
+    assert checks(report, "data")[0].status == "fail"
+    assert checks(report, "data")[0].detail.startswith(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize(("free_gib", "status"), [(100, "ok"), (10, "warn"), (1, "fail")])
+def test_disk_thresholds(overrides, monkeypatch, free_gib, status):
+    monkeypatch.setattr(doctor.shutil, "disk_usage",
+                        lambda path: SimpleNamespace(total=1000 * GIB, used=0, free=free_gib * GIB))
+    report = doctor.run_doctor(load_config(None, overrides), nvml=FakeNVML(init_error=True))
+    assert checks(report, "disk")[0].status == status
+
+
+def test_disk_need_scales_with_model_size(overrides, tmp_path, monkeypatch):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    (model_dir / "model.safetensors").write_bytes(b"")
+    monkeypatch.setattr(doctor, "_safetensors_bytes", lambda path: 30 * GIB)
+    monkeypatch.setattr(doctor.shutil, "disk_usage",
+                        lambda path: SimpleNamespace(total=1000 * GIB, used=0, free=50 * GIB))
+    report = doctor.run_doctor(load_config(None, [*overrides, f"model.name_or_path={model_dir}"]),
+                               nvml=FakeNVML(init_error=True))
+    disk = checks(report, "disk")[0]
+    assert disk.status == "fail" and "90.0 GiB" in disk.detail
+
+
+def test_image_token_check_without_and_with_prepared_data(overrides, demo_config_overrides, prepared_demo):
+    report = doctor.run_doctor(load_config(None, overrides), nvml=FakeNVML(init_error=True))
+    assert checks(report, "image tokens")[0].detail.startswith("no prepared data yet")
+
+    config = load_config(None, demo_config_overrides)
+    assert Path(prepared_demo) == config.run_dir / "prepared"
+    report = doctor.run_doctor(config, nvml=FakeNVML(init_error=True))
+    image = checks(report, "image tokens")[0]
+    assert image.status == "ok", image.detail
+    assert "<|image_pad|> tokens" in image.detail and f"masking.max_length={config.masking.max_length}" in image.detail
+
+    too_short = load_config(None, [*demo_config_overrides, "masking.max_length=16"])
+    image = checks(doctor.run_doctor(too_short, nvml=FakeNVML(init_error=True)), "image tokens")[0]
+    assert image.status == "fail" and "max_length" in image.fix

@@ -1,0 +1,173 @@
+"""report.html opens in headless Chromium without console errors and shows the per-type table and plots.
+
+Needs Debian's chromium (SURGVQA_CHROMIUM overrides the path): a missing browser FAILS this test, on purpose.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from surgvqa.config import EvaluateConfig
+from surgvqa.evaluate import run_evaluate
+
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+CASES = [  # (type, template, question, answer, prediction, baseline prediction)
+    ("yes_no", 1, "Is there text?", "yes", "yes", "no"),
+    ("yes_no", 1, "Is there text?", "no", "yes", "yes"),
+    ("yes_no", 16, "Does this image contain any finding?", "yes", "yes", "yes"),
+    (
+        "color",
+        13,
+        "What color is the abnormality? If more than one separate with ;",
+        "pink; red",
+        "red",
+        "white",
+    ),
+    ("color", 13, "What color is the abnormality? If more than one separate with ;", "red", "red", "pink"),
+    ("size_numeric", 9, "What is the size of the polyp?", "5-10mm", "<5mm", "none"),
+    ("size_numeric", 9, "What is the size of the polyp?", "11-20mm", "11-20mm", ">20mm"),
+    ("count_numeric", 11, "How many polyps are in the image?", "2", "1", "0"),
+    ("count_numeric", 11, "How many polyps are in the image?", "1", "1", "1"),
+    (
+        "mcq",
+        3,
+        "What type of procedure is the image taken from?",
+        "colonoscopy",
+        "gastroscopy",
+        "colonoscopy",
+    ),
+    ("mcq", 15, "Where in the image is the abnormality?", "center; center-left", "center", "upper-left"),
+    ("open_ended", None, "Describe the image.", "a small polyp", "a polyp", "nothing"),
+]
+
+
+def chromium_path() -> str:
+    path = os.environ.get("SURGVQA_CHROMIUM", "/usr/bin/chromium")
+    resolved = shutil.which(path) or (path if Path(path).is_file() else None)
+    if resolved is None:
+        pytest.fail(
+            f"Chromium not found at {path!r}: install Debian's chromium (apt-get install chromium) or set "
+            "SURGVQA_CHROMIUM to a Chromium/Chrome binary. This test does not skip."
+        )
+    return resolved
+
+
+def _write_run(run_dir: Path) -> tuple[Path, Path]:
+    images = run_dir / "images"
+    images.mkdir(parents=True)
+    rows, base_rows = [], []
+    for i, (question_type, template, question, answer, prediction, base) in enumerate(CASES):
+        Image.new("RGB", (96, 96), (40 + 15 * i, 120, 200 - 12 * i)).save(images / f"img{i}.png")
+        row = {
+            "id": f"q{i}",
+            "img_id": f"img{i}",
+            "image": f"images/img{i}.png",
+            "question": question,
+            "question_type": question_type,
+            "template": template,
+            "answer": answer,
+            "prediction": prediction,
+            "raw_text": prediction,
+            "mode": "generate",
+            "scores": None,
+            "error": None,
+            "multi_label": ";" in answer,
+            "candidates": [],
+        }
+        rows.append(json.dumps(row))
+        base_rows.append(json.dumps({**row, "prediction": base, "raw_text": base}))
+    rows.append("{broken json")
+    predictions, baseline = run_dir / "predictions.jsonl", run_dir / "baseline.jsonl"
+    predictions.write_text("\n".join(rows) + "\n")
+    baseline.write_text("\n".join(base_rows) + "\n")
+    (run_dir / "train_log.jsonl").write_text(
+        "".join(json.dumps({"step": step, "loss": 3.0 / (1 + 0.2 * step)}) + "\n" for step in range(1, 40))
+    )
+    (run_dir / "config.resolved.yaml").write_text(
+        "run_name: browser-test\nevaluate:\n  size_tolerance_mm: 5.0\n"
+    )
+    return predictions, baseline
+
+
+def test_report_opens_in_headless_chromium(tmp_path):
+    executable = chromium_path()
+    from playwright.sync_api import sync_playwright
+
+    run_dir = tmp_path / "run"
+    predictions, baseline = _write_run(run_dir)
+    metrics = run_evaluate(
+        predictions,
+        run_dir / "eval",
+        EvaluateConfig(bootstrap_samples=200),
+        baseline=baseline,
+        run_dir=run_dir,
+        with_meteor=False,
+    )
+    report = Path(metrics["outputs"]["report"])
+    assert {"plot_per_type", "plot_baseline", "plot_training_curve", "plot_confusion_yes_no"} <= set(
+        metrics["outputs"]
+    )
+    source = report.read_text()
+    assert "http://" not in source and "https://" not in source and "<script" not in source
+    assert "run_name: browser-test" in source
+
+    screenshot = tmp_path / "report.png"
+    problems: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on(
+                "console",
+                lambda message: (
+                    problems.append(f"console {message.type}: {message.text}")
+                    if message.type == "error"
+                    else None
+                ),
+            )
+            page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+            page.on("requestfailed", lambda request: problems.append(f"request failed: {request.url}"))
+            page.goto(report.as_uri(), wait_until="load")
+
+            table = page.locator("#per-type-table")
+            assert table.is_visible()
+            first_cells = table.locator("tbody tr td:first-child").all_inner_texts()
+            assert first_cells[:6] == [
+                "yes_no",
+                "color",
+                "size_numeric",
+                "count_numeric",
+                "mcq",
+                "open_ended",
+            ]
+            assert "closed_all" in first_cells and "micro average" in first_cells
+            assert page.locator("#baseline-table").is_visible()
+
+            plot = page.locator("#plot-per-type")
+            assert plot.is_visible()
+            assert plot.evaluate("img => img.complete && img.naturalWidth > 0")
+            loaded_images = page.evaluate(
+                "Array.from(document.images).filter(i => i.naturalWidth > 0).length"
+            )
+            assert loaded_images >= 8  # plots + confusion matrices + thumbnails in the failure gallery
+            assert page.locator(".case img").count() >= 1
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    assert not problems, problems
+    assert screenshot.stat().st_size > 10_000
+    print(f"report screenshot: {screenshot}")
