@@ -68,7 +68,7 @@ class ModelConfig(_Section):
     min_pixels: int = Field(56 * 56, gt=0)
     max_pixels: int = Field(112 * 112, gt=0)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "auto"  # auto: flash_attention_2 on CUDA when flash-attn is installed, else sdpa
     gradient_checkpointing: bool = False
     freeze_vision: bool = True
     train_merger: bool = False

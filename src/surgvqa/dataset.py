@@ -80,7 +80,7 @@ def encode_prompt(processor: Any, record: Record, image: Image.Image, prompt: Pr
             for key, value in encoding.items()}
 
 
-def estimate_length(record: Record, base_dir: str | Path, image_tokens: int) -> int:
+def estimate_length(record: Record, image_tokens: int) -> int:
     """A cheap token-count estimate for length-grouped batching (no image decode, no tokenizer call)."""
     return image_tokens + (len(record.question) + len(record.answer)) // 3 + 40
 
@@ -111,7 +111,7 @@ class VQADataset(torch.utils.data.Dataset):
                               self.masking).features
 
     def lengths(self, image_tokens: int) -> list[int]:
-        return [estimate_length(record, self.base_dir, image_tokens) for record in self.records]
+        return [estimate_length(record, image_tokens) for record in self.records]
 
 
 def collate(features: list[dict[str, torch.Tensor]], pad_token_id: int, padding_side: str = "right") -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 from typing import Any
@@ -60,13 +61,14 @@ def torch_dtype(model: ModelConfig) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_available() else torch.float32
 
 
-def _attention_implementation(requested: str) -> str:
-    if requested == "flash_attention_2":
-        try:
-            import flash_attn  # noqa: F401
-        except ImportError:
-            log.warning("flash_attention_2 requested but flash-attn is not installed; using sdpa")
-            return "sdpa"
+def attention_implementation(requested: str) -> str:
+    """``auto``: flash-attention 2 on CUDA when the package is installed, else PyTorch's sdpa."""
+    flash_available = importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+    if requested == "auto":
+        return "flash_attention_2" if flash_available else "sdpa"
+    if requested == "flash_attention_2" and not flash_available:
+        log.warning("flash_attention_2 requested but flash-attn (or CUDA) is not available; using sdpa")
+        return "sdpa"
     return requested
 
 
@@ -97,7 +99,7 @@ def load_model(path: str, config: Config, processor: Any, *, for_training: bool 
 
     settings = config.model
     model = AutoModelForImageTextToText.from_pretrained(
-        path, dtype=torch_dtype(settings), attn_implementation=_attention_implementation(settings.attn_implementation),
+        path, dtype=torch_dtype(settings), attn_implementation=attention_implementation(settings.attn_implementation),
         trust_remote_code=False)
     if config.masking.strategy == "sentinel":
         init_sentinel_embeddings(model, processor.tokenizer,

@@ -78,15 +78,11 @@ def load_for_prediction(config: Config, model_path: str, quiet: bool = False) ->
     A base model goes through ``modeling.load_model`` (sentinel rows initialised as in training). A trained full
     model keeps its own (trained) sentinel rows; they are initialised only if the checkpoint lacks them.
     """
-    from transformers import AutoModelForImageTextToText
 
     from surgvqa.modeling import (
-        _attention_implementation,
-        init_sentinel_embeddings,
         load_model,
         load_processor,
         resolve_model_path,
-        torch_dtype,
     )
 
     if quiet:
@@ -109,15 +105,8 @@ def load_for_prediction(config: Config, model_path: str, quiet: bool = False) ->
         model = load_model(base, config, processor, for_training=False)
         # Merged for inference: the same function without the LoRA side branch at every layer.
         model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
-    elif path.exists() and path.resolve() != Path(base).resolve():
-        model = AutoModelForImageTextToText.from_pretrained(
-            str(path), dtype=torch_dtype(config.model),
-            attn_implementation=_attention_implementation(config.model.attn_implementation))
-        if strategy == "sentinel":
-            close_id = processor.tokenizer.convert_tokens_to_ids(ANSWER_CLOSE)
-            if close_id >= model.get_input_embeddings().weight.shape[0]:
-                init_sentinel_embeddings(model, processor.tokenizer)
     else:
+        # A trained directory's tokenizer already holds the sentinels, so their trained rows are kept.
         model = load_model(model_path, config, processor, for_training=False)
     model.to(_device())
     model.eval()

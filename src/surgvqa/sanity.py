@@ -7,10 +7,7 @@ whose masking, prompt or collator is broken fails here in minutes instead of aft
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
 
 from surgvqa.config import Config
 from surgvqa.data.records import read_records
@@ -118,7 +115,3 @@ def print_sanity(result: SanityResult) -> None:
     status = "[green]PASSED[/green]" if result.passed else f"[red]FAILED[/red]: {result.reason}"
     console.print(f"sanity gate {status}")
 
-
-def load_sanity(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / "sanity.json"
-    return json.loads(path.read_text()) if path.exists() else None

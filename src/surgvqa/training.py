@@ -290,7 +290,7 @@ def save_trained(model: Any, processor: Any, target: Path) -> Path:
     return target
 
 
-def train(config: Config, *, resume: bool = False) -> TrainResult:
+def train(config: Config, *, resume: bool = False, callbacks: list[TrainerCallback] | None = None) -> TrainResult:
     run_dir = config.run_dir
     prepared = run_dir / "prepared" / "train.jsonl"
     if not prepared.is_file():
@@ -307,7 +307,7 @@ def train(config: Config, *, resume: bool = False) -> TrainResult:
         model=model, args=args, train_dataset=dataset,
         data_collator=TrainingCollator(processor.tokenizer.pad_token_id),
         lengths=dataset.lengths(image_tokens) if config.train.group_by_length else None,
-        callbacks=[FileLogCallback(run_dir), preemption],
+        callbacks=[FileLogCallback(run_dir), preemption, *(callbacks or [])],
     )
     last = latest_complete_checkpoint(checkpoints) if resume else None
     if resume and last is None:
@@ -340,6 +340,3 @@ def merge_adapter(config: Config, adapter_dir: Path, out_dir: Path) -> Path:
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     return save_trained(merged, processor, out_dir)
 
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
