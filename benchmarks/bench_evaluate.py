@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import write_result
+
 from surgvqa.config import EvaluateConfig
 from surgvqa.data.schema import TEMPLATES
 from surgvqa.evaluate import run_evaluate
@@ -94,11 +96,7 @@ def main() -> dict:
         "under_10_s_with_meteor": with_meteor < 10.0,
         "micro_strict": round(metrics["overall"]["micro_strict"], 4),
     }
-    out = Path(__file__).resolve().parent / "results" / "evaluate.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result) + "\n")
-    print(json.dumps(result))
-    return result
+    return write_result("evaluate", result, indent=None)
 
 
 if __name__ == "__main__":

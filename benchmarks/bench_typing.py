@@ -5,10 +5,10 @@ Run: python benchmarks/bench_typing.py   -> prints one JSON object and writes be
 
 from __future__ import annotations
 
-import json
 import random
 import time
-from pathlib import Path
+
+from _common import write_result
 
 from surgvqa.data.schema import TEMPLATES, infer_question_type
 
@@ -39,11 +39,7 @@ def main() -> dict:
         infer_question_type(question)
     seconds = time.perf_counter() - start
     result = {"rows": ROWS, "seconds": round(seconds, 4), "rows_per_s": round(ROWS / seconds)}
-    out = Path(__file__).resolve().parent / "results" / "typing.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result) + "\n")
-    print(json.dumps(result))
-    return result
+    return write_result("typing", result, indent=None)
 
 
 if __name__ == "__main__":

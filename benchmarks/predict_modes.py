@@ -18,7 +18,6 @@ amortises.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -28,6 +27,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from _common import write_result
 
 from surgvqa.config import load_config
 from surgvqa.data.records import read_records
@@ -35,8 +35,6 @@ from surgvqa.decoding import is_closed
 from surgvqa.modeling import resolve_model_path
 from surgvqa.predict import Predictor, load_for_prediction
 from surgvqa.prepare import prepare
-
-RESULT = Path(__file__).resolve().parent / "results" / "predict_modes.json"
 
 
 def _batches(items: list, size: int) -> list[list]:
@@ -121,10 +119,7 @@ def main() -> dict:
                 "FLOPs per position, so rank costs ~(1 + rows per record) last-logit forwards; a 2B model amortises "
                 "the same rows over a ~300-token prompt",
     }
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
-    return result
+    return write_result("predict_modes", result)
 
 
 if __name__ == "__main__":

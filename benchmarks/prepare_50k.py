@@ -16,7 +16,6 @@ Run: HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/prepare_50k.py
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -26,6 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
+from _common import load_average, machine_info, write_result
 
 from surgvqa.config import load_config
 from surgvqa.data.records import read_records
@@ -33,21 +33,10 @@ from surgvqa.dataset import TrainingCollator, VQADataset
 from surgvqa.modeling import load_processor, resolve_model_path
 from surgvqa.prepare import prepare, synthetic_source
 
-RESULT = Path(__file__).resolve().parent / "results" / "prepare_50k.json"
 IMAGES = 6_150
 ENCODE_SAMPLES = 1_008  # 63 batches of 16
 BATCH = 16
 GOAL_PREPARE_S = 60.0
-
-
-def load_average() -> list[float]:
-    return [round(value, 2) for value in os.getloadavg()]
-
-
-def machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "unknown")
-    return {"cpu": model, "cores": os.cpu_count(), "gpu": None}
 
 
 def encode_throughput(dataset: VQADataset, collator: TrainingCollator, workers: int, threads: int) -> dict:
@@ -100,7 +89,7 @@ def main() -> dict:
     result = {
         "benchmark": "prepare_50k",
         "date": time.strftime("%Y-%m-%d"),
-        "machine": machine(),
+        "machine": machine_info(),
         "load_average_start": load_start,
         "load_average_during_prepare": [load_before, load_prepare],
         "load_average_end": load_average(),
@@ -116,10 +105,7 @@ def main() -> dict:
                                                                 / encoding["workers_0_one_thread"]["samples_per_s"], 2)},
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
-    return result
+    return write_result("prepare_50k", result)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ is fitted on log-log axes (``numpy.polyfit``) per stage; linear scaling is ``b``
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -31,6 +30,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
 import torch
+from _common import load_average, machine_info, write_result
 
 from surgvqa.config import EvaluateConfig, load_config
 from surgvqa.data.records import Record, read_records
@@ -39,18 +39,6 @@ from surgvqa.evaluate import run_evaluate
 from surgvqa.io import write_jsonl
 from surgvqa.modeling import load_processor, resolve_model_path
 from surgvqa.prepare import prepare, synthetic_source
-
-RESULT = Path(__file__).resolve().parent / "results" / "scaling.json"
-
-
-def load_average() -> list[float]:
-    return [round(value, 2) for value in os.getloadavg()]
-
-
-def machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "unknown")
-    return {"cpu": model, "cores": os.cpu_count(), "gpu": None}
 
 
 def synthetic_predictions(records: list[Record]) -> list[dict]:
@@ -143,7 +131,7 @@ def main() -> dict:
     result = {
         "benchmark": "scaling",
         "date": time.strftime("%Y-%m-%d"),
-        "machine": machine(),
+        "machine": machine_info(),
         "load_average_start": load_start,
         "load_average_end": load_average(),
         "repeats": args.repeats,
@@ -155,10 +143,7 @@ def main() -> dict:
         "linear": {stage: 0.8 <= value <= 1.2 for stage, value in fits.items()},
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
-    return result
+    return write_result("scaling", result)
 
 
 if __name__ == "__main__":

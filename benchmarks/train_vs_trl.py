@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -47,10 +46,11 @@ import time
 from pathlib import Path
 from typing import ClassVar
 
+from _common import load_average, machine_info, write_result
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-RESULT = Path(__file__).resolve().parent / "results" / "train_vs_trl.json"
 SAMPLES = 256
 BATCH = 16
 WARMUP_STEPS = 2
@@ -92,16 +92,6 @@ def current_rss_mb() -> float:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def load_average() -> list[float]:
-    return [round(value, 2) for value in os.getloadavg()]
-
-
-def machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    return {"cpu": model, "cores": os.cpu_count(), "gpu": None, "python": platform.python_version()}
 
 
 def trl_dataset(records, prepared: Path, prompt):
@@ -416,7 +406,7 @@ def main() -> dict:
     result = {
         "benchmark": "train_vs_trl",
         "date": time.strftime("%Y-%m-%d"),
-        "machine": machine(),
+        "machine": machine_info(with_python=True),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
         "load_average_start": load_start,
         "load_average_end": load_average(),
@@ -443,10 +433,7 @@ def main() -> dict:
                               "ratio_supervised_over_full": logits_ratio},
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
-    return result
+    return write_result("train_vs_trl", result)
 
 
 if __name__ == "__main__":

@@ -39,3 +39,15 @@ def prepared_demo(demo_config_overrides) -> Path:
 
     config = load_config(None, demo_config_overrides)
     return prepare(config, quiet=True).prepared_dir
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread: these models are tiny, and on a shared 2-core machine OpenMP threads that wait for a
+    descheduled sibling make every op 10-50x slower. Used per module (``pytestmark = usefixtures(...)``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -44,7 +44,7 @@ def test_training_beats_the_untrained_model_on_closed_questions(demo_run):
 
 
 def test_second_run_skips_every_stage_and_a_change_reruns_only_what_depends_on_it(demo_run):
-    overrides, args, first = demo_run
+    _, args, first = demo_run
     assert first.exit_code == 0, first.output[-3000:]
     runner = CliRunner()
     again = runner.invoke(app, ["run", *args])

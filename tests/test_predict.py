@@ -41,14 +41,7 @@ CANDIDATE_SETS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: these models are tiny, and on a shared 2-core machine OpenMP threads that wait for a
-    descheduled sibling make every op 10-50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: one torch thread for the module
 
 
 @pytest.fixture(autouse=True)

@@ -80,6 +80,89 @@ def _text_metric_items(metrics: dict) -> list[tuple[str, Any]]:
     return [(name, text.get(name)) for name in ("bleu", "rouge1", "rouge2", "rougeL", "meteor")]
 
 
+# Table contents as (header, rows) of strings, built once for the terminal, Markdown and HTML renderers;
+# the interval columns' headers differ between the renderers, so they are arguments.
+
+TableData = tuple[list[str], list[list[str]]]
+
+
+def _per_type_table(metrics: dict, strict_ci: str, tolerant_ci: str) -> TableData:
+    header = ["type", "n", "strict", strict_ci, "tolerant", tolerant_ci, "set F1", "Jaccard"]
+    rows = [
+        [
+            r["type"],
+            str(r["n"]),
+            fmt_pct(r["strict"]),
+            fmt_ci(r["strict_ci"]),
+            fmt_pct(r["tolerant"]),
+            fmt_ci(r["tolerant_ci"]),
+            fmt_pct(r["set_f1"]),
+            fmt_pct(r["jaccard"]),
+        ]
+        for r in per_type_rows(metrics)
+    ]
+    return header, rows
+
+
+def _average_rows(metrics: dict) -> list[list[str]]:
+    """The micro and macro average rows in the per-type table's columns (no set F1 or Jaccard)."""
+    overall = metrics["overall"]
+    return [
+        [
+            f"{label} average",
+            str(overall["n"]) if label == "micro" else "",
+            fmt_pct(overall[f"{label}_strict"]),
+            fmt_ci(overall[f"{label}_strict_ci"]),
+            fmt_pct(overall[f"{label}_tolerant"]),
+            fmt_ci(overall[f"{label}_tolerant_ci"]),
+            "",
+            "",
+        ]
+        for label in ("micro", "macro")
+    ]
+
+
+def _baseline_table(baseline: dict, strict_ci: str, tolerant_ci: str) -> TableData:
+    header = ["type", "n", "baseline strict", "run strict", "delta", strict_ci, "delta tolerant", tolerant_ci]
+    rows = [
+        [
+            name,
+            str(e["n"]),
+            fmt_pct(e["baseline_strict"]),
+            fmt_pct(e["run_strict"]),
+            fmt_delta(e["delta_strict"]),
+            fmt_ci(e["delta_strict_ci"]),
+            fmt_delta(e["delta_tolerant"]),
+            fmt_ci(e["delta_tolerant_ci"]),
+        ]
+        for name in TABLE_TYPES
+        if (e := baseline["per_type"].get(name)) and e["n"]
+    ]
+    return header, rows
+
+
+def _per_template_table(metrics: dict, strict_ci: str) -> TableData:
+    header = ["template", "question", "type", "n", "strict", strict_ci, "tolerant", "set F1"]
+    rows = [
+        [
+            key,
+            entry.get("question") or "(not a Kvasir template)",
+            entry.get("question_type") or "",
+            str(entry["n"]),
+            fmt_pct(entry["strict"]),
+            fmt_ci(entry["strict_ci"]),
+            fmt_pct(entry["tolerant"]),
+            fmt_pct(entry.get("set_f1")),
+        ]
+        for key, entry in metrics["per_template"].items()
+    ]
+    return header, rows
+
+
+def _text_metrics_table(metrics: dict) -> TableData:
+    return ["metric", "value"], [[name, fmt_number(value)] for name, value in _text_metric_items(metrics)]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Terminal, Markdown, CSV
 # ----------------------------------------------------------------------------------------------------------
@@ -101,30 +184,17 @@ def rich_tables(metrics: dict) -> list[Any]:
     ):
         table.add_column(column, justify=justify, no_wrap=True)
 
-    def cell(value: float | None, interval: list[float] | None) -> str:
-        return "—" if value is None else f"{fmt_pct(value)} {fmt_ci(interval)}"
+    def with_ci(row: list[str]) -> list[str]:
+        """type, n, strict and tolerant each with its interval, set F1: from a per-type table row."""
+        pairs = [value if value == "—" else f"{value} {interval}" for value, interval in (row[2:4], row[4:6])]
+        return [row[0], row[1], *pairs, row[6]]
 
-    rows = per_type_rows(metrics)
+    _, rows = _per_type_table(metrics, ci, ci)
     for i, row in enumerate(rows):
-        last_of_group = i + 1 == len(rows) or rows[i + 1]["type"] == CLOSED_ALL
-        table.add_row(
-            row["type"],
-            str(row["n"]),
-            cell(row["strict"], row["strict_ci"]),
-            cell(row["tolerant"], row["tolerant_ci"]),
-            fmt_pct(row["set_f1"]),
-            end_section=last_of_group,
-        )
-    overall = metrics["overall"]
-    for label in ("micro", "macro"):
-        table.add_row(
-            f"{label} average",
-            str(overall["n"]) if label == "micro" else "",
-            cell(overall[f"{label}_strict"], overall[f"{label}_strict_ci"]),
-            cell(overall[f"{label}_tolerant"], overall[f"{label}_tolerant_ci"]),
-            "",
-            style="bold",
-        )
+        last_of_group = i + 1 == len(rows) or rows[i + 1][0] == CLOSED_ALL
+        table.add_row(*with_ci(row), end_section=last_of_group)
+    for row in _average_rows(metrics):
+        table.add_row(*with_ci(row), style="bold")
     out: list[Any] = [table]
 
     text = Table(title="Text metrics on the raw text (0-1)")
@@ -144,17 +214,8 @@ def rich_tables(metrics: dict) -> list[Any]:
         delta = Table(title=f"Run vs baseline on {baseline['n_paired']} paired ids (strict %, paired {ci})")
         for column in ("type", "n", "baseline", "run", "delta", ci):
             delta.add_column(column, justify="left" if column == "type" else "right")
-        for name in TABLE_TYPES:
-            entry = baseline["per_type"].get(name)
-            if entry and entry["n"]:
-                delta.add_row(
-                    name,
-                    str(entry["n"]),
-                    fmt_pct(entry["baseline_strict"]),
-                    fmt_pct(entry["run_strict"]),
-                    fmt_delta(entry["delta_strict"]),
-                    fmt_ci(entry["delta_strict_ci"]),
-                )
+        for row in _baseline_table(baseline, ci, ci)[1]:
+            delta.add_row(*row[:6])
         out.append(delta)
     problems = []
     if metrics.get("n_skipped"):
@@ -189,95 +250,23 @@ def markdown_report(metrics: dict) -> str:
             "from a stratified bootstrap.\n"
         ),
         "## Per question type\n",
-        _md_table(
-            ["type", "n", "strict", f"strict {ci}", "tolerant", f"tolerant {ci}", "set F1", "Jaccard"],
-            [
-                [
-                    r["type"],
-                    str(r["n"]),
-                    fmt_pct(r["strict"]),
-                    fmt_ci(r["strict_ci"]),
-                    fmt_pct(r["tolerant"]),
-                    fmt_ci(r["tolerant_ci"]),
-                    fmt_pct(r["set_f1"]),
-                    fmt_pct(r["jaccard"]),
-                ]
-                for r in per_type_rows(metrics)
-            ],
-        ),
+        _md_table(*_per_type_table(metrics, f"strict {ci}", f"tolerant {ci}")),
     ]
-    overall = metrics["overall"]
     parts += [
         "\n## Overall\n",
         _md_table(
             ["average", "strict", f"strict {ci}", "tolerant", f"tolerant {ci}"],
-            [
-                [
-                    label,
-                    fmt_pct(overall[f"{label}_strict"]),
-                    fmt_ci(overall[f"{label}_strict_ci"]),
-                    fmt_pct(overall[f"{label}_tolerant"]),
-                    fmt_ci(overall[f"{label}_tolerant_ci"]),
-                ]
-                for label in ("micro", "macro")
-            ],
+            [[label, *row[2:6]] for label, row in zip(("micro", "macro"), _average_rows(metrics))],
         ),
     ]
-    parts += [
-        "\n## Per template\n",
-        _md_table(
-            ["template", "question", "type", "n", "strict", f"strict {ci}", "tolerant", "set F1"],
-            [
-                [
-                    key,
-                    entry.get("question") or "(not a Kvasir template)",
-                    entry.get("question_type") or "",
-                    str(entry["n"]),
-                    fmt_pct(entry["strict"]),
-                    fmt_ci(entry["strict_ci"]),
-                    fmt_pct(entry["tolerant"]),
-                    fmt_pct(entry.get("set_f1")),
-                ]
-                for key, entry in metrics["per_template"].items()
-            ],
-        ),
-    ]
-    parts += [
-        "\n## Text metrics (raw predictions, 0-1)\n",
-        _md_table(
-            ["metric", "value"], [[name, fmt_number(value)] for name, value in _text_metric_items(metrics)]
-        ),
-    ]
+    parts += ["\n## Per template\n", _md_table(*_per_template_table(metrics, f"strict {ci}"))]
+    parts += ["\n## Text metrics (raw predictions, 0-1)\n", _md_table(*_text_metrics_table(metrics))]
     baseline = metrics.get("baseline")
     if baseline and baseline.get("per_type"):
         parts += [
             f"\n## Run vs baseline ({baseline['n_paired']} paired ids)\n",
-            _md_table(
-                [
-                    "type",
-                    "n",
-                    "baseline strict",
-                    "run strict",
-                    "delta",
-                    f"paired {ci}",
-                    "delta tolerant",
-                    f"paired {ci} ",
-                ],
-                [
-                    [
-                        name,
-                        str(e["n"]),
-                        fmt_pct(e["baseline_strict"]),
-                        fmt_pct(e["run_strict"]),
-                        fmt_delta(e["delta_strict"]),
-                        fmt_ci(e["delta_strict_ci"]),
-                        fmt_delta(e["delta_tolerant"]),
-                        fmt_ci(e["delta_tolerant_ci"]),
-                    ]
-                    for name in TABLE_TYPES
-                    if (e := baseline["per_type"].get(name)) and e["n"]
-                ],
-            ),
+            # the second interval header ends in a space, as in earlier reports
+            _md_table(*_baseline_table(baseline, f"paired {ci}", f"paired {ci} ")),
         ]
     if metrics.get("skipped"):
         parts += [
@@ -622,7 +611,6 @@ def render_html(
         + "</div>"
     )
 
-    rows = per_type_rows(metrics)
     settings = metrics.get("settings", {})
     out.append(
         f'<h2>Per question type</h2><p class="meta">Accuracy in %, {ci} from a stratified bootstrap '
@@ -630,42 +618,12 @@ def render_html(
         f"{settings.get('size_tolerance_mm', '?')} mm, count within {settings.get('count_tolerance', '?')}; "
         "see docs/metrics.md.</p>"
     )
-    table_rows = [
-        [
-            r["type"],
-            str(r["n"]),
-            fmt_pct(r["strict"]),
-            fmt_ci(r["strict_ci"]),
-            fmt_pct(r["tolerant"]),
-            fmt_ci(r["tolerant_ci"]),
-            fmt_pct(r["set_f1"]),
-            fmt_pct(r["jaccard"]),
-        ]
-        for r in rows
-    ]
-    aggregate_at = [i for i, r in enumerate(rows) if r["type"] == CLOSED_ALL]
-    for label in ("micro", "macro"):
+    header, table_rows = _per_type_table(metrics, ci, ci)
+    aggregate_at = [i for i, row in enumerate(table_rows) if row[0] == CLOSED_ALL]
+    for row in _average_rows(metrics):
         aggregate_at.append(len(table_rows))
-        table_rows.append(
-            [
-                f"{label} average",
-                str(overall["n"]) if label == "micro" else "",
-                fmt_pct(overall[f"{label}_strict"]),
-                fmt_ci(overall[f"{label}_strict_ci"]),
-                fmt_pct(overall[f"{label}_tolerant"]),
-                fmt_ci(overall[f"{label}_tolerant_ci"]),
-                "",
-                "",
-            ]
-        )
-    out.append(
-        _html_table(
-            ["type", "n", "strict", ci, "tolerant", ci, "set F1", "Jaccard"],
-            table_rows,
-            table_id="per-type-table",
-            aggregate_rows=aggregate_at,
-        )
-    )
+        table_rows.append(row)
+    out.append(_html_table(header, table_rows, table_id="per-type-table", aggregate_rows=aggregate_at))
     if "per_type" in plots:
         uri = _png_uri(plots["per_type"])
         out.append(f'<img class="plot" id="plot-per-type" alt="accuracy per type" src="{uri}">')
@@ -677,26 +635,7 @@ def render_html(
             f"({baseline['n_run_only']} only in the run, {baseline['n_baseline_only']} only in the "
             f"baseline); deltas in points with paired bootstrap {ci}.</p>"
         )
-        out.append(
-            _html_table(
-                ["type", "n", "baseline strict", "run strict", "delta", ci, "delta tolerant", ci],
-                [
-                    [
-                        name,
-                        str(e["n"]),
-                        fmt_pct(e["baseline_strict"]),
-                        fmt_pct(e["run_strict"]),
-                        fmt_delta(e["delta_strict"]),
-                        fmt_ci(e["delta_strict_ci"]),
-                        fmt_delta(e["delta_tolerant"]),
-                        fmt_ci(e["delta_tolerant_ci"]),
-                    ]
-                    for name in TABLE_TYPES
-                    if (e := baseline["per_type"].get(name)) and e["n"]
-                ],
-                table_id="baseline-table",
-            )
-        )
+        out.append(_html_table(*_baseline_table(baseline, ci, ci), table_id="baseline-table"))
         if "baseline" in plots:
             out.append(
                 f'<img class="plot" id="plot-baseline" alt="baseline vs run" '
@@ -705,37 +644,14 @@ def render_html(
 
     out.append("<h2>Per template</h2>")
     out.append(
-        _html_table(
-            ["template", "question", "type", "n", "strict", ci, "tolerant", "set F1"],
-            [
-                [
-                    key,
-                    entry.get("question") or "(not a Kvasir template)",
-                    entry.get("question_type") or "",
-                    str(entry["n"]),
-                    fmt_pct(entry["strict"]),
-                    fmt_ci(entry["strict_ci"]),
-                    fmt_pct(entry["tolerant"]),
-                    fmt_pct(entry.get("set_f1")),
-                ]
-                for key, entry in metrics["per_template"].items()
-            ],
-            table_id="per-template-table",
-            text_columns=(0, 1, 2),
-        )
+        _html_table(*_per_template_table(metrics, ci), table_id="per-template-table", text_columns=(0, 1, 2))
     )
 
     out.append(
         '<h2>Text metrics</h2><p class="meta">On the raw model text against one reference each '
         "(BLEU-4 corpus, ROUGE F-measure and METEOR 1.5 averaged over samples), 0-1.</p>"
     )
-    out.append(
-        _html_table(
-            ["metric", "value"],
-            [[n, fmt_number(v)] for n, v in _text_metric_items(metrics)],
-            table_id="text-metrics-table",
-        )
-    )
+    out.append(_html_table(*_text_metrics_table(metrics), table_id="text-metrics-table"))
 
     confusion_plots = [(t, plots[f"confusion_{t}"]) for t in CLOSED_TYPES if f"confusion_{t}" in plots]
     if confusion_plots:

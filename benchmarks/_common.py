@@ -1,0 +1,44 @@
+"""What the benchmark scripts share: the machine's description, the load average, writing the result.
+
+Imported as ``_common``: running ``python benchmarks/<script>.py`` puts the scripts' folder first on sys.path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+from surgvqa.io import atomic_write_text
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def load_average() -> list[float]:
+    return [round(value, 2) for value in os.getloadavg()]
+
+
+def machine_info(*, with_python: bool = False) -> dict:
+    """CPU model (``model name`` in /proc/cpuinfo), core count, no GPU; the Python version if asked."""
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor() or "unknown",
+    )
+    info: dict[str, Any] = {"cpu": model, "cores": os.cpu_count(), "gpu": None}
+    if with_python:
+        info["python"] = platform.python_version()
+    return info
+
+
+def write_result(name: str, payload: dict, *, indent: int | None = 2) -> dict:
+    """Write ``benchmarks/results/<name>.json`` (temporary file + rename), print the payload as one JSON line
+    and return it."""
+    atomic_write_text(RESULTS / f"{name}.json", json.dumps(payload, indent=indent) + "\n")
+    print(json.dumps(payload))
+    return payload
