@@ -139,15 +139,17 @@ def _selected_gpus(nvml: Any, count: int) -> set[int] | None:
     return chosen or None  # nothing matched (e.g. MIG ids): check every GPU rather than none
 
 
-def _gpu_processes(nvml: Any, handle: Any) -> list[Any]:
+def _gpu_processes(nvml: Any, handle: Any) -> tuple[list[Any], list[str]]:
+    """The processes holding memory on a GPU, and the queries that failed (some GPUs lack graphics queries)."""
     seen: dict[int, Any] = {}
+    failed = []
     for query in (nvml.nvmlDeviceGetComputeRunningProcesses, nvml.nvmlDeviceGetGraphicsRunningProcesses):
         try:
             for process in query(handle) or []:
                 seen.setdefault(process.pid, process)
-        except nvml.NVMLError:
-            continue
-    return list(seen.values())
+        except nvml.NVMLError as exc:
+            failed.append(f"{query.__name__}: {_text(exc)}")
+    return list(seen.values()), failed
 
 
 def check_gpus(report: DoctorReport, nvml: Any | None) -> int:
@@ -199,7 +201,11 @@ def _check_one_gpu(report: DoctorReport, nvml: Any, index: int, selected: set[in
                    "select the GPUs this job may use with CUDA_VISIBLE_DEVICES")
         return
     report.add(name, "ok", f"{model}: {gib(memory.total)} total, {gib(memory.free)} free")
-    for process in _gpu_processes(nvml, handle):
+    processes, failed = _gpu_processes(nvml, handle)
+    if len(failed) == 2:  # neither query answered: other processes cannot be ruled out
+        report.add(f"{name} processes", "warn", "cannot list the processes on this GPU (" + "; ".join(failed) + ")",
+                   "check with nvidia-smi that no other job holds its memory")
+    for process in processes:
         if process.pid == own_pid:
             continue
         used = getattr(process, "usedGpuMemory", None)
