@@ -16,6 +16,7 @@ import os
 import platform
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -31,6 +32,13 @@ from surgvqa.prepare import prepare
 
 RESULTS = Path(__file__).parent / "results"
 MODES = ("generate", "constrained", "rank")
+
+
+@dataclass
+class TrainSummary:
+    model_dir: Path
+    global_step: int
+    final_loss: float | None
 
 
 class WallClockBudget(TrainerCallback):
@@ -72,7 +80,8 @@ def summarise(metrics: dict) -> dict:
     summary = {"per_type": per_type, "per_template": per_template,
                "micro_strict": metrics["overall"]["micro_strict"]}
     if metrics.get("baseline"):
-        summary["vs_baseline"] = {name: {"delta": entry["delta"], "delta_ci": entry["delta_ci"]}
+        summary["vs_baseline"] = {name: {"delta_strict": entry["delta_strict"],
+                                         "delta_strict_ci": entry["delta_strict_ci"]}
                                   for name, entry in metrics["baseline"]["per_type"].items() if entry}
     return summary
 
@@ -83,6 +92,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2000, help="synthetic images (about 8 questions each)")
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench-learn"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override")
+    parser.add_argument("--reuse-model", action="store_true",
+                        help="score the model a previous run of this script trained (its figures come from its log)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -92,15 +103,23 @@ def main() -> None:
                  "train.lr_scheduler=constant", "train.warmup_ratio=0", *args.overrides]
     config = load_config(None, overrides)
     started = time.perf_counter()
-    prepared = prepare(config, quiet=True).prepared_dir
+    if args.reuse_model:
+        prepared = config.run_dir / "prepared"
+        log_rows = [json.loads(line) for line in (config.run_dir / "train_log.jsonl").read_text().splitlines()]
+        final = log_rows[-1]
+        result = TrainSummary(config.run_dir / "model", final["step"], final["train_loss"])
+        train_seconds = final["train_runtime"]
+    else:
+        prepared = prepare(config, quiet=True).prepared_dir
+        from surgvqa.training import train as run_train
 
-    from surgvqa.training import train as run_train
-
-    train_started = time.perf_counter()
-    result = run_train(config, callbacks=[WallClockBudget(args.minutes * 60)])
-    train_seconds = time.perf_counter() - train_started
+        train_started = time.perf_counter()
+        trained = run_train(config, callbacks=[WallClockBudget(args.minutes * 60)])
+        train_seconds = time.perf_counter() - train_started
+        result = TrainSummary(trained.model_dir, trained.global_step, trained.final_loss)
 
     run_dir = config.run_dir
+    (run_dir / "untrained.constrained.jsonl").unlink(missing_ok=True)
     untrained = run_predict(config, mode="constrained", out=run_dir / "untrained.constrained.jsonl",
                             model_path=resolve_model_path(config), quiet=True)
     majority = majority_predictions(prepared, run_dir / "majority.jsonl")
@@ -125,7 +144,9 @@ def main() -> None:
     payload = {
         "benchmark": "learn_synthetic",
         "command": "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/learn_synthetic.py "
-                   + " ".join(f"--{k} {v}" for k, v in (("minutes", args.minutes), ("images", args.images))),
+                   + " ".join(f"--{k} {v}" for k, v in (("minutes", args.minutes), ("images", args.images)))
+                   + "".join(f" --set {item}" for item in args.overrides)
+                   + (" --reuse-model" if args.reuse_model else ""),
         "machine": {"cores": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "gpu": None},
         "date": time.strftime("%Y-%m-%d"),
