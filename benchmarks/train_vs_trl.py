@@ -21,7 +21,7 @@ positions with a label are projected onto the vocabulary) and computes its entro
 Each framework runs in its own child process (so ``ru_maxrss`` is its own peak); ``--repeats N`` alternates N
 runs of each and compares the best (the machine is shared), every run is listed. Children use one torch thread
 (``--threads``): on this shared 2-core machine two intra-op threads per process turn the processor's small ops
-into spin-waits (measured: 40 ms instead of 1.6 ms per encoded sample while a colleague's job ran).
+into spin-waits (measured: 40 ms instead of 1.6 ms per encoded sample while another training job shared the machine).
 
 Why TRL is slow here: on a device without Triton (CPU), TRL 1.16's fused LM head scores *every* position through
 the 151,657-wide vocabulary in torch tiles (``compact = _use_triton(device)`` is False), with entropy and top-1
