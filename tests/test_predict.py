@@ -44,12 +44,6 @@ CANDIDATE_SETS = [
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: one torch thread for the module
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     os.environ["HF_HUB_OFFLINE"] = "1"

@@ -51,12 +51,6 @@ EXPECTED_CHAT = (
 )
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-
-
 @pytest.fixture(scope="module")
 def qwen2_vl_dir(tmp_path_factory) -> Path:
     os.environ["HF_HUB_OFFLINE"] = "1"
