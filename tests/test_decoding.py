@@ -85,9 +85,10 @@ def assert_valid(tokenizer, candidates, multi_label: bool, terminator: int, toke
     labels = text.split("; ")
     valid = {label.strip() for label in candidates}
     assert all(label in valid for label in labels), (text, candidates)
-    assert len(set(labels)) == len(labels), f"repeated label in {text!r}"
+    distinct = labels[:-1] if len(labels) > 1 and labels[-1] in labels[:-1] else labels  # a repeat ends it
+    assert len(set(distinct)) == len(distinct), f"repeated label before the end in {text!r}"
     assert multi_label or len(labels) == 1
-    return labels
+    return distinct
 
 
 @settings(max_examples=200, deadline=None)
@@ -136,25 +137,41 @@ def test_budget_is_the_longest_valid_output(tokenizers):
     assert max_new_tokens(single) == len(tokenizer.encode("short-segment barretts")) + 1
     labels = ["short-segment barretts", "11-20mm", "<5mm", "no"]
     multi = candidate_set(tokenizer, labels, True, terminator)
-    longest = max(len(tokenizer.encode("; ".join([first, *[x for x in labels if x != first]]))) for first in labels)
-    assert max_new_tokens(multi) == longest + 1
+    every_label = max(len(tokenizer.encode("; ".join([first, *[x for x in labels if x != first]])))
+                      for first in labels)
+    closing_repeat = max(len(tokenizer.encode("; " + label, add_special_tokens=False)) for label in labels)
+    assert max_new_tokens(multi) == every_label + closing_repeat + 1
+    # All but the shortest label, then the longest one repeated: longer than every label once, still in budget.
+    repeat_last = tokenizer.encode("short-segment barretts; 11-20mm; <5mm; short-segment barretts")
+    assert every_label + 1 < len(repeat_last) + 1 <= max_new_tokens(multi)
 
 
-def test_matcher_refuses_repeats_and_invalid_tokens(tokenizers):
+def test_a_repeat_can_only_end_the_answer(tokenizers):
     tokenizer, terminator = tokenizers["span"]
-    cs = candidate_set(tokenizer, ["red", "pink"], True, terminator)
+    cs = candidate_set(tokenizer, ["red", "pink", "white"], True, terminator)
+    red = tokenizer.encode(" red", add_special_tokens=False)[0]
     matcher = CandidateMatcher(cs)
     for token in tokenizer.encode("red; pink", add_special_tokens=False):
         matcher.advance(token)
-    assert matcher.allowed() == [terminator]  # both labels used: only the end is left
+    assert terminator in matcher.allowed() and len(matcher.allowed()) == 2  # end, or "; " for the next label
     matcher.advance(terminator)
     assert matcher.done and matcher.labels == ["red", "pink"]
+
     again = CandidateMatcher(cs)
     for token in tokenizer.encode("red;", add_special_tokens=False):
         again.advance(token)
-    assert tokenizer.encode(" red", add_special_tokens=False)[0] not in again.allowed()
+    assert red in again.allowed()  # a repeat is allowed ...
+    again.advance(red)
+    assert again.allowed() == [terminator]  # ... and closes the answer
     with pytest.raises(ValueError):
-        again.advance(tokenizer.encode(" red", add_special_tokens=False)[0])
+        again.advance(tokenizer.encode(";", add_special_tokens=False)[0])
+    again.advance(terminator)
+    assert again.done and again.labels == ["red"]
+
+    every = CandidateMatcher(candidate_set(tokenizer, ["red", "pink"], True, terminator))
+    for token in tokenizer.encode("red; pink", add_special_tokens=False):
+        every.advance(token)
+    assert every.allowed() == [terminator]  # every label used: only the end is left
     with pytest.raises(ValueError):
         CandidateMatcher(candidate_set(tokenizer, ["yes", "no"], False, terminator)).advance(terminator)
 

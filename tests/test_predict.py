@@ -138,9 +138,10 @@ def readable(records: list[Record], base: Path) -> list[Record]:
 def assert_valid_closed(record: Record, raw_text: str, prediction: str) -> None:
     labels = raw_text.split("; ")
     assert all(label in record.candidates for label in labels), (raw_text, record.candidates)
-    assert len(set(labels)) == len(labels), f"repeat in {raw_text!r}"
+    distinct = labels[:-1] if len(labels) > 1 and labels[-1] in labels[:-1] else labels  # a repeat ends it
+    assert len(set(distinct)) == len(distinct), f"repeat before the end in {raw_text!r}"
     assert record.multi_label or len(labels) == 1
-    assert prediction == "; ".join(sorted(labels))
+    assert prediction == "; ".join(sorted(distinct))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -167,7 +168,7 @@ def test_rank_picks_the_best_log_likelihood_of_an_independent_forward(predictor,
     pred = predictor(strategy)
     records = [r for r in readable(make_records(8, "k", open_ended=False), prepared)]
     features = [pred.encode(r) for r in records]
-    outcomes = pred.predict_rank(records, features)
+    outcomes = pred.rank_by_likelihood(records, features)  # multi-label records too: every label is scored
     for record, feature, outcome in zip(records, features, outcomes):
         reference = {}
         for label in dict.fromkeys(record.candidates):
@@ -203,22 +204,39 @@ def test_batched_equals_unbatched(predictor, prepared):
     for i, outcome in zip(closed, ranked):
         alone = pred.predict_rank([records[i]], [features[i]])[0]
         assert outcome.raw_text == alone.raw_text
-        for label, score in outcome.scores.items():
+        for label, score in (outcome.scores or {}).items():  # multi-label rows are decoded, not scored
             assert score["sum"] == pytest.approx(alone.scores[label]["sum"], abs=1e-4)
+
+
+def test_rank_decodes_multi_label_sets_through_the_trie_by_default(predictor, prepared):
+    pred = predictor("span")
+    records = [r for r in readable(make_records(16, "m"), prepared) if is_closed(r)]
+    assert any(r.multi_label for r in records) and not all(r.multi_label for r in records)
+    features = [pred.encode(r) for r in records]
+    ranked = pred.predict_rank(records, features)
+    constrained = pred.predict_constrained([r for r in records if r.multi_label],
+                                           [f for r, f in zip(records, features) if r.multi_label])
+    assert [o.raw_text for r, o in zip(records, ranked) if r.multi_label] == [o.raw_text for o in constrained]
+    for record, outcome in zip(records, ranked):
+        assert outcome.method == ("constrained" if record.multi_label else "rank")
+        assert (outcome.scores is None) == record.multi_label  # single-label rows keep their candidate scores
+        assert_valid_closed(record, outcome.raw_text, outcome.prediction)
 
 
 def test_rank_multi_label_threshold(predictor, prepared, tiny_dir, tmp_path):
     pred = predictor("span")
     records = [r for r in readable(make_records(16, "m"), prepared) if r.multi_label]
     features = [pred.encode(r) for r in records]
+    pred.config.predict.multi_label_rank = "threshold"
     pred.threshold = -1e9
     try:
         for record, outcome in zip(records, pred.predict_rank(records, features)):
             assert sorted(outcome.raw_text.split("; ")) == sorted(set(record.candidates))
     finally:
         pred.threshold = None
+        pred.config.predict.multi_label_rank = "constrained"
     # No configured threshold: calibrated on the validation split and cached in the run directory.
-    config = make_config(tmp_path, tiny_dir, "span")
+    config = make_config(tmp_path, tiny_dir, "span", "predict.multi_label_rank=threshold")
     out = run_predict(config, "rank", prepared / "test.jsonl", quiet=True)
     cached = json.loads((config.run_dir / "rank_threshold.json").read_text())
     assert cached["records"] == 6 and "threshold" in cached
@@ -295,7 +313,8 @@ def test_two_processes_shard_and_merge_in_input_order(tiny_dir, prepared, tmp_pa
     """torchrun, 2 CPU processes (gloo): each rank predicts records[rank::2]; rank 0 merges in input order."""
     out = tmp_path / "multi" / "preds.jsonl"
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "surgvqa",
-            "predict", *_cli_settings(tmp_path, tiny_dir, 4), "--mode", "rank",
+            "predict", *_cli_settings(tmp_path, tiny_dir, 4), "--set", "predict.multi_label_rank=threshold",
+            "--mode", "rank",
             "--data", str(prepared / "test.jsonl"), "--out", str(out)]
     result = subprocess.run(args, check=False, env=_env(), capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -303,7 +322,8 @@ def test_two_processes_shard_and_merge_in_input_order(tiny_dir, prepared, tmp_pa
     assert [row["id"] for row in rows] == [f"t{i:03d}" for i in range(20)]
     assert not list(out.parent.glob("preds.rank*.jsonl"))
     assert (tmp_path / "r" / "rank_threshold.json").is_file()  # calibrated once, by rank 0, used by both
-    single = run_predict(make_config(tmp_path, tiny_dir, "span"), "rank", prepared / "test.jsonl",
+    single = run_predict(make_config(tmp_path, tiny_dir, "span", "predict.multi_label_rank=threshold"), "rank",
+                         prepared / "test.jsonl",
                          tmp_path / "single.jsonl", quiet=True)
     assert [(r["raw_text"], r["error"] is None) for r in rows] == \
         [(r["raw_text"], r["error"] is None) for r in read_done(single)]

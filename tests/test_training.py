@@ -93,6 +93,34 @@ def test_lora_trains_adapter_only_and_round_trips(tiny_model_dir, prepared_demo,
     assert torch.allclose(_logits(merged, batch), expected, atol=1e-4)
 
 
+def test_vision_lr_puts_the_vision_tower_in_its_own_groups_and_the_schedule_scales_both(
+        tiny_model_dir, prepared_demo, tmp_path):
+    config = load_config(None, ["train.lr=1e-3", "train.vision_lr=2e-4", "train.weight_decay=0.1",
+                                "train.warmup_ratio=0.5", f"model.name_or_path={tiny_model_dir}"])
+    processor = load_processor(str(tiny_model_dir), config.model)
+    model = build_model_for_training(config, str(tiny_model_dir), processor)
+    dataset = VQADataset.from_jsonl(prepared_demo / "train.jsonl", processor, config.prompt, config.masking, limit=8)
+    args = training_arguments(config, tmp_path / "ckpt", max_steps=4, batch_size=4, grad_accum=1, save=False,
+                              report_tensorboard=False)
+    trainer = SupervisedOnlyTrainer(model=model, args=args, train_dataset=dataset, vision_lr=config.train.vision_lr,
+                                    data_collator=TrainingCollator(processor.tokenizer.pad_token_id))
+    trainer.create_optimizer_and_scheduler(num_training_steps=4)
+    rate_of = {id(p): (group["initial_lr"], group["weight_decay"]) for group in trainer.optimizer.param_groups
+               for p in group["params"]}
+    named = dict(model.named_parameters())
+    assert len(rate_of) == sum(1 for p in named.values() if p.requires_grad)  # every trainable weight, once
+    for name, parameter in named.items():
+        lr, _ = rate_of[id(parameter)]
+        assert lr == pytest.approx(2e-4 if name.startswith("model.visual.") else 1e-3), name
+    assert rate_of[id(named["model.visual.patch_embed.proj.weight"])][1] == 0.1
+    assert rate_of[id(named["model.visual.merger.ln_q.bias"])][1] == 0.0  # no decay on biases and norms
+    assert trainer.optimizer.param_groups[0]["initial_lr"] == pytest.approx(1e-3)  # the logged rate is train.lr
+    trainer.optimizer.step()  # no gradients yet: moves nothing, keeps the optimizer-then-scheduler order
+    trainer.lr_scheduler.step()  # one step into a two-step warmup: both rates at half
+    rates = sorted({group["lr"] for group in trainer.optimizer.param_groups})
+    assert rates == pytest.approx([1e-4, 5e-4])
+
+
 def test_qwen2_5_vl_trains_one_step_and_generates(session_cache, tmp_path):
     from surgvqa.data.synthetic import make_synthetic
     from surgvqa.prepare import prepare

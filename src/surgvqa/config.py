@@ -113,6 +113,8 @@ class TrainConfig(_Section):
     epochs: float = Field(1.0, gt=0)
     max_steps: int = -1  # > 0 overrides epochs
     lr: float = Field(2e-4, gt=0)
+    # The vision tower and its merger (ms-swift's vit_lr); None: train.lr.
+    vision_lr: float | None = Field(None, gt=0)
     weight_decay: float = 0.0
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     lr_scheduler: str = "cosine"
@@ -120,7 +122,9 @@ class TrainConfig(_Section):
     save_steps: int = Field(200, gt=0)
     save_total_limit: int = Field(2, gt=0)
     logging_steps: int = Field(10, gt=0)
-    group_by_length: bool = True
+    # Off by default: on templated VQA, a length group is a template group, so batches hold one question type
+    # each and the model chases the last one it saw (docs/benchmarks.md, learning benchmark).
+    group_by_length: bool = False
     num_workers: int = Field(0, ge=0)
     seed: int = 42
 
@@ -139,7 +143,11 @@ class PredictConfig(_Section):
     batch_size: int = Field(8, gt=0)
     split: Literal["train", "val", "test"] = "test"
     max_new_tokens_open: int = Field(64, gt=0)
-    multi_label_threshold: float | None = None  # rank mode; None: calibrated on the validation split
+    # rank mode, multi-label records: "constrained" decodes the set through the candidate trie (a label's score
+    # as the whole answer says little about its membership of a set, and 2^n subsets cannot all be scored);
+    # "threshold" adds every label whose per-token score passes multi_label_threshold.
+    multi_label_rank: Literal["constrained", "threshold"] = "constrained"
+    multi_label_threshold: float | None = None  # "threshold" only; None: calibrated on the validation split
 
 
 class EvaluateConfig(_Section):

@@ -3,9 +3,12 @@
 Why a token trie of our own and not xgrammar (which is installed, and whose HF ``LogitsProcessor`` does accept
 one compiled grammar per batch row):
 
-- **No repeats, enforced, not patched afterwards.** A multi-label answer is a set: ``"red; pink; red"`` must be
-  impossible. An EBNF can only forbid repeats by enumerating orderings (9 grid cells: ~10^6 of them); the trie
-  state simply remembers which labels are used, so greedy decoding never spends its steps on a repeat.
+- **A repeat ends the answer.** A multi-label answer is a set. A small model that has listed every label it sees
+  tends to repeat one rather than close the list; forbidding the repeat would force a label it does not see
+  (measured on the learning benchmark: colour sets lost to free generation). So a label already used may be
+  written once more and then only the end token is allowed; the set is unchanged. An EBNF can only express "no
+  repeat except as the last item" by enumerating orderings (9 grid cells: ~10^6 of them); the trie state simply
+  remembers which labels are used.
 - **Canonical tokenisation only.** A grammar accepts every token path that spells a candidate (``"11-20mm"`` as
   ``1|1|-|2|0|mm`` or any other split); the trie allows exactly the tokenisation the tokenizer produces — the
   one training taught and the one ``rank`` scores — so constrained greedy search and ranking explore the same
@@ -105,19 +108,22 @@ def candidate_set(tokenizer: Any, candidates: Sequence[str], multi_label: bool, 
 
 
 def max_new_tokens(candidates: CandidateSet) -> int:
-    """Tokens of the longest valid output, terminator included: a too-small budget cuts an answer mid-label."""
+    """Tokens of the longest valid output, terminator included: a too-small budget cuts an answer mid-label.
+    Multi-label: every label once, then at most one repeat (which ends the answer)."""
     if not candidates.multi_label or len(candidates.labels) == 1:
         return max(len(tokens) for tokens in candidates.first) + 1
     all_following = sum(len(tokens) for tokens in candidates.following)
-    return max(len(first) + all_following - len(following)
-               for first, following in zip(candidates.first, candidates.following)) + 1
+    distinct = max(len(first) + all_following - len(following)
+                   for first, following in zip(candidates.first, candidates.following))
+    return distinct + max(len(tokens) for tokens in candidates.following) + 1
 
 
 class CandidateMatcher:
     """The state of one row's decoding through its candidate tries.
 
     ``allowed()`` is the exact set of next tokens that keep the output a prefix of a valid answer: a candidate
-    (or several distinct candidates joined by "; " when multi-label) followed by the terminator.
+    (or several distinct candidates joined by "; " when multi-label, optionally closed by one repeat of a label
+    already written) followed by the terminator.
     """
 
     def __init__(self, candidates: CandidateSet):
@@ -139,45 +145,40 @@ class CandidateMatcher:
         self.used: list[int] = []
         self.done = False
 
-    def _completed_label(self) -> int | None:
-        end = self.node.end
-        return end if end is not None and end not in self.used else None
-
-    def _can_follow(self) -> bool:
-        """Whether another label may follow the one just completed (multi-label, and one is left unused)."""
-        return self.following_root is not None and len(self.used) + 1 < len(self.candidates.labels)
+    def _can_follow(self, completed: int) -> bool:
+        """Whether another label may follow the one just completed: multi-label, the completed label is new (a
+        repeat ends the answer), and one is left unused."""
+        return (self.following_root is not None and completed not in self.used
+                and len(self.used) + 1 < len(self.candidates.labels))
 
     def allowed(self) -> list[int]:
         if self.done:
             return []
-        used = set(self.used)
-        tokens = [token for token, child in self.node.children.items() if child.labels - used]
-        completed = self._completed_label()
+        tokens = list(self.node.children)
+        completed = self.node.end
         if completed is not None:
             tokens.append(self.candidates.terminator)
-            if self._can_follow():
-                blocked = used | {completed}
-                tokens.extend(token for token, child in self.following_root.children.items()
-                              if child.labels - blocked)
+            if self._can_follow(completed):
+                tokens.extend(self.following_root.children)
         return tokens
 
     def advance(self, token: int) -> None:
         if self.done:
             raise ValueError("the answer is already complete")
-        used = set(self.used)
         child = self.node.children.get(token)
-        if child is not None and child.labels - used:
+        if child is not None:
             self.node = child
             return
-        completed = self._completed_label()
+        completed = self.node.end
         if completed is not None:
             if token == self.candidates.terminator:
-                self.used.append(completed)
+                if completed not in self.used:
+                    self.used.append(completed)
                 self.done = True
                 return
-            if self._can_follow():
+            if self._can_follow(completed):
                 child = self.following_root.children.get(token)
-                if child is not None and child.labels - used - {completed}:
+                if child is not None:
                     self.used.append(completed)
                     self.node = child
                     return
@@ -185,7 +186,7 @@ class CandidateMatcher:
 
     @property
     def labels(self) -> list[str]:
-        """The labels chosen so far, in output order (complete once ``done``)."""
+        """The distinct labels chosen so far, in output order (complete once ``done``)."""
         return [self.candidates.labels[index] for index in self.used]
 
 

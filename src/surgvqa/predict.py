@@ -6,10 +6,11 @@ Modes (``predict.mode``):
 - ``constrained``: closed-set records decode through their candidate trie (:mod:`surgvqa.decoding`) — always one
   candidate, or distinct candidates joined by "; " when multi-label, then the end token; open-ended records are
   generated freely;
-- ``rank``: every candidate of a closed-set record is scored by its log-likelihood given the prompt (the prompt
-  and image run once, candidates continue from its cache); the best sum wins, and multi-label records add every
-  label whose per-token score passes a threshold (configured, or calibrated on the validation split). Open-ended
-  records are generated freely.
+- ``rank``: every candidate of a single-label closed-set record is scored by its log-likelihood given the prompt
+  (the prompt and image run once, candidates continue from its cache) and the best sum wins. Multi-label records
+  are decoded through their candidate trie as in ``constrained`` (``predict.multi_label_rank``), or, with
+  ``multi_label_rank: threshold``, get the best label plus every label whose per-token score passes a threshold
+  (configured, or calibrated on the validation split). Open-ended records are generated freely.
 
 The prompt is :func:`surgvqa.dataset.encode_prompt`, the training encoding minus the answer. Rows are appended and
 flushed per batch; a rerun skips ids already written (a half-written last line from a killed run is dropped
@@ -207,6 +208,20 @@ class Predictor:
         return [Outcome(text, normalize_answer(text), "constrained") for text in texts]
 
     def predict_rank(self, records: list[Record], features: list[dict]) -> list[Outcome]:
+        if self.config.predict.multi_label_rank == "constrained" and any(r.multi_label for r in records):
+            outcomes: list[Outcome | None] = [None] * len(records)
+            for multi in (True, False):
+                indices = [i for i, record in enumerate(records) if record.multi_label == multi]
+                if not indices:
+                    continue
+                method = self.predict_constrained if multi else self.rank_by_likelihood
+                for index, outcome in zip(indices, method([records[i] for i in indices],
+                                                          [features[i] for i in indices])):
+                    outcomes[index] = outcome
+            return [outcome for outcome in outcomes if outcome is not None]
+        return self.rank_by_likelihood(records, features)
+
+    def rank_by_likelihood(self, records: list[Record], features: list[dict]) -> list[Outcome]:
         sets = [self.candidates(record) for record in records]
         scores = self.score(features, sets)
         outcomes = []
@@ -481,7 +496,8 @@ def run_predict(config: Config, mode: str | None = None, data: Path | None = Non
 
         # Decided from what every rank sees alike, because calibration ends with a barrier.
         scope = records if world > 1 else pending
-        if mode == "rank" and any(is_closed(r) and r.multi_label for r in scope):
+        if mode == "rank" and config.predict.multi_label_rank == "threshold" \
+                and any(is_closed(r) and r.multi_label for r in scope):
             val = data.parent / "val.jsonl"
             val = val if val.is_file() else config.run_dir / "prepared" / "val.jsonl"
             threshold = resolve_threshold(config, get_predictor, model_path, val, rank, world, quiet)

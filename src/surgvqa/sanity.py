@@ -68,6 +68,7 @@ def sanity_overfit(config: Config, *, quiet: bool = False) -> SanityResult:
     (run_dir / "sanity_log.csv").unlink(missing_ok=True)
     trainer = SupervisedOnlyTrainer(model=model, args=args, train_dataset=dataset,
                                     data_collator=TrainingCollator(processor.tokenizer.pad_token_id),
+                                    vision_lr=config.train.vision_lr,
                                     callbacks=[FileLogCallback(run_dir, "sanity_log")])
     trainer.train()
     curve = [(row["step"], row["loss"]) for row in trainer.state.log_history if "loss" in row]

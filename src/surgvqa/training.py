@@ -16,6 +16,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import resource
 import shutil
 import signal
@@ -36,6 +37,8 @@ from surgvqa.modeling import load_model, load_processor, register_sentinel_token
 
 log = logging.getLogger(__name__)
 
+# Qwen2-VL / Qwen2.5-VL keep the vision tower and its merger under `visual`, whatever wraps the model.
+VISION_PARAMETER = re.compile(r"(?:^|\.)visual\.")
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: a checkpoint was saved; rerun with --resume
 
 
@@ -76,9 +79,11 @@ class EpochSeededLengthSampler(LengthGroupedSampler):
 class SupervisedOnlyTrainer(Trainer):
     """HF Trainer with the supervised-positions loss, length grouping from estimates, and throughput logs."""
 
-    def __init__(self, *args: Any, lengths: list[int] | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, lengths: list[int] | None = None, vision_lr: float | None = None,
+                 **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.lengths = lengths
+        self.vision_lr = vision_lr
         # The loss is normalised over the whole accumulated (and device-gathered) batch, as HF's own loss is.
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
@@ -89,6 +94,25 @@ class SupervisedOnlyTrainer(Trainer):
             return super()._get_train_sampler(train_dataset)
         return EpochSeededLengthSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
                                         self.lengths, self.args.seed)
+
+    def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer, with the vision tower (merger included) in groups of its own at vision_lr."""
+        if self.optimizer is None and self.vision_lr is not None:
+            opt_model = self.model if model is None else model
+            decay = set(self.get_decay_parameter_names(opt_model))
+            groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+            for name, parameter in opt_model.named_parameters():
+                if not parameter.requires_grad:
+                    continue
+                lr = self.vision_lr if VISION_PARAMETER.search(name) else self.args.learning_rate
+                groups.setdefault((lr, self.args.weight_decay if name in decay else 0.0), []).append(parameter)
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            # Each group's own lr is the base the scheduler scales, so warmup and decay apply to both rates; the
+            # train.lr groups come first because the logged learning_rate is the first group's.
+            ordered = sorted(groups.items(), key=lambda item: item[0][0] != self.args.learning_rate)
+            self.optimizer = optimizer_cls([{"params": params, "lr": lr, "weight_decay": decay_rate}
+                                            for (lr, decay_rate), params in ordered], **optimizer_kwargs)
+        return super().create_optimizer(model)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         model = model if model is not None else self.model
@@ -307,6 +331,7 @@ def train(config: Config, *, resume: bool = False, callbacks: list[TrainerCallba
         model=model, args=args, train_dataset=dataset,
         data_collator=TrainingCollator(processor.tokenizer.pad_token_id),
         lengths=dataset.lengths(image_tokens) if config.train.group_by_length else None,
+        vision_lr=config.train.vision_lr,
         callbacks=[FileLogCallback(run_dir), preemption, *(callbacks or [])],
     )
     last = latest_complete_checkpoint(checkpoints) if resume else None
