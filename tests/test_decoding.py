@@ -22,6 +22,9 @@ from surgvqa.decoding import (
     CandidateLogitsProcessor,
     CandidateMatcher,
     CandidateScore,
+    answer_meaning,
+    best_label,
+    best_label_pooled,
     calibrate_threshold,
     candidate_set,
     max_new_tokens,
@@ -192,6 +195,21 @@ def test_select_labels_keeps_the_best_and_adds_those_over_threshold():
     assert select_labels(scores, True, math.inf) == [2]
     assert select_labels(scores, True, -0.75) == [2, 0]
     assert select_labels(scores, True, -2.0) == [2, 0, 1]
+
+
+def test_labels_of_one_meaning_pool_their_likelihood():
+    # Measured on the learning benchmark: the probability of ">20mm" was split with the stray ">20".
+    labels = ["none", "5-10mm", ">20mm", ">20"]
+    scores = [CandidateScore(s, s) for s in (-8.0, -1.107, -1.133, -2.882)]
+    assert labels[best_label(scores)] == "5-10mm"
+    meanings = [answer_meaning("size_numeric", label) for label in labels]
+    assert meanings[2] == meanings[3] != meanings[1]
+    assert labels[best_label_pooled(scores, meanings)] == ">20mm"  # the likelier spelling of the pooled answer
+    assert answer_meaning("count_numeric", "3") == 3 and answer_meaning("color", "red") == "red"
+    distinct = [answer_meaning("color", label) for label in ("red", "pink", "white")]
+    for sums in [(-1.0, -2.0, -3.0), (-2.0, -0.5, -0.5), (-4.0, -4.0, -1.0)]:
+        row = [CandidateScore(s, s) for s in sums]
+        assert best_label_pooled(row, distinct) == best_label(row)  # distinct meanings: the plain best sum
 
 
 def test_calibrated_threshold_maximises_set_exact_match():

@@ -34,7 +34,7 @@ import torch
 from transformers import LogitsProcessor
 
 from surgvqa.data.records import Record
-from surgvqa.data.schema import OPEN_ENDED
+from surgvqa.data.schema import COUNT_NUMERIC, OPEN_ENDED, SIZE_NUMERIC, parse_count, parse_size_mm
 
 LABEL_SEPARATOR = "; "
 
@@ -360,6 +360,33 @@ def score_candidates(model: Any, inputs: dict[str, torch.Tensor],
 def best_label(scores: Sequence[CandidateScore]) -> int:
     """The label with the highest log-likelihood (sum; the first on ties, i.e. candidate order)."""
     return max(range(len(scores)), key=lambda index: (scores[index].sum, -index))
+
+
+def answer_meaning(question_type: str, label: str) -> object:
+    """What a label means for scoring: its size interval or count for those types (``">20mm"`` and ``">20"`` are
+    one answer), else the label itself."""
+    meaning: object = None
+    if question_type == SIZE_NUMERIC:
+        meaning = parse_size_mm(label)
+    elif question_type == COUNT_NUMERIC:
+        meaning = parse_count(label)
+    return label if meaning is None else meaning
+
+
+def best_label_pooled(scores: Sequence[CandidateScore], meanings: Sequence[object]) -> int:
+    """The best label when labels with the same meaning pool their likelihood (as greedy decoding pools a shared
+    prefix: ``">20"`` and ``">20mm"`` split one answer's probability, which must not let a third label win):
+    the most likely label of the most likely meaning."""
+    groups: dict[object, list[int]] = {}
+    for index, meaning in enumerate(meanings):
+        groups.setdefault(meaning, []).append(index)
+
+    def pooled(indices: list[int]) -> float:
+        top = max(scores[i].sum for i in indices)
+        return top + math.log(sum(math.exp(scores[i].sum - top) for i in indices))
+
+    best_group = max(groups.values(), key=lambda indices: (pooled(indices), -indices[0]))
+    return max(best_group, key=lambda index: (scores[index].sum, -index))
 
 
 def select_labels(scores: Sequence[CandidateScore], multi_label: bool, threshold: float | None) -> list[int]:

@@ -7,7 +7,8 @@ Modes (``predict.mode``):
   candidate, or distinct candidates joined by "; " when multi-label, then the end token; open-ended records are
   generated freely;
 - ``rank``: every candidate of a single-label closed-set record is scored by its log-likelihood given the prompt
-  (the prompt and image run once, candidates continue from its cache) and the best sum wins. Multi-label records
+  (the prompt and image run once, candidates continue from its cache) and the best sum wins, candidates of the
+  same meaning (``">20mm"`` and ``">20"``) pooled. Multi-label records
   are decoded through their candidate trie as in ``constrained`` (``predict.multi_label_rank``), or, with
   ``multi_label_rank: threshold``, get the best label plus every label whose per-token score passes a threshold
   (configured, or calibrated on the validation split). Open-ended records are generated freely.
@@ -41,6 +42,8 @@ from surgvqa.decoding import (
     CandidateLogitsProcessor,
     CandidateScore,
     CandidateSet,
+    answer_meaning,
+    best_label_pooled,
     calibrate_threshold,
     candidate_set,
     is_closed,
@@ -226,7 +229,11 @@ class Predictor:
         scores = self.score(features, sets)
         outcomes = []
         for record, cs, row in zip(records, sets, scores):
-            chosen = [cs.labels[i] for i in select_labels(row, record.multi_label, self.threshold)]
+            if record.multi_label:
+                chosen = [cs.labels[i] for i in select_labels(row, True, self.threshold)]
+            else:
+                meanings = [answer_meaning(record.question_type, label) for label in cs.labels]
+                chosen = [cs.labels[best_label_pooled(row, meanings)]]
             text = "; ".join(chosen)
             outcomes.append(Outcome(text, normalize_answer(text), "rank",
                                     {label: score.to_json() for label, score in zip(cs.labels, row)}))
