@@ -79,20 +79,17 @@ def main() -> dict:
 
     correct: dict[str, int] = {}
 
-    def by_mode(method: str) -> None:
+    def by_mode(mode: str) -> None:
         hits = 0
         for chunk in pairs:
-            closed = [(r, f) for r, f in chunk if is_closed(r)]
-            free = [(r, f) for r, f in chunk if not is_closed(r)]
-            if closed:
-                runner = {"generate": predictor.predict_free, "constrained": predictor.predict_constrained,
-                          "rank": predictor.predict_rank}[method]
-                outcomes = runner([r for r, _ in closed], [f for _, f in closed])
+            groups: dict[str, list] = {}
+            for record, feature in chunk:  # as Predictor.predict_batch groups, minus its encoding
+                groups.setdefault(predictor.method_for(record, mode), []).append((record, feature))
+            for method, rows in groups.items():
+                outcomes = predictor.runner(method)([r for r, _ in rows], [f for _, f in rows])
                 hits += sum(score_answer(r.question_type, r.answer, o.prediction or "").strict
-                            for (r, _), o in zip(closed, outcomes))
-            if free:
-                predictor.predict_free([r for r, _ in free], [f for _, f in free])
-        correct[method] = hits
+                            for (r, _), o in zip(rows, outcomes) if is_closed(r))
+        correct[mode] = hits
 
     runs = {"forward": lambda: forward(0), "forward_last_logit": lambda: forward(1),
             "generate": lambda: by_mode("generate"), "constrained": lambda: by_mode("constrained"),

@@ -168,7 +168,7 @@ def test_rank_picks_the_best_log_likelihood_of_an_independent_forward(predictor,
     pred = predictor(strategy)
     records = [r for r in readable(make_records(8, "k", open_ended=False), prepared)]
     features = [pred.encode(r) for r in records]
-    outcomes = pred.rank_by_likelihood(records, features)  # multi-label records too: every label is scored
+    outcomes = pred.predict_rank(records, features)  # multi-label records too: every label is scored
     for record, feature, outcome in zip(records, features, outcomes):
         reference = {}
         for label in dict.fromkeys(record.candidates):
@@ -204,7 +204,7 @@ def test_batched_equals_unbatched(predictor, prepared):
     for i, outcome in zip(closed, ranked):
         alone = pred.predict_rank([records[i]], [features[i]])[0]
         assert outcome.raw_text == alone.raw_text
-        for label, score in (outcome.scores or {}).items():  # multi-label rows are decoded, not scored
+        for label, score in outcome.scores.items():
             assert score["sum"] == pytest.approx(alone.scores[label]["sum"], abs=1e-4)
 
 
@@ -213,7 +213,7 @@ def test_rank_decodes_multi_label_sets_through_the_trie_by_default(predictor, pr
     records = [r for r in readable(make_records(16, "m"), prepared) if is_closed(r)]
     assert any(r.multi_label for r in records) and not all(r.multi_label for r in records)
     features = [pred.encode(r) for r in records]
-    ranked = pred.predict_rank(records, features)
+    ranked = pred.predict_batch(records, "rank")
     constrained = pred.predict_constrained([r for r in records if r.multi_label],
                                            [f for r, f in zip(records, features) if r.multi_label])
     assert [o.raw_text for r, o in zip(records, ranked) if r.multi_label] == [o.raw_text for o in constrained]

@@ -211,20 +211,6 @@ class Predictor:
         return [Outcome(text, normalize_answer(text), "constrained") for text in texts]
 
     def predict_rank(self, records: list[Record], features: list[dict]) -> list[Outcome]:
-        if self.config.predict.multi_label_rank == "constrained" and any(r.multi_label for r in records):
-            outcomes: list[Outcome | None] = [None] * len(records)
-            for multi in (True, False):
-                indices = [i for i, record in enumerate(records) if record.multi_label == multi]
-                if not indices:
-                    continue
-                method = self.predict_constrained if multi else self.rank_by_likelihood
-                for index, outcome in zip(indices, method([records[i] for i in indices],
-                                                          [features[i] for i in indices])):
-                    outcomes[index] = outcome
-            return [outcome for outcome in outcomes if outcome is not None]
-        return self.rank_by_likelihood(records, features)
-
-    def rank_by_likelihood(self, records: list[Record], features: list[dict]) -> list[Outcome]:
         sets = [self.candidates(record) for record in records]
         scores = self.score(features, sets)
         outcomes = []
@@ -242,6 +228,19 @@ class Predictor:
     def score(self, features: list[dict], sets: Sequence[CandidateSet]) -> list[list[CandidateScore]]:
         return score_candidates(self.model, self.batch(features), [cs.sequences for cs in sets])
 
+    def method_for(self, record: Record, mode: str) -> str:
+        """How ``mode`` answers this record: open questions are generated freely, and in rank mode a multi-label
+        set is decoded through the trie unless ``predict.multi_label_rank`` is "threshold"."""
+        if mode == "generate" or not is_closed(record):
+            return "generate"
+        if mode == "rank" and record.multi_label and self.config.predict.multi_label_rank == "constrained":
+            return "constrained"
+        return mode
+
+    def runner(self, method: str) -> Callable[[list[Record], list[dict]], list[Outcome]]:
+        return {"generate": self.predict_free, "constrained": self.predict_constrained,
+                "rank": self.predict_rank}[method]
+
     def predict_batch(self, records: list[Record], mode: str) -> list[Outcome]:
         """One outcome per record; a record that fails (unreadable image, over-long prompt, ...) gets its error
         and the others go on."""
@@ -254,12 +253,10 @@ class Predictor:
                 outcomes[index] = Outcome(error=f"{type(exc).__name__}: {exc}")
         groups: dict[str, list[int]] = {}
         for index in features:
-            closed = mode != "generate" and is_closed(records[index])
-            groups.setdefault(mode if closed else "generate", []).append(index)
-        runners: dict[str, Callable[[list[Record], list[dict]], list[Outcome]]] = {
-            "generate": self.predict_free, "constrained": self.predict_constrained, "rank": self.predict_rank}
+            groups.setdefault(self.method_for(records[index], mode), []).append(index)
         for method, indices in groups.items():
-            for index, outcome in zip(indices, self._run_isolated(runners[method], records, features, indices)):
+            runner = self.runner(method)
+            for index, outcome in zip(indices, self._run_isolated(runner, records, features, indices)):
                 outcomes[index] = outcome
         return [outcome for outcome in outcomes if outcome is not None]
 
