@@ -1,30 +1,72 @@
 """Crash-safe file writing and JSON-lines reading shared by every stage.
 
-Results are written to a temporary file in the same folder and renamed, so an interrupted run never leaves a
-half-written config, table or report behind; append-only logs (predictions) flush per batch instead.
+Every file the tool writes is written beside its target, flushed to disk and renamed over it, so a kill at any
+instant leaves either the old or the new complete version; a directory is swapped the same way (the old one is
+renamed aside first and deleted after). A full disk or a file-size limit while writing is one clear
+:class:`WriteError`, and the previous content stays as it was.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+_NO_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+class WriteError(OSError):
+    """A file could not be written (full disk, file-size limit, read-only folder); the old content is intact."""
+
+
+def describe_write_failure(path: Path, exc: OSError) -> str:
+    if exc.errno in _NO_SPACE:
+        why = "no space left or file-size limit reached"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why = "permission denied (read-only folder?)"
+    else:
+        why = exc.strerror or str(exc)
+    return f"cannot write {path}: {why}; its previous content is unchanged"
+
+
+def _fsync_directory(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some filesystems do not open directories; the rename is still atomic there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # fsync on a directory is advisory on some filesystems
+    finally:
+        os.close(fd)
+
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise WriteError(describe_write_failure(path, exc)) from None
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise WriteError(describe_write_failure(path, exc)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_directory(path.parent)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -40,6 +82,56 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
     lines = [json.dumps(row, ensure_ascii=False) for row in rows]
     atomic_write_text(path, "".join(line + "\n" for line in lines))
     return len(lines)
+
+
+def append_lines(handle: Any, lines: Iterable[str], path: Path) -> None:
+    """Append whole lines to an open text file and force them to disk; a full disk is a :class:`WriteError`.
+
+    The lines are written in one call and flushed, so a kill leaves at most one torn last line, which the
+    reader of an append-only file drops (see ``predict.read_done``).
+    """
+    try:
+        handle.write("".join(lines))
+        handle.flush()
+        os.fsync(handle.fileno())
+    except OSError as exc:
+        raise WriteError(describe_write_failure(path, exc)) from None
+
+
+def _aside(target: Path) -> Path:
+    return target.with_name(f".{target.name}.old")
+
+
+def replace_directory(staged: str | Path, target: str | Path) -> Path:
+    """Swap a finished directory in for ``target``: the old one is renamed aside, the new one renamed in, and
+    only then is the old one deleted. A kill at any instant leaves the old or the new complete directory (a
+    kill between the two renames leaves the old one aside, which :func:`recover_directory` puts back)."""
+    staged, target = Path(staged), Path(target)
+    aside = _aside(target)
+    if aside.exists() and target.exists():
+        shutil.rmtree(aside)  # a previous swap finished its renames but was killed while deleting
+    try:
+        if target.exists():
+            os.replace(target, aside)
+        os.replace(staged, target)
+    except OSError as exc:
+        recover_directory(target)
+        raise WriteError(describe_write_failure(target, exc)) from None
+    _fsync_directory(target.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+    return target
+
+
+def recover_directory(target: str | Path) -> bool:
+    """Put back a directory that an interrupted :func:`replace_directory` left aside; True if it did."""
+    target = Path(target)
+    aside = _aside(target)
+    if aside.is_dir() and not target.exists():
+        os.replace(aside, target)
+        return True
+    if aside.is_dir():
+        shutil.rmtree(aside, ignore_errors=True)
+    return False
 
 
 class JsonlLineError(ValueError):
