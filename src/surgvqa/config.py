@@ -6,8 +6,13 @@ config (``lora.aplha``) costs a whole GPU run.
 
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
+import importlib.util
 import json
+import re
+import string
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +29,60 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# A run name is a folder name and part of every SLURM job name: no path separators, spaces or shell syntax.
+RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+# SLURM partitions (comma-separated list) and accounts: plain names.
+SLURM_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*")
+SLURM_MEM_PATTERN = re.compile(r"\d+[KMGT]?")
+# sbatch --time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, or no limit.
+SLURM_TIME_PATTERN = re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}|UNLIMITED|unlimited|infinite")
+# One sbatch option per entry. The value may hold SLURM's own syntax (a100|h100, node[1-4], a@b.c) but nothing that
+# ends or splits an #SBATCH line (whitespace, '#', quotes, backslash) or that a shell would expand.
+SBATCH_OPTION_PATTERN = re.compile(r"--[A-Za-z][A-Za-z0-9-]*(=[^\s#'\"\\$`;<>()]+)?")
+
+
+def _reject_control_characters(value: str, what: str) -> str:
+    if any(ord(char) < 32 or ord(char) == 127 for char in value):
+        raise ValueError(f"{what} must be one line without control characters (got {value!r})")
+    return value
+
+
+def _template_fields(template: str) -> set[str]:
+    """The ``{field}`` names a str.format template uses; a malformed template (a lone brace) is an error."""
+    try:
+        return {field.split(".")[0].split("[")[0] for _, field, _, _ in string.Formatter().parse(template)
+                if field is not None}
+    except ValueError as exc:
+        raise ValueError(f"not a valid format template ({exc}; write a literal brace as {{{{ or }}}})") from None
+
+
+# Schedulers that stop at their first step without settings the training arguments here do not pass
+# (lr_scheduler_kwargs, an evaluation strategy): refused at load rather than after the gates.
+SCHEDULERS_NEEDING_SETTINGS = {
+    "cosine_with_min_lr": "min_lr", "cosine_warmup_with_min_lr": "min_lr",
+    "warmup_stable_decay": "num_decay_steps", "reduce_lr_on_plateau": "an evaluation strategy",
+}
+
+
+@functools.cache
+def lr_scheduler_names() -> tuple[str, ...]:
+    """transformers' ``SchedulerType`` values: what ``TrainingArguments.lr_scheduler_type`` accepts."""
+    # transformers.trainer_utils imports torch (several seconds); every command loads a config, so the enum's values
+    # are read from the module's source. Should its layout ever change, import the enum after all.
+    spec = importlib.util.find_spec("transformers.trainer_utils")
+    if spec is not None and spec.origin:
+        tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+        for node in tree.body:
+            if isinstance(node, ast.ClassDef) and node.name == "SchedulerType":
+                names = tuple(item.value.value for item in node.body if isinstance(item, ast.Assign)
+                              and isinstance(item.value, ast.Constant) and isinstance(item.value.value, str))
+                if names:
+                    return names
+    from transformers.trainer_utils import SchedulerType
+
+    return tuple(member.value for member in SchedulerType)
 
 
 class SplitConfig(_Section):
@@ -53,7 +112,7 @@ class DataConfig(_Section):
     format: Literal["auto", "parquet", "save_to_disk", "jsonl", "csv", "hub"] = "auto"
     image_root: str | None = None  # where relative image paths of JSONL/CSV sources resolve; default: the file's folder
     hub_split: str = "raw"
-    max_rows: int | None = None
+    max_rows: int | None = Field(None, gt=0)
     split: SplitConfig = SplitConfig()
     synthetic: SyntheticConfig = SyntheticConfig()
 
@@ -93,6 +152,23 @@ class PromptConfig(_Section):
     candidates_template: str = "\nOptions: {candidates}"
     normalize_targets: bool = True  # teach lower-case answers with multi-label sets in one canonical order
 
+    # The fields chat.user_text fills in; any other {name} would fail with a KeyError at the first sample.
+    @field_validator("user_template")
+    @classmethod
+    def _user_fields_known(cls, value: str) -> str:
+        unknown = _template_fields(value) - {"question_type", "question", "source"}
+        if unknown:
+            raise ValueError(f"unknown field(s) {sorted(unknown)}: use {{question}}, {{question_type}}, {{source}}")
+        return value
+
+    @field_validator("candidates_template")
+    @classmethod
+    def _candidate_fields_known(cls, value: str) -> str:
+        unknown = _template_fields(value) - {"candidates"}
+        if unknown:
+            raise ValueError(f"unknown field(s) {sorted(unknown)}: use {{candidates}}")
+        return value
+
 
 class MaskingConfig(_Section):
     strategy: Literal["span", "sentinel"] = "span"
@@ -101,9 +177,10 @@ class MaskingConfig(_Section):
 
 class LoraConfig(_Section):
     r: int = Field(16, gt=0)
-    alpha: int = 32
+    alpha: int = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                      min_length=1)
     include_vision: bool = False  # also adapt matching modules of the vision tower (off: language model only)
 
 
@@ -111,14 +188,14 @@ class TrainConfig(_Section):
     per_device_batch_size: int = Field(4, gt=0)
     grad_accum: int = Field(16, gt=0)
     epochs: float = Field(1.0, gt=0)
-    max_steps: int = -1  # > 0 overrides epochs
+    max_steps: int = Field(-1, ge=-1)  # > 0 overrides epochs
     lr: float = Field(2e-4, gt=0)
     # The vision tower and its merger (ms-swift's vit_lr); None: train.lr.
     vision_lr: float | None = Field(None, gt=0)
-    weight_decay: float = 0.0
+    weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    lr_scheduler: str = "cosine"
-    max_grad_norm: float = 1.0
+    lr_scheduler: str = "cosine"  # a transformers SchedulerType value
+    max_grad_norm: float = Field(1.0, ge=0)  # 0: no clipping
     save_steps: int = Field(200, gt=0)
     save_total_limit: int = Field(2, gt=0)
     logging_steps: int = Field(10, gt=0)
@@ -128,13 +205,25 @@ class TrainConfig(_Section):
     num_workers: int = Field(0, ge=0)
     seed: int = 42
 
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        # Checked here so that a typo fails at load, not when the Trainer starts after prepare and the gates.
+        usable = [name for name in lr_scheduler_names() if name not in SCHEDULERS_NEEDING_SETTINGS]
+        if value in SCHEDULERS_NEEDING_SETTINGS:
+            raise ValueError(f"{value} needs {SCHEDULERS_NEEDING_SETTINGS[value]}, which the training arguments "
+                             f"do not pass; choose one of {', '.join(usable)}")
+        if value not in lr_scheduler_names():
+            raise ValueError(f"unknown scheduler; choose one of {', '.join(usable)}")
+        return value
+
 
 class SanityConfig(_Section):
     samples: int = Field(64, gt=0)
     max_steps: int = Field(200, gt=0)
-    loss_threshold: float = 2.0
+    loss_threshold: float = Field(2.0, gt=0)
     min_match: float = Field(0.9, ge=0, le=1)
-    lr: float | None = None  # None: train.lr
+    lr: float | None = Field(None, gt=0)  # None: train.lr
     batch_size: int = Field(8, gt=0)
 
 
@@ -147,7 +236,10 @@ class PredictConfig(_Section):
     # as the whole answer says little about its membership of a set, and 2^n subsets cannot all be scored);
     # "threshold" adds every label whose per-token score passes multi_label_threshold.
     multi_label_rank: Literal["constrained", "threshold"] = "constrained"
-    multi_label_threshold: float | None = None  # "threshold" only; None: calibrated on the validation split
+    # "threshold" only: a mean log-probability per token (<= 0); None: calibrated on the validation split.
+    multi_label_threshold: float | None = Field(None, le=0)
+    # The share of rows that may stay in error after retries before `predict` exits 1 and `run` stops.
+    max_error_rate: float = Field(0.0, ge=0, le=1)
 
 
 class EvaluateConfig(_Section):
@@ -167,8 +259,39 @@ class SlurmConfig(_Section):
     cpus_per_task: int = Field(8, gt=0)
     mem: str = "64G"
     time: str = "24:00:00"
-    env_setup: str = "source .venv/bin/activate"
+    env_setup: str = "source .venv/bin/activate"  # shell code by design, written into every script as it is
     extra_sbatch: list[str] = []
+
+    # Every value below lands in an #SBATCH line: a newline in one would start a shell command of its own.
+    @field_validator("partition", "account")
+    @classmethod
+    def _plain_slurm_name(cls, value: str | None) -> str | None:
+        if value is not None and not SLURM_NAME_PATTERN.fullmatch(value):
+            raise ValueError("must be a SLURM name (letters, digits, '_', '.', '-'; partitions comma-separated)")
+        return value
+
+    @field_validator("mem")
+    @classmethod
+    def _memory_size(cls, value: str) -> str:
+        if not SLURM_MEM_PATTERN.fullmatch(value):
+            raise ValueError("must be a SLURM memory size like 64G or 16000M")
+        return value
+
+    @field_validator("time")
+    @classmethod
+    def _time_limit(cls, value: str) -> str:
+        if not SLURM_TIME_PATTERN.fullmatch(value):
+            raise ValueError("must be a SLURM time limit like HH:MM:SS or D-HH:MM:SS")
+        return value
+
+    @field_validator("extra_sbatch")
+    @classmethod
+    def _single_options(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if not SBATCH_OPTION_PATTERN.fullmatch(entry):
+                raise ValueError(f"{entry!r} is not one --option or --option=value (no spaces, quotes, '#', "
+                                 "newlines or shell syntax)")
+        return value
 
     @field_validator("time", mode="before")
     @classmethod
@@ -195,6 +318,21 @@ class Config(_Section):
     predict: PredictConfig = PredictConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     slurm: SlurmConfig = SlurmConfig()
+
+    @field_validator("run_name")
+    @classmethod
+    def _folder_and_job_name(cls, value: str) -> str:
+        if not RUN_NAME_PATTERN.fullmatch(value):
+            raise ValueError("must be a folder name of letters, digits, '.', '_', '+', '-' (it names the run "
+                             "directory and the SLURM jobs)")
+        return value
+
+    @field_validator("output_dir", "cache_dir")
+    @classmethod
+    def _one_line_path(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must be a folder path")
+        return _reject_control_characters(value, "a folder path")
 
     @property
     def run_dir(self) -> Path:
@@ -224,7 +362,12 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set {item!r}: empty key")
     # YAML parses the value so that numbers, booleans, null and lists work as they do in the file.
-    return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: the value is not valid YAML ({_describe_yaml_error(exc)}); "
+                          "quote it to pass text") from None
+    return key.split("."), value
 
 
 def _apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
@@ -247,8 +390,31 @@ def _format_validation_error(error: ValidationError, origin: str) -> str:
         if item["type"] == "extra_forbidden":
             problems.append(f"unknown key '{key}'")
         else:
-            problems.append(f"'{key}': {item['msg']} (got {item.get('input')!r})")
+            got = repr(item.get("input"))
+            got = got if len(got) <= 80 else got[:77] + "..."
+            message = item["msg"].removeprefix("Value error, ")
+            problems.append(f"'{key}': {message} (got {got})")
     return f"{origin}: " + "; ".join(problems)
+
+
+def _describe_yaml_error(exc: yaml.YAMLError) -> str:
+    """PyYAML's message spans several lines with a caret drawing; the error line is one line."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        return f"{exc.problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(exc).split())
+
+
+def _read_config_text(config_path: Path) -> str:
+    try:
+        data = config_path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {config_path}: {exc.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{config_path}: not a UTF-8 text file (byte {exc.start} cannot be decoded); "
+                          "is it a binary file?") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -256,10 +422,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     config_path = Path(path) if path is not None else default_config_path()
     if not config_path.is_file():
         raise ConfigError(f"config file not found: {config_path}")
+    text = _read_config_text(config_path)
     try:
-        tree = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+        tree = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{config_path}: not valid YAML ({exc})") from exc
+        raise ConfigError(f"{config_path}: not valid YAML ({_describe_yaml_error(exc)})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{config_path}: the top level must be a mapping of sections")
     for item in overrides or []:
