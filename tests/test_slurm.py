@@ -191,3 +191,60 @@ def test_submit_without_sbatch_fails_clearly(tmp_path, monkeypatch):
     assert result.exit_code == 1
     assert "RUN_ALL.sh failed" in result.output and "sbatch failed for 01_diagnose.sbatch" in result.output
     assert (tmp_path / "runs" / "exp" / "slurm" / "job_ids.txt").read_text() == ""
+
+
+@pytest.mark.parametrize(
+    "yaml_line, key",
+    [
+        ('partition: "gpu\\necho pwned > /tmp/pwned"', "slurm.partition"),
+        ("partition: gpu;reboot", "slurm.partition"),
+        ('account: "proj 42"', "slurm.account"),
+        ('mem: "64G\\ntouch /tmp/pwned"', "slurm.mem"),
+        ("mem: lots", "slurm.mem"),
+        ('time: "24:00:00\\nrm -rf ~"', "slurm.time"),
+        ("time: tomorrow", "slurm.time"),
+        ('extra_sbatch: ["--qos=high\\necho pwned"]', "slurm.extra_sbatch"),
+        ('extra_sbatch: ["--qos=high --mem=1T"]', "slurm.extra_sbatch"),
+        ('extra_sbatch: ["--comment=$(id)"]', "slurm.extra_sbatch"),
+        ('extra_sbatch: ["echo pwned"]', "slurm.extra_sbatch"),
+    ],
+)
+def test_injected_slurm_values_fail_at_load_naming_the_key(tmp_path, monkeypatch, yaml_line, key):
+    monkeypatch.chdir(tmp_path)
+    config_file = tmp_path / "evil.yaml"
+    config_file.write_text(f"run_name: exp\noutput_dir: {tmp_path / 'runs'}\nslurm:\n  {yaml_line}\n")
+    result = CliRunner().invoke(app, ["slurm", "--config", str(config_file)])
+    assert result.exit_code == 2, result.output
+    assert f"'{key}'" in result.output and result.output.startswith("error: ")
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()  # refused before anything is written
+
+
+def test_run_name_with_a_newline_never_reaches_a_script(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config_file = tmp_path / "evil.yaml"
+    config_file.write_text('run_name: "exp\\ntouch pwned"\n')
+    result = CliRunner().invoke(app, ["slurm", "--config", str(config_file), "--set", f"output_dir={tmp_path}"])
+    assert result.exit_code == 2 and "'run_name'" in result.output
+    assert list(tmp_path.iterdir()) == [config_file]
+
+
+def test_slurm_spellings_of_time_memory_and_options_are_accepted(tmp_path, monkeypatch):
+    scripts = render(tmp_path, monkeypatch, "slurm.time=2-00:00:00", "slurm.mem=16000M", "slurm.partition=a100,h100",
+                     "slurm.extra_sbatch=['--constraint=a100|h100', --exclusive, --mail-user=me@lab.org]")
+    text = scripts["03_train.sbatch"].read_text()
+    for line in ("--time=2-00:00:00", "--mem=16000M", "--partition=a100,h100", "--constraint=a100|h100",
+                 "--exclusive", "--mail-user=me@lab.org"):
+        assert f"#SBATCH {line}\n" in text, line
+
+
+def test_log_paths_with_spaces_and_hashes_stay_one_sbatch_argument(tmp_path, monkeypatch):
+    # sbatch splits #SBATCH lines at whitespace and cuts them at '#', but honours double quotes.
+    workdir = tmp_path / "lab #2 runs"
+    scripts = render(workdir, monkeypatch, f"output_dir='{workdir / 'runs'}'")  # quoted: YAML reads ' #' as a comment
+    logs = workdir / "runs" / "exp" / "logs"
+    text = scripts["01_diagnose.sbatch"].read_text()
+    assert f'#SBATCH --output="{logs}/%x-%j.out"\n' in text and f'#SBATCH --error="{logs}/%x-%j.err"\n' in text
+    result = subprocess.run([shellcheck_binary(), "--shell=bash", str(scripts["01_diagnose.sbatch"])],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout

@@ -48,6 +48,17 @@ def _write_executable(path: Path, text: str) -> None:
         raise
 
 
+def _sbatch_value(text: str) -> str:
+    """``text`` as one argument of an ``#SBATCH`` line.
+
+    sbatch splits directive lines at whitespace, ends them at an unescaped ``#`` and honours double quotes and
+    backslash escapes (its own small parser, not a shell, so shlex.quote's single quotes would stay literal).
+    """
+    if not any(char.isspace() or char in "#\"'\\" for char in text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def _sbatch_header(config: Config, stage: str, logs_dir: Path, *, gpus: int, nodes: int,
                    extra: tuple[str, ...] = ()) -> str:
     slurm = config.slurm
@@ -60,7 +71,8 @@ def _sbatch_header(config: Config, stage: str, logs_dir: Path, *, gpus: int, nod
     if gpus > 0:
         lines.append(f"--gres=gpu:{gpus}")
     lines += [f"--cpus-per-task={slurm.cpus_per_task}", f"--mem={slurm.mem}", f"--time={slurm.time}",
-              f"--output={logs_dir}/%x-%j.out", f"--error={logs_dir}/%x-%j.err", *extra, *slurm.extra_sbatch]
+              f"--output={_sbatch_value(f'{logs_dir}/%x-%j.out')}", f"--error={_sbatch_value(f'{logs_dir}/%x-%j.err')}",
+              *extra, *slurm.extra_sbatch]
     return "\n".join(f"#SBATCH {line}" for line in lines)
 
 
