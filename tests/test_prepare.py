@@ -12,6 +12,7 @@ from surgvqa.data.synthetic import make_synthetic
 from surgvqa.prepare import prepare
 
 QUESTION = "Is there text?"
+TINY_MODEL: Path | None = None
 
 
 @pytest.fixture(scope="module")
@@ -19,9 +20,16 @@ def synthetic_parquet(tmp_path_factory) -> Path:
     return make_synthetic(tmp_path_factory.mktemp("synthetic"), images=60, seed=3)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _tiny_model(tiny_model_dir):
+    """prepare loads the model's processor to measure samples; the session's tiny model spares building one."""
+    global TINY_MODEL
+    TINY_MODEL = tiny_model_dir
+
+
 def _config(tmp_path: Path, source: str, *extra: str):
     return load_config(None, [f"output_dir={tmp_path / 'runs'}", f"data.source={source}",
-                              f"cache_dir={tmp_path / 'cache'}", *extra])
+                              f"cache_dir={tmp_path / 'cache'}", f"model.name_or_path={TINY_MODEL}", *extra])
 
 
 def _png(path: Path, colour=(200, 90, 90)) -> None:
@@ -79,7 +87,7 @@ def _bad_jsonl_dataset(root: Path) -> tuple[Path, dict[str, str]]:
             for i in range(12)]
     bad = {
         "missing_image": {"image": "images/nowhere.png", "question": QUESTION, "answer": "no"},
-        "corrupt_image": {"image": "images/corrupt.png", "question": QUESTION, "answer": "no"},
+        "not_an_image": {"image": "images/corrupt.png", "question": QUESTION, "answer": "no"},
         "empty_image": {"image": "images/empty.png", "question": QUESTION, "answer": "no"},
         "image_outside_root": {"image": "../outside.png", "question": QUESTION, "answer": "no"},
         "bad_answer": {"image": "images/good1.png", "question": "How many polyps are in the image?", "answer": "nan"},
@@ -144,8 +152,8 @@ def test_prepare_cli_prints_reject_summary(tmp_path):
 
     path, _ = _bad_jsonl_dataset(tmp_path / "data")
     result = CliRunner().invoke(app, ["prepare", "--set", f"output_dir={tmp_path / 'runs'}",
-                                      "--set", f"data.source={path}"])
+                                      "--set", f"data.source={path}", "--set", f"model.name_or_path={TINY_MODEL}"])
     assert result.exit_code == 0, result.output
-    assert "rejected 1 row(s): image cannot be decoded [corrupt_image]" in result.output
+    assert "rejected 1 row(s): file is not an image (PIL cannot identify its format) [not_an_image]" in result.output
     assert "rows per question type" in result.output
     assert (tmp_path / "runs" / "demo" / "config.resolved.yaml").is_file()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from PIL import Image
 
 from surgvqa.chat import render_prompt, render_training, training_target
 from surgvqa.config import MaskingConfig, PromptConfig
+from surgvqa.data.images import open_rgb, resolve_within
 from surgvqa.data.records import Record, image_path, read_records
 from surgvqa.masking import (
     IGNORE_INDEX,
@@ -25,11 +27,21 @@ class SampleTooLong(ValueError):
     """A sample longer than masking.max_length: rejected, never truncated through its image tokens."""
 
 
-def load_image(record: Record, base_dir: str | Path) -> Image.Image:
+def load_image(record: Record, base_dir: str | Path, *, roots: Sequence[str | Path] | None = None) -> Image.Image:
+    """The record's image as RGB, decoded by the same function prepare validated it with.
+
+    The path must resolve (links and ``..`` followed) inside one of ``roots`` — by default ``base_dir``, the
+    folder of the JSONL file; stages pass :func:`surgvqa.data.images.allowed_image_roots` — so that a record
+    cannot make a stage read, train on or display an arbitrary file. Any problem is a ValueError naming the row.
+    """
+    allowed = [Path(base_dir)] if roots is None else [Path(root) for root in roots]
     path = image_path(record, base_dir)
+    resolved = resolve_within(path, allowed)
+    if resolved is None:
+        raise ValueError(f"{record.id}: image path {record.image!r} resolves outside the allowed image folders "
+                         f"({', '.join(str(root) for root in allowed)})")
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
+        return open_rgb(resolved)
     except (OSError, ValueError) as exc:
         raise ValueError(f"{record.id}: cannot read image {path} ({exc})") from None
 
@@ -89,26 +101,28 @@ class VQADataset(torch.utils.data.Dataset):
     """Prepared JSONL records, encoded lazily (images are read when an item is requested)."""
 
     def __init__(self, records: list[Record], base_dir: str | Path, processor: Any, prompt: PromptConfig,
-                 masking: MaskingConfig):
+                 masking: MaskingConfig, image_roots: Sequence[str | Path] | None = None):
         self.records = records
         self.base_dir = Path(base_dir)
+        self.image_roots = image_roots  # see load_image; None allows base_dir only
         self.processor = processor
         self.prompt = prompt
         self.masking = masking
 
     @classmethod
     def from_jsonl(cls, path: str | Path, processor: Any, prompt: PromptConfig, masking: MaskingConfig,
-                   limit: int | None = None) -> VQADataset:
+                   limit: int | None = None, image_roots: Sequence[str | Path] | None = None) -> VQADataset:
         records = read_records(path)
-        return cls(records[:limit] if limit else records, Path(path).parent, processor, prompt, masking)
+        return cls(records[:limit] if limit else records, Path(path).parent, processor, prompt, masking,
+                   image_roots)
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         record = self.records[index]
-        return encode_example(self.processor, record, load_image(record, self.base_dir), self.prompt,
-                              self.masking).features
+        image = load_image(record, self.base_dir, roots=self.image_roots)
+        return encode_example(self.processor, record, image, self.prompt, self.masking).features
 
     def lengths(self, image_tokens: int) -> list[int]:
         return [estimate_length(record, image_tokens) for record in self.records]

@@ -15,6 +15,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from surgvqa.config import Config
+from surgvqa.data.images import allowed_image_roots
 from surgvqa.data.records import Record, read_records
 from surgvqa.dataset import SampleTooLong, encode_example, load_image
 from surgvqa.masking import IGNORE_INDEX
@@ -43,7 +44,8 @@ class SampleDiagnosis:
 def diagnose_record(processor: Any, record: Record, base_dir: Path, config: Config) -> SampleDiagnosis:
     result = SampleDiagnosis(record.id, record.question_type, record.question, record.answer)
     try:
-        example = encode_example(processor, record, load_image(record, base_dir), config.prompt, config.masking)
+        image = load_image(record, base_dir, roots=allowed_image_roots(config, base_dir))
+        example = encode_example(processor, record, image, config.prompt, config.masking)
     except (SampleTooLong, ValueError) as exc:
         result.problems.append(str(exc))
         return result

@@ -25,7 +25,26 @@ SOURCE_KEYS = ("source", "category")
 
 
 class SourceError(ValueError):
-    """The data source as a whole cannot be read (missing path, unknown format); names the path."""
+    """The data source as a whole cannot be read (missing path, unknown format, damaged file, missing column);
+    names the path."""
+
+
+# Every source must offer one column of each group; img_id and source are optional.
+REQUIRED_COLUMNS = {"image": IMAGE_KEYS, "question": QUESTION_KEYS, "answer": ANSWER_KEYS}
+
+
+def missing_columns(columns: set[str] | list[str]) -> list[str]:
+    """The required column groups none of whose names is among ``columns``."""
+    present = set(columns)
+    return [name for name, aliases in REQUIRED_COLUMNS.items() if not present.intersection(aliases)]
+
+
+def _require_columns(columns: set[str] | list[str], where: str) -> None:
+    if missing := missing_columns(columns):
+        raise SourceError(f"{where}: missing required column(s) "
+                          + ", ".join(f"{name!r} (accepted names: {', '.join(REQUIRED_COLUMNS[name])})"
+                                      for name in missing)
+                          + f"; columns found: {', '.join(sorted(columns)) or 'none'}")
 
 
 @dataclass
@@ -89,27 +108,36 @@ def _row_from_mapping(row: dict[str, Any], origin: str, root: Path) -> RawRow:
     return raw
 
 
-def _iter_parquet(path: Path) -> Iterator[RawRow]:
+def _iter_parquet(path: Path, root: Path) -> Iterator[RawRow]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
     if not files:
         raise SourceError(f"{path}: no .parquet files found")
-    root = path if path.is_dir() else path.parent
     for file in files:
-        parquet = pq.ParquetFile(file)
         index = 0
-        # Batches keep memory flat: the real export repeats each image's bytes on every question row.
-        for batch in parquet.iter_batches(batch_size=512):
-            for row in batch.to_pylist():
-                yield _row_from_mapping(row, f"{file.name} row {index}", root)
-                index += 1
+        try:
+            parquet = pq.ParquetFile(file)
+            _require_columns(parquet.schema_arrow.names, str(file))
+            # Batches keep memory flat: the real export repeats each image's bytes on every question row.
+            for batch in parquet.iter_batches(batch_size=512):
+                for row in batch.to_pylist():
+                    yield _row_from_mapping(row, f"{file.name} row {index}", root)
+                    index += 1
+        except (pa.ArrowException, OSError) as exc:  # truncated or damaged file: name it, not a pyarrow trace
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SourceError(f"{file}: cannot read parquet file after {index} row(s) ({first_line}); "
+                              f"the file is truncated or damaged") from None
 
 
 def _iter_save_to_disk(path: Path, split: str) -> Iterator[RawRow]:
     import datasets
 
-    loaded = datasets.load_from_disk(str(path))
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"{path}: cannot load the save_to_disk dataset ({exc})") from None
     parts = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [(None, loaded)]
     if isinstance(loaded, datasets.DatasetDict) and split in loaded:
         parts = [(split, loaded[split])]
@@ -120,6 +148,7 @@ def _iter_save_to_disk(path: Path, split: str) -> Iterator[RawRow]:
 def _iter_dataset(dataset: Any, label: str, root: Path) -> Iterator[RawRow]:
     import datasets
 
+    _require_columns(dataset.column_names, label)
     if "image" in dataset.column_names and isinstance(dataset.features.get("image"), datasets.Image):
         dataset = dataset.cast_column("image", datasets.Image(decode=False))
     for index, row in enumerate(dataset):
@@ -147,6 +176,8 @@ def _decode_lines(path: Path) -> Iterator[tuple[int, str | None]]:
 
 
 def _iter_jsonl(path: Path, root: Path) -> Iterator[RawRow]:
+    keys_seen: set[str] = set()
+    objects = 0
     for number, line in _decode_lines(path):
         origin = f"{path.name} line {number}"
         if line is None:
@@ -162,7 +193,12 @@ def _iter_jsonl(path: Path, root: Path) -> Iterator[RawRow]:
         if not isinstance(row, dict):
             yield RawRow(origin, None, None, None, None, problem="bad_json", detail="not a JSON object")
             continue
+        objects += 1
+        keys_seen.update(row)
         yield _row_from_mapping(row, origin, root)
+    # A key that some rows lack is those rows' problem; a key that no row has is the file's.
+    if objects:
+        _require_columns(keys_seen, f"{path} (no line has it)")
 
 
 def _iter_csv(path: Path, root: Path) -> Iterator[RawRow]:
@@ -180,6 +216,9 @@ def _iter_csv(path: Path, root: Path) -> Iterator[RawRow]:
                              detail="line is not valid UTF-8")
         text = "\n".join(good_lines)
     reader = csv.DictReader(io.StringIO(text))
+    if reader.fieldnames is None:
+        return  # no header: an empty file, reported by prepare as an empty source
+    _require_columns(reader.fieldnames, f"{path} (header)")
     for index, row in enumerate(reader):
         yield _row_from_mapping(dict(row), f"{path.name} row {index + 2}", root)
 
@@ -203,6 +242,17 @@ def detect_format(source: str) -> str:
     return formats[suffix]
 
 
+def dataset_root(source: str, image_root: str | None) -> Path | None:
+    """Where image paths of a file source resolve: ``data.image_root``, else the source file's folder (or the
+    source folder itself); None for a hub id or the synthetic set, whose images are embedded."""
+    if image_root:
+        return Path(image_root)
+    if source.startswith("hub:") or source == "synthetic":
+        return None
+    path = Path(source)
+    return path if path.is_dir() else path.parent
+
+
 def iter_raw_rows(source: str, fmt: str = "auto", *, image_root: str | None = None, hub_split: str = "raw",
                   cache_dir: str | Path = ".cache/surgvqa") -> Iterator[RawRow]:
     """Yield every row of a data source, whatever its format."""
@@ -213,9 +263,9 @@ def iter_raw_rows(source: str, fmt: str = "auto", *, image_root: str | None = No
     path = Path(source)
     if not path.exists():
         raise SourceError(f"data source not found: {source}")
-    root = Path(image_root) if image_root else (path if path.is_dir() else path.parent)
+    root = dataset_root(source, image_root)
     if fmt == "parquet":
-        yield from _iter_parquet(path)
+        yield from _iter_parquet(path, root)
     elif fmt == "save_to_disk":
         yield from _iter_save_to_disk(path, hub_split)
     elif fmt == "jsonl":

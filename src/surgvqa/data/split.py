@@ -9,7 +9,7 @@ scikit-learn's group splitters either ignore stratification (GroupShuffleSplit) 
 from __future__ import annotations
 
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Mapping
 
 from surgvqa.data.records import SPLITS
@@ -46,4 +46,26 @@ def split_images(source_by_image: Mapping[str, str], fractions: tuple[float, flo
             for img_id in images[start : start + size]:
                 assignment[img_id] = name
             start += size
+    _fill_empty_splits(assignment, images_by_source, fractions)
     return assignment
+
+
+def _fill_empty_splits(assignment: dict[str, str], images_by_source: Mapping[str, list[str]],
+                       fractions: tuple[float, float, float]) -> None:
+    """Give a requested split that the per-source allocation left empty one image from the largest split.
+
+    Sources with fewer than three images each go wholly to training, so twelve images from twelve sources would
+    otherwise make an empty validation and test split. The image moved is the last (in sorted order) of the
+    largest split's largest source, so the result stays deterministic.
+    """
+    for name, fraction in zip(SPLITS, fractions):
+        members = Counter(assignment.values())
+        if fraction <= 0 or members[name] or len(assignment) < sum(f > 0 for f in fractions):
+            continue
+        donor = max((split for split in SPLITS if members[split] > 1), key=lambda split: members[split], default=None)
+        if donor is None:
+            return
+        per_source = {source: sorted(i for i in images if assignment[i] == donor)
+                      for source, images in sorted(images_by_source.items())}
+        largest = max(per_source, key=lambda source: len(per_source[source]))
+        assignment[per_source[largest][-1]] = name
