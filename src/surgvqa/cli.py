@@ -2,17 +2,87 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
+import traceback
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from surgvqa.config import Config, ConfigError, load_config, write_resolved_config
+from surgvqa.io import WriteError
+from surgvqa.runlock import RunDirectoryBusy, run_directory_lock
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+DEBUG_ENV = "SURGVQA_DEBUG"  # set to 1 to see the traceback of an unexpected error
+INTERRUPTED_EXIT_CODE = 130  # the shell's code for a process stopped by Ctrl-C (128 + SIGINT)
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def describe_error(exc: BaseException) -> tuple[str, int]:
+    """The ``error:`` line and exit code for an exception that reached the command line.
+
+    Bad input (config, data, model, paths, a folder that cannot be written) is exit 2 with the stage's own message;
+    a run directory held by another process is exit 1; anything unexpected is exit 1 with its type named.
+    """
+    if isinstance(exc, RunDirectoryBusy):
+        return _one_line(exc), 1
+    if isinstance(exc, (ConfigError, WriteError, ValueError)):
+        return _one_line(exc), 2
+    if isinstance(exc, OSError) and exc.filename is not None:
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return f"cannot write {exc.filename}: permission denied", 2
+        return f"{exc.filename}: {exc.strerror or exc}", 2
+    if isinstance(exc, FileNotFoundError):
+        return _one_line(exc), 2
+    return f"{type(exc).__name__}: {_one_line(exc)}; rerun with {DEBUG_ENV}=1 for the traceback", 1
+
+
+# What the running command holds until it ends (its run directory lock), and its name for the lock's record.
+_command_scope = ExitStack()
+_command_name = "surgvqa"
+
+
+def _is_cli_flow(exc: BaseException) -> bool:
+    """Exit codes, usage errors and aborts of the CLI library itself: it reports those on its own."""
+    return type(exc).__module__.split(".")[0] in ("typer", "click")
+
+
+class ErrorReportingGroup(TyperGroup):
+    """Every command runs inside this handler, so no traceback reaches the user unless SURGVQA_DEBUG=1."""
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        global _command_name
+        name, command, rest = super().resolve_command(ctx, args)
+        _command_name = f"surgvqa {name}"
+        return name, command, rest
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            with _command_scope:
+                return super().invoke(ctx)
+        except KeyboardInterrupt:
+            typer.echo("error: interrupted", err=True)
+            raise typer.Exit(INTERRUPTED_EXIT_CODE) from None
+        except Exception as exc:
+            if _is_cli_flow(exc):
+                raise
+            if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+                traceback.print_exc()
+            message, code = describe_error(exc)
+            typer.echo(f"error: {message}", err=True)
+            raise typer.Exit(code) from None
+
+
+app = typer.Typer(cls=ErrorReportingGroup, add_completion=False, no_args_is_help=True,
+                  pretty_exceptions_enable=False,
                   help="Fine-tune Qwen2-VL-family models on surgical / GI-endoscopy VQA and measure them per type.")
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (default: embedded demo)")]
@@ -26,13 +96,23 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def _config(config: Path | None, overrides: list[str] | None, *, write: bool = True) -> Config:
+    """Load the config; for a command that writes into the run directory (``write``), also take the directory's
+    lock for the rest of the command and record the resolved config there."""
     try:
         loaded = load_config(config, overrides or [])
     except ConfigError as exc:
         fail(str(exc))
     if write:
+        _lock_run_directory(loaded)
         write_resolved_config(loaded)
     return loaded
+
+
+def _lock_run_directory(cfg: Config) -> None:
+    """Hold the run directory's lock until the current command ends (the click context closes it)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # the workers of one torchrun job share the directory; rank 0 holds the lock for all of them
+    _command_scope.enter_context(run_directory_lock(cfg.run_dir, command=_command_name))
 
 
 def _print_json(payload: object) -> None:
@@ -308,8 +388,10 @@ def predict(
         typer.echo(f"{payload['rows']} predictions ({payload['errors']} errors) in {written}")
 
 
-def main() -> None:  # pragma: no cover - console entry for `python -m surgvqa`
+def main() -> None:
+    """Console entry (`python -m surgvqa`); an interrupt outside a command (while importing) is one line too."""
     try:
         app()
     except KeyboardInterrupt:
-        sys.exit(130)
+        typer.echo("error: interrupted", err=True)
+        sys.exit(INTERRUPTED_EXIT_CODE)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +16,50 @@ from surgvqa.config import Config, ModelConfig
 
 log = logging.getLogger(__name__)
 
+# "org/name" (or a bare "name"): the shape of a hub id, as huggingface_hub's validate_repo_id accepts it.
+HUB_ID_PATTERN = re.compile(r"[\w.-]+(/[\w.-]+)?")
+# How torch reports a tensor whose shape differs from the checkpoint's in load_state_dict.
+SIZE_MISMATCH_PATTERN = re.compile(r"size mismatch for (?P<name>\S+): copying a param with shape "
+                                   r"(?:torch\.Size\()?(?P<saved>\[[^\]]*\])\)? from checkpoint, the shape in "
+                                   r"current model is (?:torch\.Size\()?(?P<current>\[[^\]]*\])")
+
+
+class ModelLoadError(ValueError):
+    """The configured model or an adapter cannot be loaded; the message says which and why, in one line."""
+
+
+def _looks_like_path(name: str) -> bool:
+    if os.path.isabs(name) or name.startswith((".", "~")):
+        return True
+    return os.sep in name and not HUB_ID_PATTERN.fullmatch(name)
+
+
+def check_model_source(name: str, key: str = "model.name_or_path") -> str:
+    """Fail early, in one line, for a model that cannot load: a missing folder, or a hub id that is not in the
+    local cache while the hub is offline (transformers would answer both with a hub-id traceback)."""
+    from huggingface_hub import is_offline_mode, try_to_load_from_cache
+
+    local = Path(name).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise ModelLoadError(f"{key}: {name} is not a model directory (no config.json in it)")
+        return str(local) if name.startswith("~") else name
+    if _looks_like_path(name):
+        raise ModelLoadError(f"{key}: {name} does not exist")
+    if not HUB_ID_PATTERN.fullmatch(name):
+        raise ModelLoadError(f"{key}: {name!r} is neither an existing folder nor a hub id (org/name)")
+    if is_offline_mode() and not isinstance(try_to_load_from_cache(name, "config.json"), str):
+        raise ModelLoadError(f"{key}: {name} is not a folder here and not in the local hub cache, and the hub is "
+                             "offline (HF_HUB_OFFLINE); download it first (`hf download "
+                             f"{name}`) or point {key} at a local copy")
+    return name
+
 
 def resolve_model_path(config: Config) -> str:
     """The directory or hub id to load; "tiny" builds the offline demo model into the cache once."""
     model = config.model
     if model.name_or_path != "tiny":
-        return model.name_or_path
+        return check_model_source(model.name_or_path)
     from surgvqa.tiny import ensure_tiny_model
 
     return str(ensure_tiny_model(Path(config.cache_dir) / "models", arch=model.tiny_arch, seed=model.tiny_seed,
@@ -111,6 +151,31 @@ def load_model(path: str, config: Config, processor: Any, *, for_training: bool 
             model.enable_input_require_grads()
             model.config.use_cache = False
     return model
+
+
+def load_adapter(model: Any, adapter_dir: str | Path, base_path: str) -> Any:
+    """Wrap ``model`` (the base loaded from ``base_path``) with the LoRA adapter in ``adapter_dir``.
+
+    An adapter trained on another base model does not fit its weights: peft reports that as a many-line
+    ``size mismatch`` RuntimeError, or as missing target modules; both become one :class:`ModelLoadError`.
+    """
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir))
+    except RuntimeError as exc:
+        mismatch = SIZE_MISMATCH_PATTERN.search(str(exc))
+        if mismatch is None:
+            raise
+        raise ModelLoadError(
+            f"adapter {adapter_dir} does not fit base model {base_path}: {mismatch['name']} has shape "
+            f"{mismatch['saved']} in the adapter but {mismatch['current']} in the base model (trained on another "
+            "base model? set model.name_or_path to the adapter's base)") from None
+    except ValueError as exc:
+        if "not found in the base model" not in str(exc):
+            raise
+        raise ModelLoadError(f"adapter {adapter_dir} does not fit base model {base_path}: "
+                             f"{' '.join(str(exc).split())}") from None
 
 
 def vision_tower(model: Any) -> Any:

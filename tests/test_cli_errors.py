@@ -1,0 +1,181 @@
+"""Every bad input is one `error:` line with a non-zero exit code; no traceback reaches the user."""
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from surgvqa.cli import app, describe_error
+from surgvqa.modeling import ModelLoadError, load_adapter
+
+SURGVQA = Path(sys.executable).parent / "surgvqa"
+
+
+def surgvqa(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """The installed console script, as a user runs it."""
+    return subprocess.run([str(SURGVQA), *args], capture_output=True, text=True, timeout=120, check=False, **kwargs)
+
+
+def assert_one_error_line(stderr: str, expected: str) -> None:
+    assert "Traceback" not in stderr
+    assert stderr.splitlines() == [expected], stderr
+
+
+def test_console_script_reports_a_binary_config_in_one_line(tmp_path):
+    config_file = tmp_path / "model.safetensors"
+    config_file.write_bytes(b"\x00\x01\xff\xfe" * 64)
+    result = surgvqa("prepare", "--config", str(config_file))
+    assert result.returncode == 2
+    assert_one_error_line(result.stderr, f"error: {config_file}: not a UTF-8 text file (byte 2 cannot be decoded); "
+                                         "is it a binary file?")
+
+
+def test_malformed_yaml_is_one_line_with_exit_2(tmp_path):
+    config_file = tmp_path / "broken.yaml"
+    config_file.write_text("train: {lr: 1e-4\nlora: null\n")
+    result = CliRunner().invoke(app, ["prepare", "--config", str(config_file)])
+    assert result.exit_code == 2
+    assert result.output.startswith(f"error: {config_file}: not valid YAML (")
+    assert len(result.output.splitlines()) == 1
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sanity.lr=-0.5", "'sanity.lr': Input should be greater than 0 (got -0.5)"),
+    ("train.lr_scheduler=cosine_annealing", "'train.lr_scheduler': unknown scheduler; choose one of linear, cosine"),
+])
+def test_invalid_config_values_stop_before_any_work(tmp_path, override, message):
+    result = CliRunner().invoke(app, ["train", "--set", f"output_dir={tmp_path}", "--set", override])
+    assert result.exit_code == 2
+    assert result.output.startswith("error: ") and message in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_model_folder_is_named(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("")
+    result = CliRunner().invoke(app, ["diagnose", "--data", str(data), "--set", f"output_dir={tmp_path}",
+                                      "--set", "model.name_or_path=/no/such/dir"])
+    assert result.exit_code == 2
+    assert result.output == "error: model.name_or_path: /no/such/dir does not exist\n"
+
+
+def test_hub_id_missing_from_the_offline_cache_says_how_to_get_it(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("")
+    result = CliRunner().invoke(app, ["diagnose", "--data", str(data), "--set", f"output_dir={tmp_path}",
+                                      "--set", "model.name_or_path=surgvqa-tests/not-downloaded"])
+    assert result.exit_code == 2
+    assert result.output.startswith("error: model.name_or_path: surgvqa-tests/not-downloaded is not a folder here "
+                                    "and not in the local hub cache, and the hub is offline (HF_HUB_OFFLINE)")
+    assert "`hf download surgvqa-tests/not-downloaded`" in result.output
+    assert len(result.output.splitlines()) == 1
+
+
+def test_unexpected_error_is_one_line_unless_debugging(tmp_path, monkeypatch):
+    import surgvqa.slurm
+
+    def broken_render(*args, **kwargs):
+        raise RuntimeError("scheduler template\nlost")
+
+    monkeypatch.setattr(surgvqa.slurm, "render_slurm", broken_render)
+    monkeypatch.delenv("SURGVQA_DEBUG", raising=False)
+    result = CliRunner().invoke(app, ["slurm", "--set", f"output_dir={tmp_path}"])
+    assert result.exit_code == 1
+    assert result.output == ("error: RuntimeError: scheduler template lost; rerun with SURGVQA_DEBUG=1 for the "
+                             "traceback\n")
+
+    monkeypatch.setenv("SURGVQA_DEBUG", "1")
+    debug = CliRunner().invoke(app, ["slurm", "--set", f"output_dir={tmp_path}"])
+    assert debug.exit_code == 1
+    assert "Traceback (most recent call last)" in debug.output and "in broken_render" in debug.output
+
+
+def test_ctrl_c_exits_130_with_one_line(tmp_path):
+    # A real SIGINT inside a command of the console entry point, not a simulated exception.
+    script = f"""
+import os, signal, sys
+import surgvqa.slurm
+from surgvqa.cli import main
+surgvqa.slurm.render_slurm = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGINT)
+sys.argv = ["surgvqa", "slurm", "--set", "output_dir={tmp_path}"]
+main()
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 130
+    assert_one_error_line(result.stderr, "error: interrupted")
+
+
+def _without_root_file_access() -> list[str]:
+    """A command prefix under which file modes apply. Root ignores them (CAP_DAC_OVERRIDE), so as root a chmod alone
+    would never reach the EACCES path a user meets; dropping the two file-access capabilities from the child's
+    bounding set makes the kernel check the mode bits for it as for any user. The venv's interpreter lives under
+    /root here, so switching to `nobody` instead is not possible. As a user, the chmod is enough."""
+    if os.getuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")  # util-linux
+    assert setpriv, "the read-only test needs setpriv (util-linux) when the tests run as root"
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search"]
+
+
+def test_read_only_run_directory_is_a_clear_error(tmp_path):
+    run_dir = tmp_path / "runs" / "demo"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.resolved.yaml").write_text("run_name: demo\n")
+    run_dir.chmod(0o555)
+    try:
+        result = subprocess.run([*_without_root_file_access(), str(SURGVQA), "prepare", "--set",
+                                 f"output_dir={tmp_path / 'runs'}", "--set", f"cache_dir={tmp_path / 'cache'}"],
+                                capture_output=True, text=True, timeout=120, check=False)
+    finally:
+        run_dir.chmod(0o755)
+    assert result.returncode == 2
+    assert_one_error_line(result.stderr, f"error: cannot write {run_dir}: permission denied (read-only folder?)")
+    assert (run_dir / "config.resolved.yaml").read_text() == "run_name: demo\n"
+
+
+@pytest.mark.parametrize("error, line, code", [
+    (PermissionError(errno.EACCES, "Permission denied", "/data/runs/x.json"),
+     "cannot write /data/runs/x.json: permission denied", 2),
+    (FileNotFoundError(errno.ENOENT, "No such file or directory", "/data/train.jsonl"),
+     "/data/train.jsonl: No such file or directory", 2),
+    (ValueError("train.jsonl:3: not a JSON object line\n(Expecting value)"),
+     "train.jsonl:3: not a JSON object line (Expecting value)", 2),
+    (ModelLoadError("adapter a does not fit base model b"), "adapter a does not fit base model b", 2),
+    (KeyError("question"), "KeyError: 'question'; rerun with SURGVQA_DEBUG=1 for the traceback", 1),
+])
+def test_error_lines_and_codes(error, line, code):
+    assert describe_error(error) == (line, code)
+
+
+@pytest.fixture(scope="module")
+def narrow_tiny_model_dir(session_cache) -> Path:
+    from surgvqa.tiny import ensure_tiny_model
+
+    return ensure_tiny_model(session_cache / "models", arch="qwen2_vl", seed=0, min_pixels=56 * 56,
+                             max_pixels=112 * 112, hidden_size=32, num_layers=1)
+
+
+def test_adapter_of_another_base_model_is_one_clear_error(tmp_path, tiny_model_dir, narrow_tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    narrow = AutoModelForImageTextToText.from_pretrained(narrow_tiny_model_dir)
+    adapter_dir = tmp_path / "adapter"
+    get_peft_model(narrow, LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(adapter_dir)
+
+    base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    with pytest.raises(ModelLoadError) as caught:
+        load_adapter(base, adapter_dir, str(tiny_model_dir))
+    message = str(caught.value)
+    assert message.startswith(f"adapter {adapter_dir} does not fit base model {tiny_model_dir}: ")
+    assert "q_proj.lora_A" in message and "has shape [4, 32] in the adapter but [4, 64] in the base model" in message
+    assert "\n" not in message
+
+    fitting = load_adapter(AutoModelForImageTextToText.from_pretrained(narrow_tiny_model_dir), adapter_dir,
+                           str(narrow_tiny_model_dir))
+    assert type(fitting).__name__ == "PeftModel"
