@@ -140,7 +140,7 @@ def test_read_only_run_directory_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("error, line, code", [
     (PermissionError(errno.EACCES, "Permission denied", "/data/runs/x.json"),
-     "cannot write /data/runs/x.json: permission denied", 2),
+     "cannot access /data/runs/x.json: permission denied", 2),
     (FileNotFoundError(errno.ENOENT, "No such file or directory", "/data/train.jsonl"),
      "/data/train.jsonl: No such file or directory", 2),
     (ValueError("train.jsonl:3: not a JSON object line\n(Expecting value)"),

@@ -38,7 +38,7 @@ def describe_error(exc: BaseException) -> tuple[str, int]:
         return _one_line(exc), 2
     if isinstance(exc, OSError) and exc.filename is not None:
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            return f"cannot write {exc.filename}: permission denied", 2
+            return f"cannot access {exc.filename}: permission denied", 2
         return f"{exc.filename}: {exc.strerror or exc}", 2
     if isinstance(exc, FileNotFoundError):
         return _one_line(exc), 2
