@@ -97,6 +97,8 @@ def test_yaml_syntax_error_is_one_line_with_its_position(tmp_path):
         ("run_name='two words'", "run_name"),
         ("run_name=''", "run_name"),
         ("output_dir=''", "output_dir"),
+        ("data.source=''", "data.source"),
+        ("model.name_or_path=''", "model.name_or_path"),
         ("prompt.user_template='Q: {questoin}'", "prompt.user_template"),
         ("prompt.user_template='Q: {question'", "prompt.user_template"),
         ("prompt.candidates_template='Options: {options}'", "prompt.candidates_template"),

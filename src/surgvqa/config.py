@@ -108,7 +108,7 @@ class SyntheticConfig(_Section):
 class DataConfig(_Section):
     # A path (parquet file or folder, save_to_disk folder, .jsonl, .csv), a hub id ("hub:SimulaMet-HOST/Kvasir-VQA"),
     # or "synthetic" for the generated Kvasir-like set in the cache directory.
-    source: str = "synthetic"
+    source: str = Field("synthetic", min_length=1)
     format: Literal["auto", "parquet", "save_to_disk", "jsonl", "csv", "hub"] = "auto"
     image_root: str | None = None  # where relative image paths of JSONL/CSV sources resolve; default: the file's folder
     hub_split: str = "raw"
@@ -119,7 +119,7 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     # "tiny" builds the offline demo model into the cache directory; anything else is a local path or hub id.
-    name_or_path: str = "tiny"
+    name_or_path: str = Field("tiny", min_length=1)
     tiny_arch: Literal["qwen2_vl", "qwen2_5_vl"] = "qwen2_vl"
     tiny_seed: int = 0
     tiny_hidden_size: int = Field(64, ge=16)
