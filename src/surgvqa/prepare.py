@@ -231,13 +231,27 @@ class SampleLengths:
     special token, so the text around it tokenizes the same before and after it expands to the image tokens.
     """
 
-    def __init__(self, processor: Any, config: Config):
-        self.processor = processor
+    def __init__(self, config: Config, processor: Any = None):
+        self.config = config
         self.prompt = config.prompt
         self.strategy = config.masking.strategy
         self.max_length = config.masking.max_length
-        self.special_tokens = sorted(processor.tokenizer.get_added_vocab(), key=len, reverse=True)
+        self._processor = processor
+        self._special_tokens: list[str] | None = None
         self._text_tokens: dict[tuple, int] = {}
+
+    @property
+    def processor(self) -> Any:
+        """Loaded at the first row that needs it: a source that fails before its first row costs no model load."""
+        if self._processor is None:
+            self._processor = _load_processor(self.config)
+        return self._processor
+
+    @property
+    def special_tokens(self) -> list[str]:
+        if self._special_tokens is None:
+            self._special_tokens = sorted(self.processor.tokenizer.get_added_vocab(), key=len, reverse=True)
+        return self._special_tokens
 
     def image_tokens(self, width: int, height: int) -> int:
         image_processor = self.processor.image_processor
@@ -317,7 +331,7 @@ def _prepare_into(work_dir: Path, final_dir: Path, config: Config, quiet: bool) 
     source = str(synthetic_source(config)) if config.data.source == "synthetic" else config.data.source
     rows = iter_raw_rows(source, config.data.format, image_root=config.data.image_root,
                          hub_split=config.data.hub_split, cache_dir=config.cache_dir)
-    lengths = SampleLengths(_load_processor(config), config)
+    lengths = SampleLengths(config)
     store = _ImageStore(work_dir, lengths.image_tokens)
     rejects: list[dict[str, Any]] = []
     kept: list[Record] = []

@@ -107,7 +107,10 @@ def decode_image(source: bytes | str | Path) -> tuple[Image.Image, str]:
 
 def resolve_within(path: str | Path, roots: Sequence[str | Path]) -> Path | None:
     """The path with links and ``..`` resolved, or None when it lies outside every one of ``roots``."""
-    resolved = Path(path).resolve()
+    try:
+        resolved = Path(path).resolve()
+    except (OSError, ValueError, RuntimeError):  # a NUL in the path, a link loop: no file to allow
+        return None
     for root in roots:
         if resolved.is_relative_to(Path(root).resolve()):
             return resolved
