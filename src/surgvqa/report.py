@@ -13,7 +13,7 @@ import csv
 import html
 import io
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -508,18 +508,40 @@ def load_training_curve(run_dir: Path | None) -> tuple[list[tuple[float, float]]
     return [], None
 
 
-def thumbnail_data_uri(path: str | None, size: int = THUMBNAIL_PX) -> str | None:
+def report_image_roots(run_dir: str | Path | None) -> list[Path]:
+    """The folders the report may embed images from: the run folder (its prepared images) and the image root of
+    the dataset the run's resolved config names."""
+    if run_dir is None:
+        return []
+    from surgvqa.config import load_config
+    from surgvqa.data.images import allowed_image_roots
+
+    roots = [Path(run_dir)]
+    config_path = roots[0] / "config.resolved.yaml"
+    if config_path.is_file():
+        try:
+            roots += allowed_image_roots(load_config(config_path))
+        except (ValueError, OSError):  # an unreadable config only narrows the roots to the run folder
+            pass
+    return roots
+
+
+def thumbnail_data_uri(path: str | None, size: int = THUMBNAIL_PX, *, roots: Sequence[str | Path]) -> str | None:
+    """A JPEG data URI of the image, or None ("no image") when it is unreadable or lies outside ``roots``: a
+    prediction file must not make the report embed an arbitrary file."""
     if not path:
         return None
-    try:
-        from PIL import Image
+    from surgvqa.data.images import ImageProblem, open_rgb, resolve_within
 
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            image.thumbnail((size, size))
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=85)
-    except Exception:  # noqa: BLE001 - an unreadable or oversized image shows as "no image", never a crash
+    resolved = resolve_within(path, roots)
+    if resolved is None:
+        return None
+    try:
+        image = open_rgb(resolved)
+        image.thumbnail((size, size))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=85)
+    except (ImageProblem, OSError):  # unreadable, truncated or oversized: shown as "no image", never a crash
         return None
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
@@ -577,7 +599,8 @@ def _html_table(
 
 
 def render_html(
-    metrics: dict, plots: dict[str, bytes], *, config_text: str | None = None, curve_source: str | None = None
+    metrics: dict, plots: dict[str, bytes], *, config_text: str | None = None, curve_source: str | None = None,
+    image_roots: Sequence[str | Path] = (),
 ) -> str:
     ci = _confidence_label(metrics)
     overall = metrics["overall"]
@@ -673,7 +696,7 @@ def render_html(
         for question_type, cases in failures.items():
             out.append(f'<h3>{_e(question_type)}</h3><div class="gallery">')
             for case in cases:
-                uri = thumbnail_data_uri(case.get("image"))
+                uri = thumbnail_data_uri(case.get("image"), roots=image_roots)
                 picture = (
                     f'<img alt="{_e(case.get("id"))}" src="{uri}">'
                     if uri
@@ -748,7 +771,8 @@ def write_report(metrics: dict, out_dir: Path, run_dir: Path | None = None) -> d
     )
     report_path = out_dir / "report.html"
     atomic_write_text(
-        report_path, render_html(metrics, plots, config_text=config_text, curve_source=curve_source)
+        report_path, render_html(metrics, plots, config_text=config_text, curve_source=curve_source,
+                                 image_roots=report_image_roots(run_dir))
     )
     outputs["report"] = str(report_path)
     return outputs
