@@ -303,8 +303,10 @@ def test_killed_cli_run_resumes_without_duplicates_or_gaps(tiny_dir, prepared, t
     assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()[-2000:]
     assert 2 <= written < 20
     done = subprocess.run(args + ["--json"], check=False, env=_env(), capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout)["rows"] == 20
+    # One row of the input names a missing image: the rerun completes the file, then exits 1 for that row.
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert json.loads(done.stdout)["rows"] == 20 and json.loads(done.stdout)["errors"] == 1
+    assert "error: 1 of 20 predictions" in done.stderr and "t005: ValueError" in done.stderr
     ids = [json.loads(line)["id"] for line in out.read_text(encoding="utf-8").splitlines()]
     assert ids == [f"t{i:03d}" for i in range(20)]
 
@@ -314,6 +316,7 @@ def test_two_processes_shard_and_merge_in_input_order(tiny_dir, prepared, tmp_pa
     out = tmp_path / "multi" / "preds.jsonl"
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "surgvqa",
             "predict", *_cli_settings(tmp_path, tiny_dir, 4), "--set", "predict.multi_label_rank=threshold",
+            "--set", "predict.max_error_rate=0.1",  # t005's image is missing: accepted here
             "--mode", "rank",
             "--data", str(prepared / "test.jsonl"), "--out", str(out)]
     result = subprocess.run(args, check=False, env=_env(), capture_output=True, text=True, timeout=240)
@@ -359,3 +362,60 @@ def test_lora_adapter_directory_is_loaded_and_applied(tiny_dir, prepared, tmp_pa
             assert row["scores"][label]["sum"] == pytest.approx(score["sum"], abs=1e-3)
     assert max(abs(row["scores"][label]["sum"] - outcome.scores[label]["sum"])
                for row, outcome in zip(rows, without) for label in outcome.scores) > 1e-2
+
+
+def test_rows_in_error_are_retried_on_rerun_and_replace_their_lines(tiny_dir, prepared, tmp_path):
+    """Unreadable images: their rows are errors and the error rate is refused; once the images are back, the rerun
+    predicts those rows only and leaves one row per id, in input order, none in error."""
+    import shutil
+
+    from surgvqa.predict import PredictionErrors, check_error_rate
+
+    (tmp_path / "images").mkdir()
+    for index in (0, 1):
+        shutil.copy(prepared / "images" / f"img{index}.png", tmp_path / "images")
+    records = make_records(12, "e", images=4)  # img2 and img3 are not there yet
+    write_records(tmp_path / "data.jsonl", records)
+    config = make_config(tmp_path, tiny_dir, "span")
+    out = run_predict(config, "constrained", tmp_path / "data.jsonl", tmp_path / "preds.jsonl", quiet=True)
+    failed = [row["id"] for row in read_done(out) if row["error"] is not None]
+    assert failed == [r.id for r in records if r.img_id in ("img2", "img3")]
+    with pytest.raises(PredictionErrors, match=r"6 of 12 predictions .* are errors: 6 x e002: ValueError"):
+        check_error_rate(out, 0.0)
+    assert check_error_rate(out, 0.5).errors == 6  # a user may accept some
+
+    kept = {row["id"]: row for row in read_done(out) if row["error"] is None}
+    for index in (2, 3):
+        shutil.copy(prepared / "images" / f"img{index}.png", tmp_path / "images")
+    run_predict(config, "constrained", tmp_path / "data.jsonl", out, quiet=True)
+    rows = read_done(out)
+    assert [row["id"] for row in rows] == [r.id for r in records]
+    assert all(row["error"] is None for row in rows)
+    assert all(rows[i] == kept[r.id] for i, r in enumerate(records) if r.id in kept)  # done rows untouched
+
+
+def test_out_of_memory_halves_the_batch_and_only_a_single_row_that_does_not_fit_is_an_error(
+        predictor, prepared, monkeypatch):
+    pred = predictor("span")
+    records = readable(make_records(8, "m", open_ended=False), prepared)
+    calls: list[int] = []
+    original = pred.predict_constrained
+
+    def limited(batch_records, features):
+        calls.append(len(batch_records))
+        if len(batch_records) > 2 or any(r.id == "m005" for r in batch_records):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(batch_records, features)
+
+    monkeypatch.setattr(pred, "predict_constrained", limited)
+    outcomes = pred.predict_batch(records, "constrained")
+    assert calls[:3] == [8, 4, 2]  # halved until it fits
+    assert [o.error is None for o in outcomes] == [r.id != "m005" for r in records]
+    assert "OutOfMemoryError: a single record does not fit" in outcomes[5].error
+    assert all(o.prediction for o, r in zip(outcomes, records) if r.id != "m005")
+
+
+def test_an_empty_input_is_an_error_not_zero_predictions(tiny_dir, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="no records to predict"):
+        run_predict(make_config(tmp_path, tiny_dir), "constrained", tmp_path / "empty.jsonl", quiet=True)

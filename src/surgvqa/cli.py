@@ -340,11 +340,16 @@ def run(
 
     if from_stage is not None and from_stage not in STAGE_NAMES:
         fail(f"--from {from_stage!r}: choose one of {', '.join(STAGE_NAMES)}")
+    from surgvqa.training import PREEMPTED_EXIT_CODE, Preempted
+
     cfg = _config(config, set_)
     try:
         outcome = run_pipeline(cfg, from_stage=from_stage, force=force, skip_sanity=skip_sanity)
     except PipelineStop as exc:
         fail(f"stopped: {exc}", code=1)
+    except Preempted as exc:
+        typer.echo(f"stopped: {exc}", err=True)
+        raise typer.Exit(130 if str(exc).startswith("SIGINT") else PREEMPTED_EXIT_CODE) from None
     except (SourceError, FileNotFoundError) as exc:
         fail(str(exc))
     if outcome.metrics is not None:
@@ -366,8 +371,7 @@ def predict(
     as_json: JsonOption = False,
 ) -> None:
     """Batched, resumable inference to predictions.jsonl (one process, or one shard per rank under torchrun)."""
-    from surgvqa.io import read_jsonl
-    from surgvqa.predict import MODES, run_predict
+    from surgvqa.predict import MODES, run_predict, summarise_errors
 
     if mode is not None and mode not in MODES:
         fail(f"--mode {mode!r}: choose one of {', '.join(MODES)}")
@@ -379,13 +383,16 @@ def predict(
         fail(str(exc))
     if int(os.environ.get("RANK", "0")) != 0:
         return  # rank 0 reports the merged file
-    rows = read_jsonl(written)
-    payload = {"predictions": str(written), "mode": mode or cfg.predict.mode, "rows": len(rows),
-               "errors": sum(row.get("error") is not None for row in rows)}
+    summary = summarise_errors(written)
+    payload = {"predictions": str(written), "mode": mode or cfg.predict.mode, "rows": summary.rows,
+               "errors": summary.errors, "error_kinds": {kind: {"count": count, "first": first}
+                                                        for kind, (count, first) in summary.by_kind.items()}}
     if as_json:
         _print_json(payload)
     else:
         typer.echo(f"{payload['rows']} predictions ({payload['errors']} errors) in {written}")
+    if summary.errors and summary.rate > cfg.predict.max_error_rate:
+        fail(summary.describe(written) + f" (predict.max_error_rate is {cfg.predict.max_error_rate:g})", code=1)
 
 
 def main() -> None:

@@ -17,6 +17,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from surgvqa.faults import failpoint
+
 _NO_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
@@ -59,6 +61,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        failpoint("io.write")
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
@@ -84,18 +87,32 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
     return len(lines)
 
 
-def append_lines(handle: Any, lines: Iterable[str], path: Path) -> None:
-    """Append whole lines to an open text file and force them to disk; a full disk is a :class:`WriteError`.
+def append_lines(path: str | Path, lines: Iterable[str]) -> None:
+    """Append whole lines to a file and force them to disk; a full disk is a :class:`WriteError`.
 
-    The lines are written in one call and flushed, so a kill leaves at most one torn last line, which the
-    reader of an append-only file drops (see ``predict.read_done``).
+    A kill leaves at most one torn last line, which the reader of an append-only file drops (see
+    ``predict.read_done``); a write that fails part-way is cut back off, so the file ends on a whole line.
     """
+    path = Path(path)
+    data = "".join(lines).encode("utf-8")
     try:
-        handle.write("".join(lines))
-        handle.flush()
-        os.fsync(handle.fileno())
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     except OSError as exc:
         raise WriteError(describe_write_failure(path, exc)) from None
+    position = os.lseek(fd, 0, os.SEEK_END)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except OSError as exc:
+        try:
+            os.ftruncate(fd, position)
+        except OSError:
+            pass  # the reader drops a torn last line anyway
+        raise WriteError(describe_write_failure(path, exc)) from None
+    finally:
+        os.close(fd)
 
 
 def _aside(target: Path) -> Path:
@@ -113,6 +130,7 @@ def replace_directory(staged: str | Path, target: str | Path) -> Path:
     try:
         if target.exists():
             os.replace(target, aside)
+            failpoint("io.replace_directory")
         os.replace(staged, target)
     except OSError as exc:
         recover_directory(target)

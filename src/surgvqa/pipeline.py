@@ -4,6 +4,10 @@ prepare → diagnose → overfit (a gate) → train → predict with the untrain
 the trained model → evaluate (trained against untrained). Each stage's key is a hash of the config sections it
 reads and of the keys of the stages it reads from; ``stages.json`` in the run directory records the key of each
 completed stage, so a rerun with the same config does nothing, and a change reruns exactly what depends on it.
+
+A stage that was interrupted (Ctrl-C, SIGKILL, a node failure) is recorded as started with its key: rerun with the
+same key, ``train`` continues from its latest complete checkpoint and the prediction stages from the rows already
+written; only a changed key starts a stage afresh.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from surgvqa.config import Config
-from surgvqa.io import atomic_write_json
+from surgvqa.faults import enter_stage
+from surgvqa.io import atomic_write_json, recover_directory
 
 
 class PipelineStop(RuntimeError):
@@ -66,7 +71,7 @@ def stage_keys(config: Config) -> dict[str, str]:
 
 
 class StageLedger:
-    """``stages.json``: the key each stage last completed with."""
+    """``stages.json``: for each stage, the key it last started or completed with."""
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / "stages.json"
@@ -74,16 +79,23 @@ class StageLedger:
 
     def is_current(self, stage: Stage, key: str, run_dir: Path) -> bool:
         entry = self.entries.get(stage.name)
-        return bool(entry) and entry.get("key") == key and (run_dir / stage.output).exists()
+        return bool(entry) and entry.get("key") == key and entry.get("status", "done") == "done" \
+            and (run_dir / stage.output).exists()
 
-    def record(self, stage: Stage, key: str, seconds: float) -> None:
-        self.entries[stage.name] = {"key": key, "seconds": round(seconds, 1),
-                                    "completed_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    def was_interrupted(self, stage: Stage, key: str) -> bool:
+        """The stage started with this same key and never completed: its partial work can be continued."""
+        entry = self.entries.get(stage.name)
+        return bool(entry) and entry.get("key") == key and entry.get("status") == "running"
+
+    def start(self, stage: Stage, key: str) -> None:
+        self.entries[stage.name] = {"key": key, "status": "running",
+                                    "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         atomic_write_json(self.path, self.entries)
 
-    def forget(self, name: str) -> None:
-        if self.entries.pop(name, None) is not None:
-            atomic_write_json(self.path, self.entries)
+    def record(self, stage: Stage, key: str, seconds: float) -> None:
+        self.entries[stage.name] = {"key": key, "status": "done", "seconds": round(seconds, 1),
+                                    "completed_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        atomic_write_json(self.path, self.entries)
 
 
 @dataclass
@@ -94,7 +106,7 @@ class RunOutcome:
     report: Path | None
 
 
-def _run_prepare(config: Config, quiet: bool) -> None:
+def _run_prepare(config: Config, quiet: bool, resume: bool) -> None:
     from surgvqa.prepare import prepare, print_prepare_summary
 
     result = prepare(config, quiet=quiet)
@@ -102,7 +114,7 @@ def _run_prepare(config: Config, quiet: bool) -> None:
         print_prepare_summary(result)
 
 
-def _run_diagnose(config: Config, quiet: bool) -> None:
+def _run_diagnose(config: Config, quiet: bool, resume: bool) -> None:
     from surgvqa.diagnostics import run_diagnostic
     from surgvqa.modeling import load_processor, resolve_model_path
 
@@ -117,7 +129,7 @@ def _run_diagnose(config: Config, quiet: bool) -> None:
                            f"(first: {report.failing_ids[:5]}); run `surgvqa diagnose` for the details")
 
 
-def _run_overfit(config: Config, quiet: bool) -> None:
+def _run_overfit(config: Config, quiet: bool, resume: bool) -> None:
     from surgvqa.sanity import print_sanity, sanity_overfit
 
     result = sanity_overfit(config, quiet=quiet)
@@ -127,31 +139,39 @@ def _run_overfit(config: Config, quiet: bool) -> None:
                            f"--skip-sanity to train anyway")
 
 
-def _run_train(config: Config, quiet: bool) -> None:
+def _run_train(config: Config, quiet: bool, resume: bool) -> None:
     from surgvqa.training import train
 
-    result = train(config)
-    print(f"trained {result.global_step} steps; model saved to {result.model_dir}")
+    result = train(config, resume=resume)
+    continued = f" (continued from {result.resumed_from})" if result.resumed_from else ""
+    print(f"trained {result.global_step} steps{continued}; model saved to {result.model_dir}")
 
 
-def _fresh_predictions(config: Config, out: Path, model_path: str, quiet: bool) -> None:
-    from surgvqa.predict import run_predict
+def _predictions(config: Config, out: Path, model_path: str, quiet: bool, resume: bool) -> None:
+    from surgvqa.predict import PredictionErrors, check_error_rate, run_predict
 
-    out.unlink(missing_ok=True)  # stale predictions from another config must not be resumed
+    if not resume:
+        out.unlink(missing_ok=True)  # predictions made under another key must not be resumed
     run_predict(config, out=out, model_path=model_path, quiet=quiet)
+    try:
+        summary = check_error_rate(out, config.predict.max_error_rate)
+    except PredictionErrors as exc:
+        raise PipelineStop(f"{exc}; the predictions are not evaluated") from None
+    if summary.errors:
+        print(f"{out.name}: {summary.errors} of {summary.rows} rows in error, within predict.max_error_rate")
 
 
-def _run_baseline(config: Config, quiet: bool) -> None:
+def _run_baseline(config: Config, quiet: bool, resume: bool) -> None:
     from surgvqa.modeling import resolve_model_path
 
-    _fresh_predictions(config, config.run_dir / "predictions.untrained.jsonl", resolve_model_path(config), quiet)
+    _predictions(config, config.run_dir / "predictions.untrained.jsonl", resolve_model_path(config), quiet, resume)
 
 
-def _run_predict(config: Config, quiet: bool) -> None:
-    _fresh_predictions(config, config.run_dir / "predictions.jsonl", str(config.run_dir / "model"), quiet)
+def _run_predict(config: Config, quiet: bool, resume: bool) -> None:
+    _predictions(config, config.run_dir / "predictions.jsonl", str(config.run_dir / "model"), quiet, resume)
 
 
-def _run_evaluate(config: Config, quiet: bool) -> None:
+def _run_evaluate(config: Config, quiet: bool, resume: bool) -> None:
     from surgvqa.evaluate import run_evaluate
 
     run_dir = config.run_dir
@@ -160,7 +180,8 @@ def _run_evaluate(config: Config, quiet: bool) -> None:
                  baseline=baseline if baseline.exists() else None, run_dir=run_dir)
 
 
-RUNNERS: dict[str, Callable[[Config, bool], None]] = {
+# Each runner gets (config, quiet, resume): resume is true when the stage was interrupted under the same key.
+RUNNERS: dict[str, Callable[[Config, bool, bool], None]] = {
     "prepare": _run_prepare, "diagnose": _run_diagnose, "overfit": _run_overfit, "train": _run_train,
     "baseline": _run_baseline, "predict": _run_predict, "evaluate": _run_evaluate,
 }
@@ -172,6 +193,8 @@ def run_pipeline(config: Config, *, from_stage: str | None = None, force: bool =
         raise ValueError(f"--from {from_stage!r}: choose one of {', '.join(STAGE_NAMES)}")
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    for folder in ("prepared", "model"):
+        recover_directory(run_dir / folder)  # a kill between the two renames of a directory swap
     keys = stage_keys(config)
     ledger = StageLedger(run_dir)
     forced_from = STAGE_NAMES.index(from_stage) if from_stage else (0 if force else len(STAGE_NAMES))
@@ -185,12 +208,17 @@ def run_pipeline(config: Config, *, from_stage: str | None = None, force: bool =
             print(f"{stage.name}: up to date, skipped")
             skipped.append(stage.name)
             continue
-        print(f"== {stage.name}")
-        ledger.forget(stage.name)
-        if stage.name == "train":
+        resume = index < forced_from and ledger.was_interrupted(stage, keys[stage.name])
+        print(f"== {stage.name}" + (" (continuing an interrupted run)" if resume else ""))
+        if stage.name == "train" and not resume:
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # a new key means a new training run
+        ledger.start(stage, keys[stage.name])
         started = time.perf_counter()
-        RUNNERS[stage.name](config, quiet)
+        enter_stage(stage.name)
+        try:
+            RUNNERS[stage.name](config, quiet, resume)
+        finally:
+            enter_stage(None)
         ledger.record(stage, keys[stage.name], time.perf_counter() - started)
         ran.append(stage.name)
     metrics_path = run_dir / "metrics.json"

@@ -14,9 +14,12 @@ Modes (``predict.mode``):
   (configured, or calibrated on the validation split). Open-ended records are generated freely.
 
 The prompt is :func:`surgvqa.dataset.encode_prompt`, the training encoding minus the answer. Rows are appended and
-flushed per batch; a rerun skips ids already written (a half-written last line from a killed run is dropped
-first). Under ``torchrun`` / ``accelerate launch`` each rank predicts ``records[rank::world]`` into its own file and
-rank 0 merges them in input order.
+forced to disk per batch; batches are fixed slices of the input, so a rerun after a kill predicts exactly the batches
+that were not finished (a half-written last line is dropped first) and gives the rows an uninterrupted run gives.
+A row is done only when it has a prediction: a rerun retries the rows that have an error and replaces their lines.
+Out-of-memory is not a row error: the batch is halved and retried, down to one row. At the end the file holds one
+row per id, in input order. Under ``torchrun`` / ``accelerate launch`` each rank predicts ``records[rank::world]``
+into its own file and rank 0 merges them in input order.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +55,8 @@ from surgvqa.decoding import (
     score_candidates,
     select_labels,
 )
-from surgvqa.io import JsonlLineError, atomic_write_json, atomic_write_text
+from surgvqa.faults import failpoint
+from surgvqa.io import JsonlLineError, append_lines, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +89,8 @@ def load_for_prediction(config: Config, model_path: str, quiet: bool = False) ->
     """
 
     from surgvqa.modeling import (
+        check_model_source,
+        load_adapter,
         load_model,
         load_processor,
         resolve_model_path,
@@ -95,6 +102,7 @@ def load_for_prediction(config: Config, model_path: str, quiet: bool = False) ->
         hf_logging.disable_progress_bar()
     strategy = config.masking.strategy
     path = Path(model_path)
+    check_model_source(model_path, key="--model")
     adapter_config = path / "adapter_config.json"
     base = resolve_model_path(config)
     if adapter_config.is_file():
@@ -104,11 +112,9 @@ def load_for_prediction(config: Config, model_path: str, quiet: bool = False) ->
         base = named if named and Path(named).is_dir() else base
     processor = load_processor(str(path) if _holds_processor(path) else base, config.model, strategy)
     if adapter_config.is_file():
-        from peft import PeftModel
-
         model = load_model(base, config, processor, for_training=False)
         # Merged for inference: the same function without the LoRA side branch at every layer.
-        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+        model = load_adapter(model, path, base).merge_and_unload()
     else:
         # A trained directory's tokenizer already holds the sentinels, so their trained rows are kept.
         model = load_model(model_path, config, processor, for_training=False)
@@ -262,15 +268,36 @@ class Predictor:
 
     def _run_isolated(self, runner: Callable, records: list[Record], features: dict[int, dict],
                       indices: list[int]) -> list[Outcome]:
-        """Run a group as one batch; if that fails, row by row, so that one bad record cannot sink the others."""
+        """Run a group as one batch. Out of memory: halve it and retry, down to one row, which alone is that row's
+        error. Any other failure: row by row, so that one bad record cannot sink the others."""
         try:
             return runner([records[i] for i in indices], [features[i] for i in indices])
-        except Exception as exc:  # noqa: BLE001
+        except torch.OutOfMemoryError as exc:
+            _release_cached_memory()
+            if len(indices) == 1:
+                return [Outcome(error=f"OutOfMemoryError: a single record does not fit ({_first_line(exc)}); "
+                                      f"lower model.max_pixels or use a larger GPU")]
+            half = (len(indices) + 1) // 2
+            log.warning("out of memory on a batch of %d; retrying as %d + %d", len(indices), half,
+                        len(indices) - half)
+            return [*self._run_isolated(runner, records, features, indices[:half]),
+                    *self._run_isolated(runner, records, features, indices[half:])]
+        except Exception as exc:  # noqa: BLE001 - any failure of one record is that record's error
             if len(indices) == 1:
                 return [Outcome(error=f"{type(exc).__name__}: {exc}")]
             log.warning("batch failed (%s); retrying its %d records one by one", exc, len(indices))
             return [outcome for index in indices
                     for outcome in self._run_isolated(runner, records, features, [index])]
+
+
+def _release_cached_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _normalise(record: Record, text: str) -> str:
@@ -416,22 +443,92 @@ def rank_file(out: Path, rank: int) -> Path:
     return out.with_name(f"{out.stem}.rank{rank}{out.suffix}")
 
 
+def latest_rows(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """One row per id: the last one written (a retried row is appended after the failed attempt it replaces)."""
+    latest: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        latest.pop(row["id"], None)
+        latest[row["id"]] = row
+    return latest
+
+
+def write_in_input_order(out: Path, by_id: dict[str, dict[str, Any]], records: Sequence[Record]) -> int:
+    """Rewrite ``out`` atomically with one row per id in input order; rows of ids not in this input are kept,
+    after the others. Returns the row count."""
+    by_id = dict(by_id)
+    ordered = [by_id.pop(record.id) for record in records if record.id in by_id]
+    rows = ordered + list(by_id.values())
+    atomic_write_text(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    return len(rows)
+
+
 def merge_rank_files(out: Path, records: Sequence[Record]) -> int:
     """Fold every per-rank file (of this or an interrupted earlier run, whatever its world size) into ``out``:
-    input order, one row per id (the first one met: ``out``, then rank 0, 1, ...). Returns the row count."""
+    input order, one row per id (the newest attempt: ``out`` is older than the rank files). Returns the row count."""
     parts = sorted(out.parent.glob(f"{out.stem}.rank*{out.suffix}"),
                    key=lambda path: int(path.stem.rsplit(".rank", 1)[1]) if path.stem.rsplit(".rank", 1)[1].isdigit()
                    else -1)
-    by_id: dict[str, dict] = {}
-    for path in [out, *parts]:
-        for row in read_done(path, repair=False):
-            by_id.setdefault(row["id"], row)
-    ordered = [by_id.pop(record.id) for record in records if record.id in by_id]
-    rows = ordered + list(by_id.values())  # rows of ids not in this input are kept, after the others
-    atomic_write_text(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    rows = [row for path in [out, *parts] for row in read_done(path, repair=False)]
+    count = write_in_input_order(out, latest_rows(rows), records)
     for path in parts:
         path.unlink()
-    return len(rows)
+    return count
+
+
+class PredictionErrors(RuntimeError):
+    """More prediction rows are in error than ``predict.max_error_rate`` allows; the message groups them."""
+
+
+@dataclass
+class ErrorSummary:
+    rows: int
+    errors: int
+    by_kind: dict[str, tuple[int, str]]  # kind (exception name) -> (count, first message)
+
+    @property
+    def rate(self) -> float:
+        return self.errors / self.rows if self.rows else 0.0
+
+    def describe(self, path: Path, limit: int = 3) -> str:
+        kinds = sorted(self.by_kind.items(), key=lambda item: -item[1][0])
+        shown = "; ".join(f"{count} x {message}" for _, (count, message) in kinds[:limit])
+        more = f"; and {len(kinds) - limit} other kind(s)" if len(kinds) > limit else ""
+        return (f"{self.errors} of {self.rows} predictions in {path} are errors: {shown}{more}. "
+                f"Fix the cause and rerun: only the rows in error are predicted again")
+
+
+def summarise_errors(path: Path) -> ErrorSummary:
+    rows = list(latest_rows(read_done(path, repair=False)).values())
+    by_kind: dict[str, tuple[int, str]] = {}
+    for row in rows:
+        if row.get("error") is None:
+            continue
+        message = str(row["error"])
+        kind = message.split(":", 1)[0]
+        count, first = by_kind.get(kind, (0, f"{row['id']}: {message}"))
+        by_kind[kind] = (count + 1, first)
+    return ErrorSummary(len(rows), sum(count for count, _ in by_kind.values()), by_kind)
+
+
+def check_error_rate(path: Path, max_error_rate: float) -> ErrorSummary:
+    """The file's error summary; :class:`PredictionErrors` when its error rate exceeds ``max_error_rate``."""
+    summary = summarise_errors(path)
+    if summary.errors and summary.rate > max_error_rate:
+        raise PredictionErrors(summary.describe(path) + f" (predict.max_error_rate is {max_error_rate:g})")
+    return summary
+
+
+def _rows_to_predict(batch: Sequence[Record], latest: dict[str, dict[str, Any]]) -> list[Record]:
+    """The records of one fixed input batch that this run predicts.
+
+    A batch that never completed is predicted whole, done rows included, so that it keeps the composition (and
+    the padding) an uninterrupted run gives it; rows that failed are retried on their own.
+    """
+    pending = [record for record in batch
+               if record.id not in latest or latest[record.id].get("error") is not None]
+    if any(record.id in latest for record in pending):
+        return pending
+    return list(batch) if pending else []
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -468,7 +565,10 @@ def _barrier(world: int) -> None:
 
 def run_predict(config: Config, mode: str | None = None, data: Path | None = None, out: Path | None = None,
                 model_path: str | None = None, quiet: bool = False) -> Path:
-    """Predict every record of ``data`` into ``out`` (resuming), and return ``out``."""
+    """Predict every record of ``data`` into ``out`` (resuming, retrying rows in error), and return ``out``.
+
+    Whether the rows left in error are acceptable is the caller's question: see :func:`check_error_rate`.
+    """
     mode = mode or config.predict.mode
     if mode not in MODES:
         raise ValueError(f"unknown predict mode {mode!r}; expected one of {MODES}")
@@ -477,6 +577,8 @@ def run_predict(config: Config, mode: str | None = None, data: Path | None = Non
     if not data.is_file():
         raise FileNotFoundError(f"{data} not found: run `surgvqa prepare` first (or pass --data)")
     records = read_records(data)
+    if not records:
+        raise ValueError(f"{data}: no records to predict (an empty split: prepare needs more images)")
     model_path = model_path or default_model_path(config)
     rank, world, owns_group = _distributed()
     try:
@@ -485,21 +587,22 @@ def run_predict(config: Config, mode: str | None = None, data: Path | None = Non
             merge_rank_files(out, records)  # the shards of an interrupted multi-process run
         target = rank_file(out, rank) if world > 1 else out
         # Under several ranks the merged file of an earlier run is read-only here: rank 0 rewrites it at the end.
-        done = {row["id"] for row in read_done(out, repair=False)} if world > 1 else set()
-        done |= {row["id"] for row in read_done(target)}
-        pending = [record for record in records[rank::world] if record.id not in done]
-
-        predictor: Predictor | None = None
+        earlier = read_done(out, repair=False) if world > 1 else []
+        latest = latest_rows([*earlier, *read_done(target)])
+        shard = records[rank::world]
+        batch_size = config.predict.batch_size
+        batches = [batch for start in range(0, len(shard), batch_size)
+                   if (batch := _rows_to_predict(shard[start:start + batch_size], latest))]
+        predictors: list[Predictor] = []  # loaded on first use: a finished file needs no model
 
         def get_predictor() -> Predictor:
-            nonlocal predictor
-            if predictor is None:
+            if not predictors:
                 model, processor = load_for_prediction(config, model_path, quiet=quiet)
-                predictor = Predictor(model, processor, config, data.parent)
-            return predictor
+                predictors.append(Predictor(model, processor, config, data.parent))
+            return predictors[0]
 
         # Decided from what every rank sees alike, because calibration ends with a barrier.
-        scope = records if world > 1 else pending
+        scope = records if world > 1 else [record for batch in batches for record in batch]
         if mode == "rank" and config.predict.multi_label_rank == "threshold" \
                 and any(is_closed(r) and r.multi_label for r in scope):
             val = data.parent / "val.jsonl"
@@ -508,25 +611,27 @@ def run_predict(config: Config, mode: str | None = None, data: Path | None = Non
         else:
             threshold = None
 
-        batch_size = config.predict.batch_size
-        progress = tqdm(total=len(pending), desc=f"predict ({mode})", unit="record", disable=quiet or rank != 0)
-        with target.open("a", encoding="utf-8") as handle:
-            for start in range(0, len(pending), batch_size):
-                chunk = pending[start:start + batch_size]
-                active = get_predictor()
-                active.threshold = threshold
-                outcomes = active.predict_batch(chunk, mode)
-                for record, outcome in zip(chunk, outcomes):
-                    row = prediction_row(record, _image_reference(record, data.parent, out.parent), outcome, mode)
-                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-                handle.flush()
-                progress.update(len(chunk))
+        progress = tqdm(total=sum(map(len, batches)), desc=f"predict ({mode})", unit="record",
+                        disable=quiet or rank != 0)
+        for batch in batches:
+            predictor = get_predictor()
+            predictor.threshold = threshold
+            outcomes = predictor.predict_batch(batch, mode)
+            text = "".join(json.dumps(prediction_row(record, _image_reference(record, data.parent, out.parent),
+                                                     outcome, mode), ensure_ascii=False) + "\n"
+                           for record, outcome in zip(batch, outcomes))
+            # A kill in the middle of an append: half a batch of lines reaches the disk.
+            failpoint("predict.append", partial(append_lines, target, [text[: len(text) // 2]]))
+            append_lines(target, [text])
+            progress.update(len(batch))
         progress.close()
         if world > 1:
             _barrier(world)
             if rank == 0:
                 merge_rank_files(out, records)
             _barrier(world)
+        else:
+            write_in_input_order(out, latest_rows(read_done(out)), records)
     finally:
         if owns_group:
             import torch.distributed as dist

@@ -174,6 +174,7 @@ def rich_tables(metrics: dict) -> list[Any]:
     from rich.table import Table
 
     ci = _confidence_label(metrics)
+    banner = error_banner(metrics)
     table = Table(title=f"Accuracy per question type, % [{ci}]")
     for column, justify in (
         ("type", "left"),
@@ -195,7 +196,7 @@ def rich_tables(metrics: dict) -> list[Any]:
         table.add_row(*with_ci(row), end_section=last_of_group)
     for row in _average_rows(metrics):
         table.add_row(*with_ci(row), style="bold")
-    out: list[Any] = [table]
+    out: list[Any] = [f"[bold red]{escape(banner)}[/bold red]", table] if banner else [table]
 
     text = Table(title="Text metrics on the raw text (0-1)")
     items = _text_metric_items(metrics)
@@ -234,6 +235,19 @@ def rich_tables(metrics: dict) -> list[Any]:
     return out
 
 
+def error_banner(metrics: dict) -> str | None:
+    """A warning for predictions that failed (unreadable image, out of memory, ...): their rows count as wrong, so
+    the accuracies understate the model; the banner keeps a reader from taking them at face value."""
+    errors = metrics.get("n_errors", 0)
+    if not errors:
+        return None
+    share = 100 * errors / max(metrics.get("n", 0), 1)
+    first = metrics.get("errors") or [{}]
+    example = f" First: {first[0].get('id')}: {first[0].get('error')}" if first[0] else ""
+    return (f"{errors} of {metrics.get('n', 0)} predictions ({share:.1f} %) are errors, scored as wrong: these "
+            f"accuracies understate the model. Rerun `surgvqa predict` to retry them.{example}")
+
+
 def _md_table(header: list[str], rows: Iterable[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
@@ -249,6 +263,7 @@ def markdown_report(metrics: dict) -> str:
             f"{metrics.get('n_errors', 0)} prediction error(s) (scored as wrong). Accuracies in %, {ci} "
             "from a stratified bootstrap.\n"
         ),
+        *([f"> **Warning:** {error_banner(metrics)}\n"] if error_banner(metrics) else []),
         "## Per question type\n",
         _md_table(*_per_type_table(metrics, f"strict {ci}", f"tolerant {ci}")),
     ]
@@ -557,7 +572,8 @@ def _png_uri(data: bytes) -> str:
 _CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:24px auto;max-width:1200px;
 color:#222;padding:0 16px}
-h1{margin-bottom:4px}h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:32px}
+h1{margin-bottom:4px}.banner{background:#fde8e8;border:1px solid #c62828;color:#8e0000;padding:8px 12px;
+margin:12px 0;font-weight:600}h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:32px}
 table{border-collapse:collapse;margin:8px 0;font-size:14px}
 th,td{border:1px solid #ddd;padding:4px 8px;text-align:right}th{background:#f3f5f8}
 td.l,th.l{text-align:left}tr.agg td{font-weight:600;background:#fafafa}
@@ -617,6 +633,9 @@ def render_html(
             f"{metrics.get('n_empty_predictions', 0)} empty prediction(s) (both scored as wrong)</p>"
         ),
     ]
+    banner = error_banner(metrics)
+    if banner:
+        out.append(f'<div class="banner" id="error-banner" role="alert">{_e(banner)}</div>')
     closed = metrics["per_type"].get(CLOSED_ALL, {})
     cards = [
         ("micro strict", overall["micro_strict"], overall["micro_strict_ci"]),

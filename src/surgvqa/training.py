@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import json
 import logging
 import os
@@ -20,6 +21,8 @@ import re
 import resource
 import shutil
 import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +35,16 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from surgvqa.config import Config, LoraConfig
 from surgvqa.dataset import TrainingCollator, VQADataset
+from surgvqa.faults import failpoint
+from surgvqa.io import append_lines, atomic_write_text, iter_jsonl, replace_directory
 from surgvqa.masking import IGNORE_INDEX
-from surgvqa.modeling import load_model, load_processor, register_sentinel_tokens, resolve_model_path
+from surgvqa.modeling import (
+    load_adapter,
+    load_model,
+    load_processor,
+    register_sentinel_tokens,
+    resolve_model_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +125,10 @@ class SupervisedOnlyTrainer(Trainer):
                                             for (lr, decay_rate), params in ordered], **optimizer_kwargs)
         return super().create_optimizer(model)
 
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        failpoint("train.checkpoint")  # weights and optimizer written, trainer state not yet: a half checkpoint
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         model = model if model is not None else self.model
         unwrapped = self.accelerator.unwrap_model(model)
@@ -169,51 +184,79 @@ class FileLogCallback(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         row = {"step": state.global_step, **logs}
-        with self.jsonl.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row) + "\n")
+        append_lines(self.jsonl, [json.dumps(row) + "\n"])
         if "loss" in logs:
             new = not self.csv.exists()
-            with self.csv.open("a", newline="", encoding="utf-8") as handle:
-                writer = csv.DictWriter(handle, fieldnames=self.FIELDS, extrasaction="ignore")
-                if new:
-                    writer.writeheader()
-                writer.writerow(row)
+            buffer = io.StringIO()
+            writer = csv.DictWriter(buffer, fieldnames=self.FIELDS, extrasaction="ignore", lineterminator="\n")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+            append_lines(self.csv, [buffer.getvalue()])
 
 
 class PreemptionCallback(TrainerCallback):
-    """SIGTERM / SIGUSR1 set a flag; at the next step end the Trainer saves a checkpoint and stops."""
+    """SIGTERM / SIGUSR1 (SLURM pre-emption) and a first Ctrl-C set a flag; at the next step end the Trainer saves
+    a checkpoint and stops, so the rerun continues from it. A second Ctrl-C interrupts at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
-        for signum in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(signum, self._handle)
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():  # signal handlers belong to the main thread
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
 
     def _handle(self, signum: int, _frame: Any) -> None:
+        if signum == signal.SIGINT and self.signal_name == "SIGINT":
+            raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            print("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to stop at once)",
+                  file=sys.stderr, flush=True)
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
 
     def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **_: Any) -> Any:
+        failpoint("train.step")
         if self.signal_name:
             control.should_save = True
             control.should_training_stop = True
         return control
 
 
-def latest_complete_checkpoint(folder: Path) -> str | None:
-    """The newest checkpoint whose trainer state was written (HF writes it last): a run killed while saving
-    leaves a half-written folder that must not be resumed from."""
+def _is_complete_checkpoint(path: Path) -> bool:
+    """HF writes the weights first and ``trainer_state.json`` last (not atomically): a folder killed while saving
+    lacks the state, holds a torn one, or lacks its weights."""
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+    return isinstance(state, dict) and state.get("global_step") == int(path.name.split("-")[1]) and weights
+
+
+def latest_complete_checkpoint(folder: Path, *, discard_incomplete: bool = False) -> str | None:
+    """The newest complete checkpoint; with ``discard_incomplete``, newer half-written ones are deleted so that
+    the resumed run can save its own checkpoint at that step again."""
     if not folder.is_dir():
         return None
     steps = sorted((int(path.name.split("-")[1]), path) for path in folder.glob("checkpoint-*")
                    if path.name.split("-")[1].isdigit())
     for _, path in reversed(steps):
-        if (path / "trainer_state.json").is_file():
+        if _is_complete_checkpoint(path):
             return str(path)
+        if discard_incomplete:
+            log.warning("%s was not completely saved (interrupted); resuming from the one before", path)
+            shutil.rmtree(path, ignore_errors=True)
     return None
 
 
 def truncate_logs(run_dir: Path, last_step: int) -> None:
     """Drop log rows past the checkpoint being resumed, so the history continues without duplicates."""
-    from surgvqa.io import atomic_write_text, iter_jsonl
 
     jsonl = run_dir / "train_log.jsonl"
     if jsonl.exists():
@@ -222,7 +265,8 @@ def truncate_logs(run_dir: Path, last_step: int) -> None:
     table = run_dir / "train_log.csv"
     if table.exists():
         with table.open(newline="", encoding="utf-8") as handle:
-            rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= last_step]
+            rows = [row for row in csv.DictReader(handle)
+                    if (row.get("step") or "").isdigit() and int(row["step"]) <= last_step]
         lines = [",".join(FileLogCallback.FIELDS)]
         lines += [",".join(row.get(field, "") or "" for field in FileLogCallback.FIELDS) for row in rows]
         atomic_write_text(table, "\n".join(lines) + "\n")
@@ -303,15 +347,12 @@ class TrainResult:
 
 
 def save_trained(model: Any, processor: Any, target: Path) -> Path:
-    """Save the adapter (LoRA) or the full model, with its processor, atomically into ``target``."""
+    """Save the adapter (LoRA) or the full model, with its processor, beside ``target`` and swap it in."""
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
     processor.save_pretrained(partial)
-    if target.exists():
-        shutil.rmtree(target)
-    partial.rename(target)
-    return target
+    return replace_directory(partial, target)
 
 
 def train(config: Config, *, resume: bool = False, callbacks: list[TrainerCallback] | None = None) -> TrainResult:
@@ -334,18 +375,23 @@ def train(config: Config, *, resume: bool = False, callbacks: list[TrainerCallba
         vision_lr=config.train.vision_lr,
         callbacks=[FileLogCallback(run_dir), preemption, *(callbacks or [])],
     )
-    last = latest_complete_checkpoint(checkpoints) if resume else None
+    last = latest_complete_checkpoint(checkpoints, discard_incomplete=True) if resume else None
     if resume and last is None:
-        log.warning("--resume: no checkpoint in %s; starting from the first step", checkpoints)
+        log.warning("--resume: no complete checkpoint in %s; starting from the first step", checkpoints)
     if last is None:
         for name in ("train_log.jsonl", "train_log.csv"):
             (run_dir / name).unlink(missing_ok=True)
     else:
-        truncate_logs(run_dir, int(Path(last).name.rsplit("-", 1)[1]))
-    output = trainer.train(resume_from_checkpoint=last)
+        step = int(Path(last).name.rsplit("-", 1)[1])
+        truncate_logs(run_dir, step)
+        print(f"continuing training from {last} (step {step})", file=sys.stderr, flush=True)
+    try:
+        output = trainer.train(resume_from_checkpoint=last)
+    finally:
+        preemption.restore()
     if preemption.signal_name:
         raise Preempted(f"{preemption.signal_name}: checkpoint saved in {checkpoints} at step "
-                        f"{trainer.state.global_step}; rerun with --resume to continue")
+                        f"{trainer.state.global_step}; rerun the same command (`surgvqa run`, or `surgvqa train --resume`) to continue")
     model_dir = run_dir / "model"
     if trainer.is_world_process_zero():
         save_trained(trainer.model, processor, model_dir)
@@ -354,14 +400,12 @@ def train(config: Config, *, resume: bool = False, callbacks: list[TrainerCallba
 
 def merge_adapter(config: Config, adapter_dir: Path, out_dir: Path) -> Path:
     """Fold a LoRA adapter into its base model and save a plain model directory."""
-    from peft import PeftModel
-
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter_dir} holds no adapter_config.json: not a LoRA adapter directory")
     base_path = resolve_model_path(config)
     processor = load_processor(str(adapter_dir) if (adapter_dir / "tokenizer.json").exists() else base_path,
                                config.model, config.masking.strategy)
     base = load_model(base_path, config, processor, for_training=False)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged = load_adapter(base, adapter_dir, base_path).merge_and_unload()
     return save_trained(merged, processor, out_dir)
 

@@ -1,0 +1,121 @@
+"""Fault injection: `surgvqa run` killed at seeded points of every stage, rerun until it completes, ends with the
+predictions and metrics of an uninterrupted run, with no id lost or duplicated.
+
+Each kill is a real SIGKILL (or SIGINT) sent by the process to itself at a failpoint (``surgvqa.faults``), so no
+cleanup code runs: what survives is what was on disk at that instant.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from surgvqa.faults import ENVIRONMENT_VARIABLE
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(900)
+
+MAX_STEPS = 6
+SAVE_STEPS = 2
+
+
+def _settings(output_dir: Path, cache: Path) -> list[str]:
+    """A run small enough to be killed a dozen times: 20 synthetic images, 6 training steps, a checkpoint every 2."""
+    settings = [f"output_dir={output_dir}", "run_name=faults", f"cache_dir={cache}", "data.synthetic.images=20",
+                f"train.max_steps={MAX_STEPS}", f"train.save_steps={SAVE_STEPS}", "train.logging_steps=1",
+                "train.per_device_batch_size=8", "predict.batch_size=8", "evaluate.bootstrap_samples=200"]
+    return [arg for item in settings for arg in ("--set", item)]
+
+
+def _surgvqa_run(output_dir: Path, cache: Path, failpoint: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO / "src")}
+    env.pop(ENVIRONMENT_VARIABLE, None)
+    if failpoint:
+        env[ENVIRONMENT_VARIABLE] = failpoint
+    return subprocess.run([sys.executable, "-m", "surgvqa", "run", "--skip-sanity", *_settings(output_dir, cache)],
+                          env=env, capture_output=True, text=True, timeout=600, check=False)
+
+
+def _kill_points(seed: int) -> list[tuple[str, int]]:
+    """(failpoint, expected exit code) in pipeline order, the hit of each drawn from a seeded generator."""
+    rng = random.Random(seed)
+    return [
+        (f"prepare/io.write:{rng.randint(1, 5)}", -signal.SIGKILL),  # prepared.partial half written
+        (f"train/train.step:{rng.randint(1, SAVE_STEPS)}", -signal.SIGKILL),  # before the first checkpoint
+        (f"train/train.step:{rng.randint(SAVE_STEPS + 1, MAX_STEPS - 1)}", -signal.SIGKILL),  # resumes from one
+        ("train/train.checkpoint:1", -signal.SIGKILL),  # killed while saving a checkpoint
+        ("train/train.step:1:INT", 130),  # Ctrl-C: a checkpoint is saved, the rerun continues
+        (f"baseline/predict.append:{rng.randint(1, 3)}", -signal.SIGKILL),  # a torn predictions line
+        (f"predict/predict.append:{rng.randint(1, 3)}", -signal.SIGKILL),
+        (f"evaluate/io.write:{rng.randint(1, 4)}", -signal.SIGKILL),  # between metrics.json and the report
+    ]
+
+
+def _comparable_metrics(path: Path, run_dir: Path) -> dict:
+    """metrics.json without what differs between two run folders by nature: paths and timings."""
+    text = path.read_text(encoding="utf-8").replace(str(run_dir.resolve()), "<run>").replace(str(run_dir), "<run>")
+    metrics = json.loads(text)
+    metrics.pop("outputs", None)
+    return metrics
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model_dir, session_cache) -> Path:
+    """The same run, never interrupted."""
+    output_dir = tmp_path_factory.mktemp("reference")
+    result = _surgvqa_run(output_dir, session_cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir / "faults"
+
+
+def test_a_run_killed_in_every_stage_ends_as_an_uninterrupted_run(reference, tmp_path, session_cache):
+    stderr_after: dict[str, str] = {}  # failpoint -> what the next run printed
+    previous = None
+    for point, expected in _kill_points(seed=13):
+        result = _surgvqa_run(tmp_path, session_cache, point)
+        place, hit = point.split(":")[:2]
+        assert result.returncode == expected, (point, result.returncode, result.stderr[-3000:])
+        assert f"failpoint {place} (hit {hit})" in result.stderr, result.stderr[-3000:]
+        if previous is not None:
+            stderr_after[previous] = result.stderr
+        previous = point
+    final = _surgvqa_run(tmp_path, session_cache)
+    assert final.returncode == 0, final.stderr[-3000:]
+    stderr_after[previous] = final.stderr
+    run_dir = tmp_path / "faults"
+
+    points = [point for point, _ in _kill_points(seed=13)]
+    # Killed at the end of step k, before that step's checkpoint: continued from the last one saved before it.
+    killed_at = int(points[2].split(":")[1])
+    saved = (killed_at - 1) // SAVE_STEPS * SAVE_STEPS
+    assert f"continuing training from {tmp_path}/faults/checkpoints/checkpoint-{saved} (step {saved})" \
+        in stderr_after[points[2]]
+    # Killed while saving the next checkpoint: the half-written one is skipped in favour of the one before.
+    after_half_save = stderr_after[points[3]]
+    assert f"checkpoint-{saved + SAVE_STEPS} was not completely saved" in after_half_save
+    assert f"checkpoint-{saved} (step {saved})" in after_half_save
+    # Ctrl-C at the end of the next step saved a checkpoint there, and the rerun went on from it.
+    assert f"checkpoint-{saved + 1} (step {saved + 1})" in stderr_after[points[4]]
+
+    for name in ("predictions.jsonl", "predictions.untrained.jsonl"):
+        rows, expected_rows = _rows(run_dir / name), _rows(reference / name)
+        ids = [row["id"] for row in rows]
+        assert len(ids) == len(set(ids)), f"{name}: duplicated ids"
+        assert ids == [row["id"] for row in expected_rows], f"{name}: ids missing or out of order"
+        assert rows == expected_rows, name
+    assert _comparable_metrics(run_dir / "metrics.json", run_dir) == \
+        _comparable_metrics(reference / "metrics.json", reference)
+    # Training continued from its checkpoints: one history, each step once, ending at MAX_STEPS.
+    steps = [json.loads(line)["step"] for line in (run_dir / "train_log.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == sorted(set(steps)) and steps[-1] == MAX_STEPS

@@ -1,0 +1,48 @@
+"""Rows that failed to predict are never scored silently: `run` refuses to evaluate them past
+predict.max_error_rate, and `evaluate` says so in its output, its Markdown and its report."""
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from surgvqa import pipeline
+from surgvqa.cli import app
+from surgvqa.config import load_config
+
+
+def _write_predictions(path: Path, rows: int, errors: int) -> None:
+    lines = []
+    for index in range(rows):
+        failed = index < errors
+        lines.append({"id": f"r{index}", "img_id": "i", "question": "Is there text?", "question_type": "yes_no",
+                      "template": 1, "answer": "yes", "prediction": None if failed else "yes",
+                      "error": "ValueError: r0: cannot read image x.png" if failed else None})
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def test_the_pipeline_stops_before_evaluating_predictions_with_errors(tmp_path, monkeypatch, capsys):
+    import surgvqa.predict
+
+    out = tmp_path / "predictions.jsonl"
+    monkeypatch.setattr(surgvqa.predict, "run_predict", lambda config, out, **_: _write_predictions(out, 10, 1))
+    config = load_config(None, [f"output_dir={tmp_path}"])
+    with pytest.raises(pipeline.PipelineStop, match=r"1 of 10 predictions .* the predictions are not evaluated"):
+        pipeline._predictions(config, out, "model", True, False)
+    accepting = load_config(None, [f"output_dir={tmp_path}", "predict.max_error_rate=0.1"])
+    pipeline._predictions(accepting, out, "model", True, False)
+    assert "1 of 10 rows in error, within predict.max_error_rate" in capsys.readouterr().out
+
+
+def test_evaluate_puts_a_banner_with_the_error_count_in_its_output_and_report(tmp_path):
+    predictions = tmp_path / "predictions.jsonl"
+    _write_predictions(predictions, 30, 3)
+    result = CliRunner().invoke(app, ["evaluate", "--predictions", str(predictions), "--out", str(tmp_path),
+                                      "--set", f"output_dir={tmp_path}"])
+    assert result.exit_code == 0, result.output
+    banner = "3 of 30 predictions (10.0 %) are errors, scored as wrong"
+    assert banner in " ".join(result.output.split())  # the terminal may wrap the line
+    assert banner in (tmp_path / "report.html").read_text()
+    assert 'id="error-banner"' in (tmp_path / "report.html").read_text()
+    assert f"**Warning:** {banner}" in (tmp_path / "metrics.md").read_text()
