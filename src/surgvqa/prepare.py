@@ -26,7 +26,7 @@ from typing import Any
 from PIL import Image
 from tqdm.auto import tqdm
 
-from surgvqa.chat import render_training
+from surgvqa.chat import render_training, training_target
 from surgvqa.config import Config
 from surgvqa.data.images import ImageProblem, decode_image
 from surgvqa.data.records import SPLITS, Record, write_records
@@ -40,7 +40,7 @@ from surgvqa.data.schema import (
 )
 from surgvqa.data.sources import RawRow, SourceError, iter_raw_rows
 from surgvqa.data.split import split_images
-from surgvqa.io import atomic_write_json, recover_directory, replace_directory, write_jsonl
+from surgvqa.io import atomic_write_json, atomic_write_text, recover_directory, replace_directory, write_jsonl
 
 REJECT_REASONS = {
     "not_utf8": "line is not valid UTF-8",
@@ -90,7 +90,7 @@ def synthetic_source(config: Config) -> Path:
     marker = folder / ".complete"
     if not marker.exists():
         make_synthetic(folder, images=settings.images, seed=settings.seed, image_size=settings.image_size)
-        marker.write_text("ok\n")
+        atomic_write_text(marker, "ok\n")
     return next(folder.glob("*.parquet"))
 
 
@@ -263,7 +263,9 @@ class SampleLengths:
 
     def text_tokens(self, record: Record) -> int:
         """Tokens of the rendered conversation other than the image's (its one placeholder excluded)."""
-        key = (record.question, record.answer, record.question_type, tuple(record.candidates), record.source)
+        # Keyed by what the rendering reads; Kvasir repeats a few thousand question/answer pairs over 58k rows.
+        key = (record.question, training_target(record, self.prompt), record.question_type,
+               tuple(record.candidates), record.source)
         if key not in self._text_tokens:
             rendered = render_training(self.processor, record, self.prompt, self.strategy)
             self._text_tokens[key] = len(self.processor.tokenizer(rendered.text)["input_ids"]) - 1
