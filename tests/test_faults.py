@@ -116,6 +116,8 @@ def test_a_run_killed_in_every_stage_ends_as_an_uninterrupted_run(reference, tmp
     assert _comparable_metrics(run_dir / "metrics.json", run_dir) == \
         _comparable_metrics(reference / "metrics.json", reference)
     # Training continued from its checkpoints: one history, each step once, ending at MAX_STEPS.
-    steps = [json.loads(line)["step"] for line in (run_dir / "train_log.jsonl").read_text().splitlines()
-             if "loss" in json.loads(line)]
+    history = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    steps = [row["step"] for row in history if "loss" in row]
     assert steps == sorted(set(steps)) and steps[-1] == MAX_STEPS
+    resumed = [row["checkpoint"] for row in history if row.get("event") == "resumed"]
+    assert resumed == [f"checkpoint-{saved}", f"checkpoint-{saved}", f"checkpoint-{saved + 1}"]

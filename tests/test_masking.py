@@ -114,6 +114,11 @@ def test_over_long_sample_is_rejected_not_truncated(processors, image):
     config = _settings("span", "masking.max_length=40")
     with pytest.raises(SampleTooLong, match=r"r1: \d+ tokens exceed masking.max_length=40"):
         encode_example(processors["span"], _record("pink"), image, config.prompt, config.masking)
+    # The advice follows the cause: a long question is not fixed by fewer image tokens.
+    wordy = _record("pink")
+    wordy.question = "Is there text? " * 200
+    with pytest.raises(SampleTooLong, match=r"the text is too long \(\d+ text tokens\): shorten the question"):
+        encode_example(processors["span"], wordy, image, config.prompt, config.masking)
 
 
 def test_labels_from_offsets_reports_straddling_tokens():

@@ -71,9 +71,14 @@ def encode_example(processor: Any, record: Record, image: Image.Image, prompt: P
     offsets, replacements = _offsets_and_replacements(encoding)
     input_ids = encoding["input_ids"][0]
     if len(input_ids) > masking.max_length:
+        image_tokens = int((input_ids == processor.tokenizer.convert_tokens_to_ids(processor.image_token)).sum())
+        text_tokens = len(input_ids) - image_tokens
+        cause = (f"the text is too long ({text_tokens} text tokens): shorten the question or answer"
+                 if text_tokens >= image_tokens else
+                 f"the image takes {image_tokens} tokens: lower model.max_pixels")
         raise SampleTooLong(f"{record.id}: {len(input_ids)} tokens exceed masking.max_length={masking.max_length}; "
-                            f"lower model.max_pixels (image tokens) or raise max_length — samples are never "
-                            f"truncated through image tokens")
+                            f"{cause}, or raise masking.max_length (samples are never truncated through image "
+                            f"tokens)")
     spans = shift_for_expansion(supervised_char_spans(rendered, masking.strategy), replacements)
     token_labels = labels_from_offsets(input_ids.tolist(), offsets, spans)
     features = {key: value[0] if key in ("input_ids", "attention_mask", "mm_token_type_ids") else value

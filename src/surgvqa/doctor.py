@@ -339,6 +339,7 @@ def check_image_tokens(report: DoctorReport, config: Config, model_ok: bool) -> 
     if not model_ok:
         report.add("image tokens", "warn", "skipped: the model is not readable (see the model check)")
         return
+    from surgvqa.data.images import allowed_image_roots
     from surgvqa.data.records import Record
     from surgvqa.dataset import SampleTooLong, encode_example, load_image
     from surgvqa.io import iter_jsonl
@@ -351,7 +352,8 @@ def check_image_tokens(report: DoctorReport, config: Config, model_ok: bool) -> 
             return
         record = Record.from_json(first, origin=f"{data}:1")
         processor = load_processor(resolve_model_path(config), config.model, config.masking.strategy)
-        example = encode_example(processor, record, load_image(record, data.parent), config.prompt, config.masking)
+        example = encode_example(processor, record, load_image(record, data.parent, roots=allowed_image_roots(config, data.parent)),
+                                 config.prompt, config.masking)
     except SampleTooLong as exc:
         report.add("image tokens", "fail", str(exc), "lower model.max_pixels or raise masking.max_length")
         return

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from surgvqa.chat import ANSWER_CLOSE, ANSWER_OPEN, END_OF_TURN
 from surgvqa.config import Config
+from surgvqa.data.images import allowed_image_roots
 from surgvqa.data.records import Record, image_path, read_records
 from surgvqa.data.schema import OPEN_ENDED, label_set, normalize_answer
 from surgvqa.dataset import collate, encode_prompt, load_image
@@ -169,7 +170,7 @@ class Predictor:
     # -- inputs ----------------------------------------------------------------------------------------------
 
     def encode(self, record: Record) -> dict[str, torch.Tensor]:
-        image = load_image(record, self.base_dir)
+        image = load_image(record, self.base_dir, roots=allowed_image_roots(self.config, self.base_dir))
         return encode_prompt(self.processor, record, image, self.config.prompt, self.strategy)
 
     def batch(self, features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

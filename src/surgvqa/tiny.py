@@ -19,6 +19,8 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
+from surgvqa.io import replace_directory
+
 # The Qwen2 pre-tokenizer regex. It differs from tiktoken's cl100k default in `\p{N}` (single digits, not
 # runs of up to three), which changes how every number in an answer ("5mm", "11-20") is split.
 QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -249,15 +251,16 @@ def build_tiny_model(
         tokenizer.save_pretrained(tmp)
         (tmp / "chat_template.jinja").write_text(chat_template(), encoding="utf-8")
         (tmp / _MARKER).write_text(f"{arch} seed={seed} min_pixels={min_pixels} max_pixels={max_pixels}\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        try:
-            os.replace(tmp, out_dir)
-        except OSError:
-            # Another process (e.g. a second rank) finished the same build first: same seed, same bytes.
-            if not (out_dir / _MARKER).is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
+        if out_dir.exists() and not (out_dir / _MARKER).is_file():
+            replace_directory(tmp, out_dir)  # a folder without the marker is unfinished: swapped out
+        else:
+            try:
+                os.replace(tmp, out_dir)
+            except OSError:
+                # Another process (e.g. a second rank) finished the same build first: same seed, same bytes.
+                if not (out_dir / _MARKER).is_file():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -385,6 +385,9 @@ def train(config: Config, *, resume: bool = False, callbacks: list[TrainerCallba
         step = int(Path(last).name.rsplit("-", 1)[1])
         truncate_logs(run_dir, step)
         print(f"continuing training from {last} (step {step})", file=sys.stderr, flush=True)
+        if trainer.is_world_process_zero():  # the history says where it continued, so a restart cannot hide
+            append_lines(run_dir / "train_log.jsonl",
+                         [json.dumps({"step": step, "event": "resumed", "checkpoint": Path(last).name}) + "\n"])
     try:
         output = trainer.train(resume_from_checkpoint=last)
     finally:

@@ -83,6 +83,8 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from surgvqa.io import atomic_write_text
+
 PARQUET_NAME = "kvasir_vqa_synthetic.parquet"
 
 SOURCES = ("Ulcerative Colitis", "Polyps", "Esophagitis", "Instrument", "Normal")
@@ -635,7 +637,8 @@ def make_synthetic(out_dir: str | Path, images: int = 300, seed: int = 0, image_
         bar.close()
         if tmp.exists():
             tmp.unlink()
-    (out_dir / "README.txt").write_text(
+    atomic_write_text(
+        out_dir / "README.txt",
         "Synthetic Kvasir-VQA look-alike written by surgvqa.data.synthetic.make_synthetic\n"
         f"images={images} seed={seed} image_size={image_size} rows={n_rows}\n"
         "Schema and questions as SimulaMet-HOST/Kvasir-VQA (image struct<bytes,path> PNG, source, question,\n"
