@@ -398,3 +398,17 @@ def test_parquet_list_answer_becomes_a_multi_label_answer(tmp_path, tiny_model_d
     result = prepare(_config(tmp_path, path, tiny_model_dir), quiet=True)
     records = [r for name in ("train", "val", "test") for r in read_records(result.prepared_dir / f"{name}.jsonl")]
     assert len(records) == GOOD_IMAGES and {r.answer for r in records} == {"red; pink"}
+
+
+def test_embedded_images_with_a_reused_img_id_are_conflicts_every_time(tmp_path, tiny_model_dir):
+    images = [_encoded(Image.new("RGB", (32, 32), (12 * i, 60, 90)), "PNG") for i in range(GOOD_IMAGES)]
+    other = _encoded(Image.new("RGB", (32, 32), (255, 255, 0)), "PNG")
+    rows = [{"image": data, "question": QUESTION, "answer": "no", "img_id": f"p{i}"} for i, data in enumerate(images)]
+    rows += [{"image": other, "question": f"How many polyps are in the image? {n}", "answer": "1", "img_id": "p0"}
+             for n in range(2)]  # consecutive rows with the same other bytes: both conflict
+    rows.append({"image": images[1], "question": "How many polyps are in the image?", "answer": "1", "img_id": "p1"})
+    result = prepare(_config(tmp_path, _write_parquet(tmp_path / "reused.parquet", rows), tiny_model_dir), quiet=True)
+    conflicts = [item for item in _rejects(result.prepared_dir) if item["reason"] == "img_id_conflict"]
+    assert [item["origin"] for item in conflicts] == ["reused.parquet row 12", "reused.parquet row 13"]
+    assert "first read at reused.parquet row 0" in conflicts[0]["detail"]
+    assert sum(result.counts.values()) == GOOD_IMAGES + 1

@@ -180,15 +180,19 @@ class _ImageStore:
             if raw.image_bytes is not None and self._previous == (img_id, raw.image_bytes):
                 return known
         image = self._load(raw)
-        if raw.image_bytes is not None:
-            self._previous = (img_id, raw.image_bytes)
+        image.origin, image.path = raw.origin, raw.image_file
         if known is None:
             self.by_id[img_id] = image
+        elif not image.digest:  # this row's own file could not be read
             return image
-        if image.digest and image.digest != known.digest:
+        elif image.digest != known.digest:
             return _StoredImage("img_id_conflict", f"img_id {img_id!r} was first read at {known.origin} with "
                                                    f"different image bytes; give each image its own img_id")
-        return known if image.problem is None else image
+        else:
+            image = known
+        if raw.image_bytes is not None:
+            self._previous = (img_id, raw.image_bytes)
+        return image
 
     def _load(self, raw: RawRow) -> _StoredImage:
         if raw.image_bytes is not None:
@@ -209,9 +213,11 @@ class _ImageStore:
             image, image_format = decode_image(data)
         except ImageProblem as exc:
             return _StoredImage(exc.reason, f"{where}: {exc}", digest=digest)
+        # The processor's own size rule: it refuses an aspect ratio over 200 and scales tiny images up to
+        # min_pixels (a 1x1 image encodes as 4 tokens), so tiny images are kept.
         try:
             tokens = self.image_tokens(image.width, image.height)
-        except ValueError as exc:  # the processor's own size rule refuses the image (aspect ratio over 200)
+        except ValueError as exc:
             return _StoredImage("bad_aspect_ratio", f"{where} is {image.width}x{image.height}; the image "
                                                     f"processor refuses it ({exc})", digest=digest)
         if raw.image_file is not None:
@@ -219,8 +225,7 @@ class _ImageStore:
         else:
             reference = f"images/{_safe_name(raw.img_id)}.{image_format.replace('jpeg', 'jpg')}"
             (self.images_dir.parent / reference).write_bytes(data)
-        return _StoredImage(None, reference=reference, digest=digest, path=raw.image_file, origin=raw.origin,
-                            image_tokens=tokens)
+        return _StoredImage(None, reference=reference, digest=digest, image_tokens=tokens)
 
 
 class SampleLengths:
