@@ -365,6 +365,8 @@ def test_every_row_rejected_names_counts_reasons_and_an_existing_rejects_file(pr
     listed = re.search(r"listed in (\S+)$", str(caught.value)).group(1)
     assert len(Path(listed).read_text().splitlines()) == 13
     _assert_previous_survives(root, before)
+    prepare(_config(root, root / "good.jsonl", tiny_model_dir), quiet=True)
+    assert not Path(listed).exists()  # a later good run removes the failed run's list
 
 
 def test_too_few_images_for_three_splits_is_an_error_naming_the_counts(previous_run, tiny_model_dir):

@@ -331,6 +331,7 @@ def prepare(config: Config, *, quiet: bool = False) -> PrepareResult:
         shutil.rmtree(work_dir, ignore_errors=True)
         raise
     replace_directory(work_dir, final_dir)
+    (run_dir / FAILED_REJECTS_NAME).unlink(missing_ok=True)  # a failed run's list no longer describes prepared/
     return result
 
 
