@@ -315,7 +315,9 @@ def test_missing_answer_column_is_named(previous_run, tiny_model_dir, fmt):
     with pytest.raises(SourceError) as caught:
         prepare(_config(root, path, tiny_model_dir), quiet=True)
     message = str(caught.value)
-    assert "missing required column(s) 'answer'" in message and path.name in message
+    expected = "no line has the required field(s) 'answer'" if fmt == "jsonl" else \
+        "missing required column(s) 'answer'"
+    assert expected in message and path.name in message
     assert "rejects.jsonl" not in message and "\n" not in message
     _assert_previous_survives(root, before)
 

@@ -39,12 +39,13 @@ def missing_columns(columns: set[str] | list[str]) -> list[str]:
     return [name for name, aliases in REQUIRED_COLUMNS.items() if not present.intersection(aliases)]
 
 
-def _require_columns(columns: set[str] | list[str], where: str) -> None:
+def _require_columns(columns: set[str] | list[str], where: str, *, kind: str = "column") -> None:
     if missing := missing_columns(columns):
-        raise SourceError(f"{where}: missing required column(s) "
+        lead = f"no line has the required {kind}(s)" if kind == "field" else f"missing required {kind}(s)"
+        raise SourceError(f"{where}: {lead} "
                           + ", ".join(f"{name!r} (accepted names: {', '.join(REQUIRED_COLUMNS[name])})"
                                       for name in missing)
-                          + f"; columns found: {', '.join(sorted(columns)) or 'none'}")
+                          + f"; {kind}s found: {', '.join(sorted(columns)) or 'none'}")
 
 
 @dataclass
@@ -198,7 +199,7 @@ def _iter_jsonl(path: Path, root: Path) -> Iterator[RawRow]:
         yield _row_from_mapping(row, origin, root)
     # A key that some rows lack is those rows' problem; a key that no row has is the file's.
     if objects:
-        _require_columns(keys_seen, f"{path} (no line has it)")
+        _require_columns(keys_seen, str(path), kind="field")
 
 
 def _iter_csv(path: Path, root: Path) -> Iterator[RawRow]:
@@ -218,7 +219,7 @@ def _iter_csv(path: Path, root: Path) -> Iterator[RawRow]:
     reader = csv.DictReader(io.StringIO(text))
     if reader.fieldnames is None:
         return  # no header: an empty file, reported by prepare as an empty source
-    _require_columns(reader.fieldnames, f"{path} (header)")
+    _require_columns(reader.fieldnames, f"{path} header")
     for index, row in enumerate(reader):
         yield _row_from_mapping(dict(row), f"{path.name} row {index + 2}", root)
 
