@@ -28,19 +28,13 @@ from tqdm.auto import tqdm
 
 from surgvqa.chat import render_training, training_target
 from surgvqa.config import Config
+from surgvqa.data.answers import is_bad_answer, normalize_answer
 from surgvqa.data.images import ImageProblem, decode_image
 from surgvqa.data.records import SPLITS, Record, write_records
-from surgvqa.data.schema import (
-    QUESTION_TYPES,
-    build_candidate_vocabulary,
-    infer_question_type,
-    is_bad_answer,
-    normalize_answer,
-    typed_record_fields,
-)
-from surgvqa.data.sources import RawRow, SourceError, iter_raw_rows
-from surgvqa.data.split import split_images
+from surgvqa.data.sources import RawRow, SourceError
 from surgvqa.io import atomic_write_json, atomic_write_text, recover_directory, replace_directory, write_jsonl
+from surgvqa.tasks import get_task
+from surgvqa.tasks.base import official_split_name
 
 REJECT_REASONS = {
     "not_utf8": "line is not valid UTF-8",
@@ -54,6 +48,7 @@ REJECT_REASONS = {
     "image_too_large": f"image has more pixels than PIL's decompression-bomb limit ({Image.MAX_IMAGE_PIXELS:,})",
     "unsupported_image_mode": "image mode cannot be converted to RGB",
     "bad_aspect_ratio": "image aspect ratio is beyond what the model's image processor accepts (200:1)",
+    "image_size_refused": "the model's image processor refuses the image's size",
     "img_id_conflict": "same img_id as an earlier row but different image bytes",
     "empty_question": "question is empty",
     "bad_question": "question is not text",
@@ -63,6 +58,7 @@ REJECT_REASONS = {
     "missing_img_id": "no img_id and no image to derive one from",
     "duplicate_row": "same image, question and answer as an earlier row",
 }
+MAX_ASPECT_RATIO = 200  # Qwen2-VL's smart_resize raises above it; used only to name the reason
 REJECTS_KEPT_CHARS = 500  # question/answer text kept per reject: enough to find the row, not a 100 kB copy
 FAILED_REJECTS_NAME = "prepare-rejects.jsonl"  # beside prepared/ when no row survives and no folder is written
 
@@ -92,6 +88,21 @@ def synthetic_source(config: Config) -> Path:
         make_synthetic(folder, images=settings.images, seed=settings.seed, image_size=settings.image_size)
         atomic_write_text(marker, "ok\n")
     return next(folder.glob("*.parquet"))
+
+
+def synthetic_x1_source(config: Config) -> Path:
+    """Build (once) and return the folder of the synthetic Kvasir-VQA-x1 set (``parquet/``, ``save_to_disk/``,
+    and the Kvasir-VQA parquet its images are joined from, ``kvasir-vqa/``)."""
+    from surgvqa.data.synthetic import make_synthetic_x1
+
+    settings = config.data.synthetic
+    folder = Path(config.cache_dir) / (f"synthetic-x1-{settings.images}img-seed{settings.seed}-"
+                                       f"{settings.image_size}px")
+    marker = folder / ".complete"
+    if not marker.exists():
+        make_synthetic_x1(folder, images=settings.images, seed=settings.seed, image_size=settings.image_size)
+        atomic_write_text(marker, "ok\n")
+    return folder
 
 
 def _safe_name(img_id: str) -> str:
@@ -218,8 +229,10 @@ class _ImageStore:
         try:
             tokens = self.image_tokens(image.width, image.height)
         except ValueError as exc:
-            return _StoredImage("bad_aspect_ratio", f"{where} is {image.width}x{image.height}; the image "
-                                                    f"processor refuses it ({exc})", digest=digest)
+            ratio = max(image.size) / min(image.size)
+            reason = "bad_aspect_ratio" if ratio > MAX_ASPECT_RATIO else "image_size_refused"
+            return _StoredImage(reason, f"{where} is {image.width}x{image.height}; the image processor refuses "
+                                        f"it ({exc})", digest=digest)
         if raw.image_file is not None:
             reference = str(raw.image_file)
         else:
@@ -270,7 +283,7 @@ class SampleLengths:
         """Tokens of the rendered conversation other than the image's (its one placeholder excluded)."""
         # Keyed by what the rendering reads; Kvasir repeats a few thousand question/answer pairs over 58k rows.
         key = (record.question, training_target(record, self.prompt), record.question_type,
-               tuple(record.candidates), record.source)
+               tuple(record.candidates), record.source, record.task)
         if key not in self._text_tokens:
             rendered = render_training(self.processor, record, self.prompt, self.strategy)
             self._text_tokens[key] = len(self.processor.tokenizer(rendered.text)["input_ids"]) - 1
@@ -286,7 +299,7 @@ class SampleLengths:
             return None
         text = self.text_tokens(record)
         empty = Record(id=record.id, img_id=record.img_id, image=record.image, question="", answer="",
-                       source=record.source, question_type=record.question_type)
+                       source=record.source, question_type=record.question_type, task=record.task)
         listed = f" with its {len(record.candidates)} listed candidates" if self.prompt.list_candidates and \
             record.candidates else ""
         if self.total(empty, image_tokens) <= self.max_length:
@@ -336,15 +349,15 @@ def prepare(config: Config, *, quiet: bool = False) -> PrepareResult:
 
 
 def _prepare_into(work_dir: Path, final_dir: Path, config: Config, quiet: bool) -> PrepareResult:
-    source = str(synthetic_source(config)) if config.data.source == "synthetic" else config.data.source
-    rows = iter_raw_rows(source, config.data.format, image_root=config.data.image_root,
-                         hub_split=config.data.hub_split, cache_dir=config.cache_dir)
+    task = get_task(config.task)
+    source = task.resolve_source(config)
+    rows = task.read_rows(config, source)
     lengths = SampleLengths(config)
     store = _ImageStore(work_dir, lengths.image_tokens)
     rejects: list[dict[str, Any]] = []
     kept: list[Record] = []
     image_tokens: dict[str, int] = {}
-    seen_rows: set[tuple[str, str, str]] = set()
+    seen_rows: set[tuple[str | None, str, str, str]] = set()
     questions_per_image: Counter = Counter()
     source_by_image: dict[str, str] = {}  # one source per image, the first kept row's: the split stratifies by it
     rows_read = 0
@@ -389,7 +402,9 @@ def _prepare_into(work_dir: Path, final_dir: Path, config: Config, quiet: bool) 
         if image.problem:
             reject(raw, image.problem, image.detail)
             continue
-        key = (raw.img_id, question.lower(), normalize_answer(answer))
+        # With shipped splits the same pair may sit in train and test (a leak, counted later), not a duplicate.
+        official_split = official_split_name(raw.split) if task.official_splits else None
+        key = (official_split, raw.img_id, question.lower(), normalize_answer(answer))
         if key in seen_rows:
             reject(raw, "duplicate_row")
             continue
@@ -397,7 +412,8 @@ def _prepare_into(work_dir: Path, final_dir: Path, config: Config, quiet: bool) 
         source_name = source_by_image.get(raw.img_id) or clean_text("" if raw.source is None else str(raw.source))
         record = Record(id=f"{raw.img_id}-q{questions_per_image[raw.img_id]}", img_id=raw.img_id,
                         image=image.reference, question=question, answer=answer, source=source_name,
-                        question_type=infer_question_type(question).question_type)
+                        question_type=task.initial_type(question), split=official_split, task=task.name,
+                        meta=task.record_meta(raw))
         if problem := lengths.too_long(record, image.image_tokens):
             reject(raw, "too_long", problem)
             continue
@@ -422,18 +438,15 @@ def _prepare_into(work_dir: Path, final_dir: Path, config: Config, quiet: bool) 
         raise ValueError(f"{source}: {len(source_by_image)} usable image(s) after rejects, but splitting by image "
                          f"into {'/'.join(needed)} needs at least {len(needed)} (one per split); "
                          f"{len(rejects)} row(s) were rejected")
-    assignment = split_images(source_by_image, fractions, seed=split.seed)
-    for record in kept:
-        record.split = assignment[record.img_id]
+    outcome = task.assign_splits(kept, source_by_image, config)
+    kept = outcome.records
+    if "official_splits" in outcome.summary and "test" not in needed:
+        needed.append("test")
 
-    vocabulary = build_candidate_vocabulary((r.question, r.answer) for r in kept if r.split == "train")
+    vocabulary = task.build_vocabulary([r for r in kept if r.split == "train"])
     typed_kept: list[Record] = []
     for record in kept:
-        typed = typed_record_fields(record.question, vocabulary)
-        record.question_type = typed["question_type"]
-        record.template = typed["template"]
-        record.multi_label = typed["multi_label"]
-        record.candidates = list(typed["candidates"])
+        task.type_record(record, vocabulary)
         # Listed candidates lengthen the prompt; measured again now that they are known.
         if config.prompt.list_candidates and record.candidates and \
                 (problem := lengths.too_long(record, image_tokens[record.img_id])):
@@ -444,12 +457,11 @@ def _prepare_into(work_dir: Path, final_dir: Path, config: Config, quiet: bool) 
         typed_kept.append(record)
     kept = typed_kept
 
-    by_type: dict[str, dict[str, int]] = {t: dict.fromkeys(SPLITS, 0) for t in QUESTION_TYPES}
+    by_type: dict[str, dict[str, int]] = {t: dict.fromkeys(SPLITS, 0) for t in task.question_types}
     by_template: dict[str, dict[str, int]] = {}
     for record in kept:
         by_type[record.question_type][record.split] += 1
-        template_key = f"{record.template:02d}" if record.template else "none"
-        by_template.setdefault(template_key, dict.fromkeys(SPLITS, 0))[record.split] += 1
+        by_template.setdefault(task.group_key(record), dict.fromkeys(SPLITS, 0))[record.split] += 1
 
     counts = {name: sum(1 for r in kept if r.split == name) for name in SPLITS}
     if empty := [name for name in needed if counts[name] == 0]:
@@ -460,12 +472,14 @@ def _prepare_into(work_dir: Path, final_dir: Path, config: Config, quiet: bool) 
     write_jsonl(work_dir / "rejects.jsonl", rejects)
     atomic_write_json(work_dir / "vocabulary.json", {str(k): v for k, v in sorted(vocabulary.items())})
     reject_counts = Counter(item["reason"] for item in rejects)
+    split_of_image = {r.img_id: r.split for r in kept}
     summary = {"source": source, "rows_kept": len(kept), "rows_rejected": len(rejects),
                "images": len({r.img_id for r in kept}), "splits": counts,
-               "images_per_split": dict(Counter(assignment[i] for i in {r.img_id for r in kept})),
+               "images_per_split": dict(Counter(split_of_image.values())),
                "rejects": dict(reject_counts),
                "longest_sample_tokens": max(lengths.total(r, image_tokens[r.img_id]) for r in kept),
-               "by_type": by_type, "by_template": dict(sorted(by_template.items()))}
+               "by_type": by_type, "by_template": dict(sorted(by_template.items())),
+               **({"task": task.name} if task.name != "kvasir-vqa" else {}), **outcome.summary}
     atomic_write_json(work_dir / "summary.json", summary)
     return PrepareResult(final_dir, counts, reject_counts, by_type, by_template)
 
