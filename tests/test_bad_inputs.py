@@ -416,3 +416,22 @@ def test_embedded_images_with_a_reused_img_id_are_conflicts_every_time(tmp_path,
     assert [item["origin"] for item in conflicts] == ["reused.parquet row 12", "reused.parquet row 13"]
     assert "first read at reused.parquet row 0" in conflicts[0]["detail"]
     assert sum(result.counts.values()) == GOOD_IMAGES + 1
+
+
+@pytest.mark.parametrize("strategy", ["span", "sentinel"])
+def test_measured_length_equals_the_encoding_with_listed_candidates(tiny_model_dir, strategy):
+    from surgvqa.data.records import Record
+    from surgvqa.modeling import load_processor
+
+    config = load_config(None, [f"masking.strategy={strategy}", "prompt.list_candidates=true",
+                                f"model.name_or_path={tiny_model_dir}"])
+    processor = load_processor(str(tiny_model_dir), config.model, strategy)
+    lengths = SampleLengths(config, processor)
+    cases = [(COLOR_QUESTION, "red; pink", ["pink", "red", "none"], (300, 17)),
+             (QUESTION, "No", ["yes", "no"], (1, 1)),
+             ("What is the size of the polyp?", "<5mm", ["<5mm", "5-10mm", ">20mm"], (640, 480))]
+    for question, answer, candidates, size in cases:
+        record = Record(id="r", img_id="r", image="", question=question, answer=answer, question_type="mcq",
+                        candidates=candidates)
+        encoded = encode_example(processor, record, Image.new("RGB", size), config.prompt, config.masking)
+        assert len(encoded.features["input_ids"]) == lengths.total(record, lengths.image_tokens(*size))
