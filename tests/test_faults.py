@@ -119,5 +119,6 @@ def test_a_run_killed_in_every_stage_ends_as_an_uninterrupted_run(reference, tmp
     history = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     steps = [row["step"] for row in history if "loss" in row]
     assert steps == sorted(set(steps)) and steps[-1] == MAX_STEPS
+    assert not list(run_dir.rglob(".*.tmp")) and not list(run_dir.glob("*.partial"))  # nothing half-written left
     resumed = [row["checkpoint"] for row in history if row.get("event") == "resumed"]
     assert resumed == [f"checkpoint-{saved}", f"checkpoint-{saved}", f"checkpoint-{saved + 1}"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -349,7 +350,7 @@ def test_lora_adapter_directory_is_loaded_and_applied(tiny_dir, prepared, tmp_pa
 
     records = readable(make_records(4, "a", open_ended=False), prepared)
     write_records(tmp_path / "data.jsonl", records)
-    (tmp_path / "images").symlink_to(prepared / "images")
+    shutil.copytree(prepared / "images", tmp_path / "images")  # a link leaving the folder would be refused
     rows = read_done(run_predict(config, "rank", tmp_path / "data.jsonl", quiet=True))  # default: run_dir/model
 
     in_memory = Predictor(adapted, processor, config, prepared)  # unmerged PEFT model: scored through the wrapper
@@ -367,8 +368,6 @@ def test_lora_adapter_directory_is_loaded_and_applied(tiny_dir, prepared, tmp_pa
 def test_rows_in_error_are_retried_on_rerun_and_replace_their_lines(tiny_dir, prepared, tmp_path):
     """Unreadable images: their rows are errors and the error rate is refused; once the images are back, the rerun
     predicts those rows only and leaves one row per id, in input order, none in error."""
-    import shutil
-
     from surgvqa.predict import PredictionErrors, check_error_rate
 
     (tmp_path / "images").mkdir()

@@ -53,6 +53,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        # The name pattern is what remove_stale_temporaries looks for after a kill.
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
         raise WriteError(describe_write_failure(path, exc)) from None
@@ -150,6 +151,15 @@ def recover_directory(target: str | Path) -> bool:
     if aside.is_dir():
         shutil.rmtree(aside, ignore_errors=True)
     return False
+
+
+def remove_stale_temporaries(folder: str | Path) -> int:
+    """Delete the temporary files that writes killed before their rename left in ``folder`` (recursively); only
+    call it while holding the folder's lock, so that no live writer's file is taken. Returns how many."""
+    stale = [path for path in Path(folder).rglob(".*.tmp") if path.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
 
 
 class JsonlLineError(ValueError):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from surgvqa.config import Config
 from surgvqa.faults import enter_stage
-from surgvqa.io import atomic_write_json, recover_directory
+from surgvqa.io import atomic_write_json, recover_directory, remove_stale_temporaries
 
 
 class PipelineStop(RuntimeError):
@@ -195,6 +195,7 @@ def run_pipeline(config: Config, *, from_stage: str | None = None, force: bool =
     run_dir.mkdir(parents=True, exist_ok=True)
     for folder in ("prepared", "model"):
         recover_directory(run_dir / folder)  # a kill between the two renames of a directory swap
+    remove_stale_temporaries(run_dir)  # files a kill left before their rename; the run lock keeps writers out
     keys = stage_keys(config)
     ledger = StageLedger(run_dir)
     forced_from = STAGE_NAMES.index(from_stage) if from_stage else (0 if force else len(STAGE_NAMES))

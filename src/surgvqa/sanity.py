@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from surgvqa.config import Config
+from surgvqa.data.images import allowed_image_roots
 from surgvqa.data.records import read_records
 from surgvqa.data.schema import normalize_answer
 from surgvqa.dataset import TrainingCollator, VQADataset
@@ -58,7 +59,8 @@ def sanity_overfit(config: Config, *, quiet: bool = False) -> SanityResult:
     base_path = resolve_model_path(config)
     processor = load_processor(base_path, config.model, config.masking.strategy)
     model = build_model_for_training(config, base_path, processor)
-    dataset = VQADataset(records, prepared, processor, config.prompt, config.masking)
+    dataset = VQADataset(records, prepared, processor, config.prompt, config.masking,
+                         image_roots=allowed_image_roots(config, prepared))
     args = training_arguments(config, run_dir / "sanity", max_steps=settings.max_steps,
                               batch_size=min(settings.batch_size, len(records)), grad_accum=1,
                               lr=settings.lr or config.train.lr, save=False, report_tensorboard=False)

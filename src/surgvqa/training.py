@@ -34,6 +34,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from surgvqa.config import Config, LoraConfig
+from surgvqa.data.images import allowed_image_roots
 from surgvqa.dataset import TrainingCollator, VQADataset
 from surgvqa.faults import failpoint
 from surgvqa.io import append_lines, atomic_write_text, iter_jsonl, replace_directory
@@ -364,7 +365,8 @@ def train(config: Config, *, resume: bool = False, callbacks: list[TrainerCallba
     base_path = resolve_model_path(config)
     processor = load_processor(base_path, config.model, config.masking.strategy)
     model = build_model_for_training(config, base_path, processor)
-    dataset = VQADataset.from_jsonl(prepared, processor, config.prompt, config.masking)
+    dataset = VQADataset.from_jsonl(prepared, processor, config.prompt, config.masking,
+                                    image_roots=allowed_image_roots(config, prepared.parent))
     args = training_arguments(config, checkpoints)
     image_tokens = config.model.max_pixels // (28 * 28)
     preemption = PreemptionCallback()
