@@ -1,0 +1,278 @@
+"""Calibration, conformal answer sets and selective prediction: plain functions over arrays.
+
+Every metric is defined where it is computed. Conventions shared by all of them:
+
+- ``confidence[i]`` is the probability the model gives its own answer to row i (in [0, 1]);
+- ``correct[i]`` is 1 when that answer is right (strict match), else 0;
+- ``logits`` of one row are log-probabilities (any additive constant) over that row's candidates; rows may have
+  different numbers of candidates, so a batch of them is a matrix padded with ``-inf``.
+
+numpy only: scipy is not a dependency of this project, and each computation here is a few array operations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+ECE_BINS = 15
+COVERAGE_POINTS = (0.8, 0.9, 0.95)
+
+
+def _arrays(confidence: Sequence[float], correct: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    conf = np.asarray(confidence, dtype=np.float64)
+    hits = np.asarray(correct, dtype=np.float64)
+    if conf.shape != hits.shape or conf.ndim != 1:
+        raise ValueError(f"confidence {conf.shape} and correct {hits.shape} must be two vectors of one length")
+    if conf.size and (np.nanmin(conf) < 0 or np.nanmax(conf) > 1 or np.isnan(conf).any()):
+        raise ValueError("confidences must lie in [0, 1]")
+    return conf, hits
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Calibration metrics
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def calibration_bins(confidence: Sequence[float], correct: Sequence[float], n_bins: int = ECE_BINS,
+                     scheme: str = "width") -> list[dict[str, float]]:
+    """The non-empty bins of a reliability diagram: per bin its share of rows, mean confidence, accuracy.
+
+    ``scheme="width"``: 15 equal-width bins [0, 1/15), [1/15, 2/15), ..., [14/15, 1] (the last one closed, the
+    convention of torchmetrics' ``CalibrationError`` for every confidence below 1).
+    ``scheme="mass"``: the rows sorted by confidence and cut into ``n_bins`` groups of (nearly) equal size, so
+    that no bin is nearly empty when confidences crowd near 1 (Nixon et al. 2019, "adaptive" ECE).
+    """
+    conf, hits = _arrays(confidence, correct)
+    if conf.size == 0:
+        return []
+    if scheme == "width":
+        index = np.minimum((conf * n_bins).astype(np.int64), n_bins - 1)
+        groups = [np.flatnonzero(index == b) for b in range(n_bins)]
+        edges = [(b / n_bins, (b + 1) / n_bins) for b in range(n_bins)]
+    elif scheme == "mass":
+        order = np.argsort(conf, kind="stable")
+        groups = np.array_split(order, min(n_bins, conf.size))
+        edges = [(float(conf[g].min()), float(conf[g].max())) if g.size else (math.nan, math.nan) for g in groups]
+    else:
+        raise ValueError(f"unknown binning scheme {scheme!r}; expected 'width' or 'mass'")
+    return [{"low": low, "high": high, "share": g.size / conf.size, "confidence": float(conf[g].mean()),
+             "accuracy": float(hits[g].mean()), "count": int(g.size)}
+            for g, (low, high) in zip(groups, edges) if g.size]
+
+
+def expected_calibration_error(confidence: Sequence[float], correct: Sequence[float], n_bins: int = ECE_BINS,
+                               scheme: str = "width") -> float:
+    """ECE = sum over bins b of (|b| / n) * |accuracy(b) - mean confidence(b)|: the average gap between how
+    often the model is right and how sure it says it is, weighted by how many rows fall in each bin."""
+    bins = calibration_bins(confidence, correct, n_bins, scheme)
+    return float(sum(b["share"] * abs(b["accuracy"] - b["confidence"]) for b in bins)) if bins else math.nan
+
+
+def maximum_calibration_error(confidence: Sequence[float], correct: Sequence[float], n_bins: int = ECE_BINS,
+                              scheme: str = "width") -> float:
+    """MCE = max over non-empty bins of |accuracy(b) - mean confidence(b)|: the worst bin's gap."""
+    bins = calibration_bins(confidence, correct, n_bins, scheme)
+    return float(max(abs(b["accuracy"] - b["confidence"]) for b in bins)) if bins else math.nan
+
+
+def brier_score(confidence: Sequence[float], correct: Sequence[float]) -> float:
+    """Brier = mean of (confidence - correct)^2: the squared error of the confidence as a forecast that the
+    answer is right (the top-label Brier score; one definition for single-label, multi-label and open rows)."""
+    conf, hits = _arrays(confidence, correct)
+    return float(np.mean((conf - hits) ** 2)) if conf.size else math.nan
+
+
+def binary_nll(confidence: Sequence[float], correct: Sequence[float], eps: float = 1e-12) -> float:
+    """NLL = -mean(correct * log(confidence) + (1 - correct) * log(1 - confidence)): the log loss of the
+    confidence as a forecast that the answer is right (probabilities clipped to [eps, 1 - eps])."""
+    conf, hits = _arrays(confidence, correct)
+    if not conf.size:
+        return math.nan
+    conf = np.clip(conf, eps, 1 - eps)
+    return float(-np.mean(hits * np.log(conf) + (1 - hits) * np.log1p(-conf)))
+
+
+CALIBRATION_METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+    "ece": lambda conf, hits: expected_calibration_error(conf, hits, ECE_BINS, "width"),
+    "ece_equal_mass": lambda conf, hits: expected_calibration_error(conf, hits, ECE_BINS, "mass"),
+    "mce": lambda conf, hits: maximum_calibration_error(conf, hits, ECE_BINS, "width"),
+    "brier": brier_score,
+    "nll": binary_nll,
+}
+
+
+def bootstrap_ci(statistic: Callable[[np.ndarray, np.ndarray], float], confidence: Sequence[float],
+                 correct: Sequence[float], samples: int = 1000, level: float = 0.95, seed: int = 0) -> list[float]:
+    """Percentile bootstrap interval of ``statistic(confidence, correct)``: rows resampled with replacement.
+
+    A loop over resamples, not a vectorised draw: ECE and MCE bin each resample anew."""
+    conf, hits = _arrays(confidence, correct)
+    if conf.size == 0:
+        return [math.nan, math.nan]
+    rng = np.random.default_rng(seed)
+    draws = np.array([statistic(conf[index], hits[index])
+                      for index in (rng.integers(0, conf.size, conf.size) for _ in range(samples))])
+    low, high = np.quantile(draws, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return [float(low), float(high)]
+
+
+def calibration_summary(confidence: Sequence[float], correct: Sequence[float], samples: int = 1000,
+                        level: float = 0.95, seed: int = 0) -> dict[str, float | list[float] | int]:
+    """Every metric of :data:`CALIBRATION_METRICS` with its bootstrap interval (``<name>_ci``)."""
+    conf, hits = _arrays(confidence, correct)
+    out: dict[str, float | list[float] | int] = {"n": int(conf.size),
+                                                 "accuracy": float(hits.mean()) if conf.size else math.nan,
+                                                 "mean_confidence": float(conf.mean()) if conf.size else math.nan}
+    for name, statistic in CALIBRATION_METRICS.items():
+        out[name] = statistic(conf, hits) if conf.size else math.nan
+        out[f"{name}_ci"] = bootstrap_ci(statistic, conf, hits, samples, level, seed)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Temperature scaling (Guo et al. 2017)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def pad_logits(rows: Sequence[Sequence[float]]) -> np.ndarray:
+    """Rows of different lengths as one matrix, padded with -inf (a candidate that does not exist)."""
+    width = max((len(row) for row in rows), default=0)
+    matrix = np.full((len(rows), width), -np.inf)
+    for index, row in enumerate(rows):
+        matrix[index, : len(row)] = row
+    return matrix
+
+
+def log_softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """log softmax(logits / T) along the last axis; -inf entries stay -inf (probability 0)."""
+    scaled = np.asarray(logits, dtype=np.float64) / temperature
+    top = np.max(scaled, axis=-1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        return scaled - top - np.log(np.sum(np.exp(scaled - top), axis=-1, keepdims=True))
+
+
+def multiclass_nll(logits: np.ndarray, targets: Sequence[int], temperature: float = 1.0) -> float:
+    """NLL = -mean(log softmax(logits / T)[true candidate]): the loss temperature scaling minimises."""
+    logits = np.asarray(logits, dtype=np.float64)
+    targets = np.asarray(targets, dtype=np.int64)
+    if not targets.size:
+        return math.nan
+    return float(-np.mean(log_softmax(logits, temperature)[np.arange(targets.size), targets]))
+
+
+def fit_temperature(logits: np.ndarray, targets: Sequence[int], low: float = 0.05, high: float = 20.0,
+                    tolerance: float = 1e-6) -> float:
+    """The temperature T in [low, high] minimising :func:`multiclass_nll` on (logits, targets).
+
+    The NLL is convex in 1/T (a log-sum-exp of functions linear in 1/T minus a linear one), so a golden-section
+    search over 1/T finds the optimum; it is written here because scipy is not a dependency. No targets: 1.0.
+    """
+    targets = np.asarray(targets, dtype=np.int64)
+    if not targets.size:
+        return 1.0
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = 1.0 / high, 1.0 / low
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    loss = {}
+
+    def nll(inverse: float) -> float:
+        if inverse not in loss:
+            loss[inverse] = multiclass_nll(logits, targets, 1.0 / inverse)
+        return loss[inverse]
+
+    while b - a > tolerance * max(1.0, a):
+        if nll(c) <= nll(d):
+            b, d = d, c
+            c = b - ratio * (b - a)
+        else:
+            a, c = c, d
+            d = a + ratio * (b - a)
+    return float(2.0 / (a + b))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Split conformal prediction (Vovk et al.; the "LAC" score of Sadinle et al. 2019)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def conformal_quantile(true_probabilities: Sequence[float], alpha: float) -> float:
+    """The threshold q on the nonconformity score s = 1 - p(true answer) from n calibration rows.
+
+    q is the ceil((n + 1)(1 - alpha))-th smallest score: for a new row exchangeable with the calibration rows,
+    P(s_new <= q) >= 1 - alpha (split conformal). When that rank exceeds n, q = 1 and every set is the full
+    candidate list (too few calibration rows for this alpha). A row whose true answer is not a candidate has
+    p = 0, s = 1: it is counted, not dropped, so the guarantee keeps holding for such rows.
+    """
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    scores = np.sort(1.0 - np.asarray(true_probabilities, dtype=np.float64))
+    rank = math.ceil((scores.size + 1) * (1 - alpha))
+    return 1.0 if rank > scores.size else float(scores[rank - 1])
+
+
+def conformal_set(probabilities: Sequence[float], quantile: float) -> list[int]:
+    """The candidates whose score 1 - p is at most q, most probable first: the smallest sets with the coverage
+    guarantee on average (Sadinle et al.). Never empty: the most probable candidate is always in it."""
+    probs = np.asarray(probabilities, dtype=np.float64)
+    if not probs.size:
+        return []
+    order = [int(i) for i in np.argsort(-probs, kind="stable")]
+    chosen = [i for i in order if 1.0 - probs[i] <= quantile + 1e-12]
+    return chosen or order[:1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Selective prediction
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def risk_coverage_curve(confidence: Sequence[float], correct: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """(coverage, risk): answer the k most confident rows, k = 1..n; coverage = k / n, risk = the error rate
+    among those k. Ties in confidence keep the input order (a stable sort)."""
+    conf, hits = _arrays(confidence, correct)
+    order = np.argsort(-conf, kind="stable")
+    answered = np.arange(1, conf.size + 1)
+    errors = np.cumsum(1.0 - hits[order])
+    return answered / max(conf.size, 1), errors / answered
+
+
+def area_under_risk_coverage(confidence: Sequence[float], correct: Sequence[float]) -> float:
+    """AURC = (1/n) * sum over k = 1..n of risk(k): the mean selective risk over all coverages (Geifman et al.
+    2018). Lower is better; a confidence that ranks every error last reaches the minimum for that accuracy."""
+    _, risk = risk_coverage_curve(confidence, correct)
+    return float(risk.mean()) if risk.size else math.nan
+
+
+def accuracy_at_coverage(confidence: Sequence[float], correct: Sequence[float], coverage: float) -> float:
+    """Accuracy on the ceil(coverage * n) most confident rows."""
+    _, risk = risk_coverage_curve(confidence, correct)
+    if not risk.size:
+        return math.nan
+    answered = max(1, math.ceil(coverage * risk.size - 1e-9))
+    return float(1.0 - risk[answered - 1])
+
+
+def abstention_threshold(confidence: Sequence[float], correct: Sequence[float], target_risk: float) -> float:
+    """The lowest confidence threshold t whose answered rows (confidence >= t) have an error rate at most
+    ``target_risk``: the most questions answered within the target. +inf (answer nothing) when no threshold
+    reaches it."""
+    conf, hits = _arrays(confidence, correct)
+    descending = np.sort(conf)[::-1]
+    errors = np.cumsum(1.0 - hits[np.argsort(-conf, kind="stable")])
+    thresholds = np.unique(conf)  # ascending: the first that meets the target answers the most rows
+    answered = np.searchsorted(-descending, -thresholds, side="right")  # rows with confidence >= threshold
+    meets = errors[answered - 1] / answered <= target_risk + 1e-12
+    return float(thresholds[np.argmax(meets)]) if meets.any() else math.inf
+
+
+def selective_summary(confidence: Sequence[float], correct: Sequence[float],
+                      coverages: Sequence[float] = COVERAGE_POINTS) -> dict[str, float]:
+    """AURC and the accuracy at each coverage in ``coverages`` (keys ``accuracy_at_80`` ...)."""
+    out = {"aurc": area_under_risk_coverage(confidence, correct)}
+    for coverage in coverages:
+        out[f"accuracy_at_{round(coverage * 100)}"] = accuracy_at_coverage(confidence, correct, coverage)
+    return out

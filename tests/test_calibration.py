@@ -1,0 +1,181 @@
+"""Calibration metrics, temperature scaling, conformal sets and selective prediction against hand-computed
+values, torchmetrics and the coverage guarantee."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torchmetrics.functional.classification import binary_calibration_error, multiclass_calibration_error
+
+from surgvqa.calibration import (
+    abstention_threshold,
+    accuracy_at_coverage,
+    area_under_risk_coverage,
+    binary_nll,
+    bootstrap_ci,
+    brier_score,
+    calibration_bins,
+    calibration_summary,
+    conformal_quantile,
+    conformal_set,
+    expected_calibration_error,
+    fit_temperature,
+    log_softmax,
+    maximum_calibration_error,
+    multiclass_nll,
+    pad_logits,
+    risk_coverage_curve,
+    selective_summary,
+)
+
+# Every confidence in a bin of its own (15 equal-width bins): 0.95 -> bin 14, 0.85 -> 12, 0.25 -> 3, 0.55 -> 8.
+SEPARATE = ([0.95, 0.85, 0.25, 0.55], [1, 0, 0, 1])
+
+
+def test_ece_mce_brier_nll_by_hand_with_one_row_per_bin():
+    confidence, correct = SEPARATE
+    # gaps |correct - confidence|: 0.05, 0.85, 0.25, 0.45, each bin holding a quarter of the rows
+    assert expected_calibration_error(confidence, correct) == pytest.approx(1.6 / 4)
+    assert maximum_calibration_error(confidence, correct) == pytest.approx(0.85)
+    assert brier_score(confidence, correct) == pytest.approx((0.05**2 + 0.85**2 + 0.25**2 + 0.45**2) / 4)
+    expected_nll = -(math.log(0.95) + math.log(0.15) + math.log(0.75) + math.log(0.55)) / 4
+    assert binary_nll(confidence, correct) == pytest.approx(expected_nll)
+
+
+def test_ece_and_mce_by_hand_with_a_shared_bin():
+    # 0.96 and 0.98 share bin 14 (mean confidence 0.97, accuracy 0.5); 0.25 is alone in bin 3.
+    confidence, correct = [0.96, 0.98, 0.25], [1, 0, 0]
+    assert expected_calibration_error(confidence, correct) == pytest.approx(2 / 3 * 0.47 + 1 / 3 * 0.25)
+    assert maximum_calibration_error(confidence, correct) == pytest.approx(0.47)
+    bins = calibration_bins(confidence, correct)
+    assert [b["count"] for b in bins] == [1, 2]
+    assert bins[1]["confidence"] == pytest.approx(0.97) and bins[1]["accuracy"] == 0.5
+
+
+def test_equal_mass_ece_by_hand():
+    confidence, correct = SEPARATE
+    # sorted: (0.25, 0), (0.55, 1) | (0.85, 0), (0.95, 1): gaps |0.5 - 0.4| and |0.5 - 0.9|, half the rows each
+    assert expected_calibration_error(confidence, correct, n_bins=2, scheme="mass") == pytest.approx(0.25)
+    # 15 bins for 4 rows: one row per bin, the same as the per-row mean gap
+    assert expected_calibration_error(confidence, correct, scheme="mass") == pytest.approx(0.4)
+
+
+def test_aurc_risk_coverage_and_accuracy_at_coverage_by_hand():
+    confidence, correct = [0.9, 0.7, 0.4, 0.2], [1, 0, 1, 0]
+    coverage, risk = risk_coverage_curve(confidence, correct)
+    np.testing.assert_allclose(coverage, [0.25, 0.5, 0.75, 1.0])
+    np.testing.assert_allclose(risk, [0.0, 1 / 2, 1 / 3, 2 / 4])
+    assert area_under_risk_coverage(confidence, correct) == pytest.approx((0 + 1 / 2 + 1 / 3 + 1 / 2) / 4)
+    assert accuracy_at_coverage(confidence, correct, 0.5) == pytest.approx(0.5)
+    assert accuracy_at_coverage(confidence, correct, 0.75) == pytest.approx(2 / 3)
+    summary = selective_summary(confidence, correct)
+    assert summary["accuracy_at_80"] == pytest.approx(0.5)  # ceil(0.8 * 4) = 4 rows answered
+    # A perfect ranking of the same answers (errors last) has the smaller AURC.
+    assert area_under_risk_coverage([0.9, 0.2, 0.7, 0.1], correct) < summary["aurc"]
+
+
+def test_abstention_threshold_answers_the_most_rows_within_the_target_risk():
+    confidence, correct = [0.9, 0.7, 0.4, 0.2], [1, 0, 1, 0]
+    assert abstention_threshold(confidence, correct, 0.0) == 0.9
+    assert abstention_threshold(confidence, correct, 0.34) == 0.4  # 1 error in 3 answered
+    assert abstention_threshold(confidence, correct, 0.5) == 0.2
+    assert abstention_threshold([0.9, 0.8], [0, 0], 0.1) == math.inf
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ece_equals_torchmetrics_on_random_inputs(seed):
+    rng = np.random.default_rng(seed)
+    confidence = rng.uniform(0, 1, 500)
+    correct = (rng.uniform(0, 1, 500) < confidence**2).astype(np.int64)
+    preds, target = torch.tensor(confidence), torch.tensor(correct)
+    assert expected_calibration_error(confidence, correct) == pytest.approx(
+        float(binary_calibration_error(preds, target, n_bins=15, norm="l1")), abs=1e-9)
+    assert maximum_calibration_error(confidence, correct) == pytest.approx(
+        float(binary_calibration_error(preds, target, n_bins=15, norm="max")), abs=1e-9)
+
+    # Top-label ECE of a multiclass model: the maximum probability against argmax == target.
+    probabilities = torch.softmax(torch.tensor(rng.normal(0, 2, (400, 5))), dim=-1)
+    labels = torch.tensor(rng.integers(0, 5, 400))
+    top, argmax = probabilities.max(dim=-1)
+    ours = expected_calibration_error(top.numpy(), (argmax == labels).numpy().astype(float))
+    theirs = float(multiclass_calibration_error(probabilities, labels, num_classes=5, n_bins=15, norm="l1"))
+    assert ours == pytest.approx(theirs, abs=1e-6)
+
+
+def test_temperature_scaling_lowers_nll_on_an_overconfident_set():
+    rng = np.random.default_rng(0)
+    true_logits = rng.normal(0, 1.5, (3000, 6))
+    probabilities = np.exp(log_softmax(true_logits))
+    targets = np.array([rng.choice(6, p=p) for p in probabilities])
+    overconfident = 3.0 * true_logits  # the answers are drawn from T = 1, the model speaks as if T were 1/3
+    temperature = fit_temperature(overconfident, targets)
+    assert temperature == pytest.approx(3.0, rel=0.1)
+    before, after = multiclass_nll(overconfident, targets), multiclass_nll(overconfident, targets, temperature)
+    assert after < before - 0.1
+    confidence = np.exp(log_softmax(overconfident, temperature)).max(axis=1)
+    raw_confidence = np.exp(log_softmax(overconfident)).max(axis=1)
+    correct = overconfident.argmax(axis=1) == targets
+    assert expected_calibration_error(confidence, correct) < expected_calibration_error(raw_confidence, correct)
+
+
+def test_temperature_with_ragged_candidate_lists():
+    logits = pad_logits([[2.0, 0.0], [0.0, 1.0, 3.0]])
+    assert np.isneginf(logits[0, 2])
+    np.testing.assert_allclose(np.exp(log_softmax(logits, 2.0)).sum(axis=1), [1.0, 1.0])
+    assert math.isfinite(multiclass_nll(logits, [0, 2], 0.5))
+    assert fit_temperature(np.zeros((0, 2)), []) == 1.0
+
+
+def test_conformal_coverage_on_exchangeable_scores_is_within_binomial_limits():
+    alpha, calibration_rows, seeds, classes = 0.1, 99, 2000, 5
+    rng = np.random.default_rng(1)
+    covered, sizes = 0, []
+    for _ in range(seeds):
+        probabilities = rng.dirichlet(np.full(classes, 0.7), calibration_rows + 1)
+        # one draw per row from its own probabilities: the rows are i.i.d., hence exchangeable
+        truth = np.minimum((rng.uniform(size=(calibration_rows + 1, 1)) > probabilities.cumsum(axis=1)).sum(axis=1),
+                           classes - 1)
+        quantile = conformal_quantile(probabilities[:-1][np.arange(calibration_rows), truth[:-1]], alpha)
+        answer_set = conformal_set(probabilities[-1], quantile)
+        covered += int(truth[-1] in answer_set)
+        sizes.append(len(answer_set))
+    # (n + 1)(1 - alpha) = 90 is an integer and the scores are continuous: covered ~ Binomial(seeds, 1 - alpha)
+    # exactly. 4.5 standard deviations: a false alarm about once in 150,000 runs.
+    expected, spread = seeds * (1 - alpha), math.sqrt(seeds * alpha * (1 - alpha))
+    assert abs(covered - expected) <= 4.5 * spread, (covered, expected)
+    assert 1 < np.mean(sizes) < classes  # informative sets: neither always one candidate nor always all of them
+
+
+def test_conformal_quantile_edges():
+    assert conformal_quantile([0.9, 0.8], 0.1) == 1.0  # too few rows for alpha = 0.1: full sets
+    assert conformal_set([0.2, 0.5, 0.3], 1.0) == [1, 2, 0]
+    assert conformal_set([0.2, 0.5, 0.3], 0.0) == [1]  # never empty
+    # ceil(5 * 0.8) = 4th smallest of the scores 1 - p = (0.1, 0.2, 0.3, 0.6)
+    assert conformal_quantile([0.9, 0.8, 0.7, 0.4], 0.2) == pytest.approx(0.6)
+    with pytest.raises(ValueError):
+        conformal_quantile([0.5], 1.5)
+
+
+def test_bootstrap_interval_brackets_the_point_estimate():
+    rng = np.random.default_rng(3)
+    confidence = rng.uniform(0, 1, 300)
+    correct = rng.uniform(0, 1, 300) < confidence
+    summary = calibration_summary(confidence, correct, samples=200)
+    for name in ("ece", "ece_equal_mass", "mce", "brier", "nll"):
+        low, high = summary[f"{name}_ci"]
+        assert 0 <= low < high
+    for name in ("brier", "nll"):  # means of per-row losses: the point estimate lies inside (binned ones need not)
+        low, high = summary[f"{name}_ci"]
+        assert low <= summary[name] <= high
+    low, high = bootstrap_ci(brier_score, confidence, correct, samples=200)
+    assert low < brier_score(confidence, correct) < high
+
+
+def test_confidences_outside_the_unit_interval_are_refused():
+    with pytest.raises(ValueError):
+        expected_calibration_error([1.2], [1])
+    with pytest.raises(ValueError):
+        brier_score([0.5, 0.5], [1])
