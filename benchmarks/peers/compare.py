@@ -216,3 +216,43 @@ def compare(results: dict, work: Path, goals: dict) -> dict:
         "goal": goals,
     }
     return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Markdown tables for docs/benchmarks.md
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _cell(block: dict | None, digits: int = 1, scale: float = 1.0) -> str:
+    if not block:
+        return "—"
+    fmt = f"{{:,.{digits}f}}"
+    return (f"{fmt.format(block['mean'] * scale)} [{fmt.format(block['min'] * scale)}, "
+            f"{fmt.format(block['max'] * scale)}]")
+
+
+def markdown(results: dict) -> str:
+    summary = results.get("comparison", {}).get("per_peer", {})
+    lines = []
+    for kind, title in (("full", "full fine-tuning"), ("lora", "LoRA r=16, alpha=32")):
+        lines += [f"{title}: mean [min, max] over seeds", "",
+                  "| | " + " | ".join(summary) + " |", "|---|" + "---:|" * len(summary)]
+        rows = (("samples/s", "samples_per_s", 2, 1.0), ("tokens/s (non-padding)", "tokens_per_s", 0, 1.0),
+                ("seconds per step", "seconds_per_step", 2, 1.0), ("peak RSS, MB", "peak_rss_mb", 0, 1.0),
+                ("RSS growth during training, MB", "rss_growth_during_training_mb", 0, 1.0),
+                ("peak RSS of the command's process tree (sampled), MB", "peak_tree_rss_mb_sampled", 0, 1.0),
+                ("launch to training start, s", "launch_to_train_begin_s", 1, 1.0),
+                ("launch to first step's end, s", "launch_to_first_step_end_s", 1, 1.0),
+                ("whole training command, s", "wall_s", 1, 1.0))
+        for label, key, digits, scale in rows:
+            lines.append(f"| {label} | " + " | ".join(_cell(summary[name][kind].get(key), digits, scale)
+                                                     for name in summary) + " |")
+        lines.append("")
+    lines += ["closed strict accuracy on the test split, %: mean [min, max] over seeds", "",
+              "| predicted by | " + " | ".join(summary) + " |", "|---|" + "---:|" * len(summary)]
+    for source, label in (("own", "the tool's own inference (greedy)"),
+                          ("surgvqa_generate", "`surgvqa predict --mode generate` on its weights"),
+                          ("surgvqa_constrained", "`surgvqa predict --mode constrained` on its weights")):
+        lines.append(f"| {label} | " + " | ".join(
+            _cell(summary[name]["accuracy"][source]["closed_strict"], 1, 100.0) for name in summary) + " |")
+    return "\n".join(lines) + "\n"

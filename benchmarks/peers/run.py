@@ -349,7 +349,7 @@ def own_predict_command(peer: str, work: Path, model: Path, out: Path) -> tuple[
     if peer == "surgvqa":
         return [str(PROJECT_BIN / "surgvqa"), "predict", "--mode", "generate", "--model", str(model),
                 "--data", str(work / "train256" / "prepared" / "test.jsonl"), "--out", str(out / "predictions.jsonl"),
-                *_sets(surgvqa_overrides(work, "train256")), "--json"], out / "predictions.jsonl"
+                *_sets(surgvqa_overrides(work, f"predict-{peer}")), "--json"], out / "predictions.jsonl"
     if peer == "llamafactory":
         config = {"model_name_or_path": str(model), "stage": "sft", "do_predict": True,
                   "predict_with_generate": True, "finetuning_type": "full", "eval_dataset": "kvasir_test",
@@ -490,7 +490,8 @@ def predict_and_score(peer: str, work: Path, model_dir: Path, seed: int, test: P
         folder.mkdir(parents=True, exist_ok=True)
         command = [str(PROJECT_BIN / "surgvqa"), "predict", "--mode", mode, "--model", str(model_dir), "--data",
                    str(test), "--out", str(folder / "predictions.jsonl"),
-                   *_sets(surgvqa_overrides(work, "train256")), "--json"]
+                   # a run name of its own: surgvqa locks a run directory, and peers may run side by side
+                   *_sets(surgvqa_overrides(work, f"predict-{peer}")), "--json"]
         if (folder / "predictions.jsonl").exists():
             (folder / "predictions.jsonl").unlink()
         run = run_command(command, folder / "predict.log")
@@ -511,6 +512,7 @@ def main() -> None:
     parser.add_argument("--lora-steps", type=int, default=6, help="LoRA steps (batch 16)")
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "peers")
     parser.add_argument("--compare-only", action="store_true", help="recompute the comparison from peers.json")
+    parser.add_argument("--markdown", action="store_true", help="print the tables of docs/benchmarks.md and exit")
     parser.add_argument("--result", type=Path, default=RESULT, help="result file (default: %(default)s)")
     args = parser.parse_args()
     os.environ.update(OFFLINE)
@@ -520,6 +522,11 @@ def main() -> None:
     work = args.workdir.resolve()
     result_file = args.result
     results = json.loads(result_file.read_text()) if result_file.is_file() else {"peers": {}}
+    if args.markdown:
+        from compare import markdown
+
+        print(markdown(results))
+        return
     if not args.compare_only:
         prepare_shared(work)
         for peer in PEERS if args.peer == "all" else (args.peer,):
@@ -531,10 +538,13 @@ def main() -> None:
                                  "lora_steps": args.lora_steps, "lr": LR, "warmup_steps_untimed": WARMUP_STEPS,
                                  "lora": LORA, "max_new_tokens": MAX_NEW_TOKENS}
             entry["invocation"] = " ".join([".venv/bin/python", "benchmarks/peers/run.py", *sys.argv[1:]])
+            # re-read first: one command per peer may run beside another, each owns only its own entry
+            results = json.loads(result_file.read_text()) if result_file.is_file() else {"peers": {}}
             results["peers"][peer] = entry
             result_file.write_text(json.dumps(results, indent=1) + "\n")
     from compare import compare
 
+    results = json.loads(result_file.read_text()) if result_file.is_file() else {"peers": {}}
     results["machine"] = machine_info(with_python=True)
     results["comparison"] = compare(results, work, GOALS)
     result_file.write_text(json.dumps(results, indent=1) + "\n")
