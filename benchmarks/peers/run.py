@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -424,7 +425,8 @@ def closed_accuracy(predictions: Path, baseline: Path | None = None) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def run_peer(peer: str, work: Path, seeds: list[int], steps: int, lora_steps: int) -> dict:
+def run_peer(peer: str, work: Path, seeds: list[int], steps: int, lora_steps: int,
+             save: Callable[[dict], None] = lambda entry: None) -> dict:
     test = work / "train256" / "prepared" / "test.jsonl"
     entry: dict = {"peer": peer, "seeds": seeds, "full": [], "lora": [], "load_average_start": load_average()}
     venv = VENVS / peer
@@ -451,6 +453,7 @@ def run_peer(peer: str, work: Path, seeds: list[int], steps: int, lora_steps: in
         if run["returncode"] == 0:
             figures["accuracy"] = predict_and_score(peer, work, model_dir, seed, test)
         entry["full"].append(figures)
+        save(entry)
         print(json.dumps({"peer": peer, "seed": seed, "kind": "full",
                           **{key: figures.get(key) for key in ("samples_per_s", "peak_rss_mb", "error")}}),
               flush=True)
@@ -460,6 +463,7 @@ def run_peer(peer: str, work: Path, seeds: list[int], steps: int, lora_steps: in
         run = run_command(command, logs / f"lora-s{seed}.log", probe=logs / f"lora-s{seed}.probe")
         figures = {"seed": seed, **training_figures(run), "command": " ".join(command)}
         entry["lora"].append(figures)
+        save(entry)
         print(json.dumps({"peer": peer, "seed": seed, "kind": "lora",
                           **{key: figures.get(key) for key in ("samples_per_s", "peak_rss_mb", "error")}}),
               flush=True)
@@ -531,17 +535,21 @@ def main() -> None:
         prepare_shared(work)
         for peer in PEERS if args.peer == "all" else (args.peer,):
             started = time.perf_counter()
-            entry = run_peer(peer, work, args.seeds, args.steps, args.lora_steps)
-            entry["wall_s"] = round(time.perf_counter() - started, 1)
-            entry["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-            entry["settings"] = {"samples": SAMPLES, "batch": BATCH, "steps": args.steps,
-                                 "lora_steps": args.lora_steps, "lr": LR, "warmup_steps_untimed": WARMUP_STEPS,
-                                 "lora": LORA, "max_new_tokens": MAX_NEW_TOKENS}
-            entry["invocation"] = " ".join([".venv/bin/python", "benchmarks/peers/run.py", *sys.argv[1:]])
-            # re-read first: one command per peer may run beside another, each owns only its own entry
-            results = json.loads(result_file.read_text()) if result_file.is_file() else {"peers": {}}
-            results["peers"][peer] = entry
-            result_file.write_text(json.dumps(results, indent=1) + "\n")
+
+            def save(entry: dict, peer: str = peer, started: float = started, complete: bool = False) -> None:
+                entry["wall_s"] = round(time.perf_counter() - started, 1)
+                entry["complete"] = complete
+                entry["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+                entry["settings"] = {"samples": SAMPLES, "batch": BATCH, "steps": args.steps,
+                                     "lora_steps": args.lora_steps, "lr": LR, "warmup_steps_untimed": WARMUP_STEPS,
+                                     "lora": LORA, "max_new_tokens": MAX_NEW_TOKENS}
+                entry["invocation"] = " ".join([".venv/bin/python", "benchmarks/peers/run.py", *sys.argv[1:]])
+                # re-read first: one command per peer may run beside another, each owns only its own entry
+                results = json.loads(result_file.read_text()) if result_file.is_file() else {"peers": {}}
+                results["peers"][peer] = entry
+                result_file.write_text(json.dumps(results, indent=1) + "\n")
+
+            save(run_peer(peer, work, args.seeds, args.steps, args.lora_steps, save), complete=True)
     from compare import compare
 
     results = json.loads(result_file.read_text()) if result_file.is_file() else {"peers": {}}
