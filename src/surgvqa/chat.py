@@ -14,7 +14,7 @@ from typing import Any
 
 from surgvqa.config import PromptConfig
 from surgvqa.data.records import Record
-from surgvqa.data.schema import normalize_answer
+from surgvqa.tasks import get_task
 
 ANSWER_OPEN = "<ANS>"
 ANSWER_CLOSE = "</ANS>"
@@ -22,20 +22,13 @@ END_OF_TURN = "<|im_end|>"
 
 
 def user_text(record: Record, prompt: PromptConfig) -> str:
-    text = prompt.user_template.format(question_type=record.question_type, question=record.question,
-                                       source=record.source)
-    if prompt.list_candidates and record.candidates:
-        text += prompt.candidates_template.format(candidates=", ".join(record.candidates))
-    return text
+    """The question as the user turn puts it; the record's task words it (surgvqa.tasks)."""
+    return get_task(record.task).user_text(record, prompt)
 
 
 def training_target(record: Record, prompt: PromptConfig) -> str:
-    """The answer text the model is taught to produce.
-
-    Normalised (lower case, multi-label answers in one canonical order) by default: the raw data lists labels in
-    random order, and teaching a random order is teaching noise.
-    """
-    return normalize_answer(record.answer) if prompt.normalize_targets else record.answer.strip()
+    """The answer text the model is taught to produce; the record's task decides its form (surgvqa.tasks)."""
+    return get_task(record.task).training_target(record, prompt)
 
 
 def assistant_content(answer: str, strategy: str) -> str:
@@ -46,8 +39,8 @@ def build_messages(record: Record, prompt: PromptConfig, answer: str | None = No
                    strategy: str = "span") -> list[dict[str, Any]]:
     """System / user(image + text) / assistant(answer, training only) in the chat-template message format."""
     messages: list[dict[str, Any]] = []
-    if prompt.system:
-        messages.append({"role": "system", "content": [{"type": "text", "text": prompt.system}]})
+    if system := get_task(record.task).system_text(prompt):
+        messages.append({"role": "system", "content": [{"type": "text", "text": system}]})
     messages.append({"role": "user", "content": [{"type": "image"},
                                                  {"type": "text", "text": user_text(record, prompt)}]})
     if answer is not None:

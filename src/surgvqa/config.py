@@ -112,6 +112,11 @@ class DataConfig(_Section):
     format: Literal["auto", "parquet", "save_to_disk", "jsonl", "csv", "hub"] = "auto"
     image_root: str | None = None  # where relative image paths of JSONL/CSV sources resolve; default: the file's folder
     hub_split: str = "raw"
+    # Where rows without an image get theirs, joined by img_id (Kvasir-VQA-x1): a Kvasir-VQA parquet file or
+    # folder, a save_to_disk folder, or a folder of <img_id>.jpg files.
+    images: str | None = None
+    # Official test rows whose image also occurs in the official training split (x1); off: comparable numbers.
+    drop_leaking_test_rows: bool = False
     max_rows: int | None = Field(None, gt=0)
     split: SplitConfig = SplitConfig()
     synthetic: SyntheticConfig = SyntheticConfig()
@@ -308,6 +313,7 @@ class Config(_Section):
     output_dir: str = "runs"
     cache_dir: str = ".cache/surgvqa"
     seed: int = 42
+    task: Literal["kvasir-vqa", "kvasir-vqa-x1", "vqa-jsonl"] = "kvasir-vqa"  # surgvqa.tasks: the dataset's rules
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     prompt: PromptConfig = PromptConfig()

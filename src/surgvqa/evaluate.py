@@ -130,6 +130,8 @@ def row_from_json(
             error=error,
             image=_resolve_image(obj.get("image"), base),
             where=where,
+            task=obj.get("task") if isinstance(obj.get("task"), str) and obj.get("task") else "kvasir-vqa",
+            meta=obj.get("meta") if isinstance(obj.get("meta"), dict) else {},
         ),
         None,
         notes,

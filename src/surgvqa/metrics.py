@@ -38,7 +38,7 @@ import shutil
 import subprocess
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -47,14 +47,13 @@ from typing import Any
 import numpy as np
 
 from surgvqa.config import EvaluateConfig
-from surgvqa.data.schema import (
+from surgvqa.data.answers import (
     CLOSED_TYPES,
     COLOR,
     COUNT_NUMERIC,
     MCQ,
     QUESTION_TYPES,
     SIZE_NUMERIC,
-    TEMPLATE_BY_ID,
     SizeInterval,
     SizeValue,
     interval_distance_mm,
@@ -87,6 +86,8 @@ class PredictionRow:
     error: str | None = None
     image: str | None = None  # absolute path, or None
     where: str = ""  # "file:line", for messages
+    task: str = "kvasir-vqa"  # the task whose metrics score this row (surgvqa.tasks)
+    meta: Any = None  # the task's fields for its metrics (a dict), e.g. x1's complexity and atomic facts
 
 
 @dataclass(frozen=True)
@@ -592,12 +593,12 @@ def _per_type(scored: _Scored) -> dict[str, dict[str, Any]]:
     return per_type
 
 
-def _per_template(scored: _Scored) -> dict[str, dict[str, Any]]:
+def _per_template(scored: _Scored, templates_by_id: Mapping[int, Any]) -> dict[str, dict[str, Any]]:
     per_template: dict[str, dict[str, Any]] = {}
     templates = sorted({key[1] for key in scored.keys})
     for template in [t for t in templates if t != 0] + ([0] if 0 in templates else []):
         strata = scored.strata_where(lambda key, t=template: key[1] == t)
-        known = TEMPLATE_BY_ID.get(template)
+        known = templates_by_id.get(template)
         multi = known is not None and known.multi_label
         entry: dict[str, Any] = {
             "question": known.question if known else None,
@@ -735,6 +736,14 @@ def _failures(
     return failures
 
 
+def task_of(rows: Sequence[PredictionRow]) -> str:
+    """The one task the rows belong to; rows of several tasks cannot share one set of metrics."""
+    tasks = sorted({row.task for row in rows})
+    if len(tasks) > 1:
+        raise ValueError(f"the predictions mix tasks ({', '.join(tasks)}); evaluate each task's file on its own")
+    return tasks[0] if tasks else "kvasir-vqa"
+
+
 def evaluate_predictions(
     rows: Sequence[PredictionRow],
     settings: EvaluateConfig | None = None,
@@ -745,7 +754,29 @@ def evaluate_predictions(
     with_text_metrics: bool = True,
     with_meteor: bool = True,
 ) -> dict[str, Any]:
-    """All metrics of a set of scored rows as one JSON-ready dict (layout: docs/metrics.md)."""
+    """All metrics of a set of scored rows as one JSON-ready dict, as the rows' task reports them."""
+    from surgvqa.tasks import get_task
+
+    if not rows:
+        raise ValueError("no scorable prediction rows")
+    return get_task(task_of(rows)).evaluate(rows, settings or EvaluateConfig(), baseline=baseline, skipped=skipped,
+                                            notes=notes, with_text_metrics=with_text_metrics,
+                                            with_meteor=with_meteor)
+
+
+def evaluate_by_type(
+    rows: Sequence[PredictionRow],
+    settings: EvaluateConfig | None = None,
+    *,
+    baseline: Sequence[PredictionRow] | None = None,
+    skipped: Sequence[dict[str, Any]] = (),
+    notes: Sequence[dict[str, Any]] = (),
+    with_text_metrics: bool = True,
+    with_meteor: bool = True,
+    templates_by_id: Mapping[int, Any] | None = None,
+) -> dict[str, Any]:
+    """Exact match per question type and group (``templates_by_id``: the task's template per id, for the
+    per-template table), the text metrics and the baseline comparison (layout: docs/metrics.md)."""
     settings = settings or EvaluateConfig()
     if not rows:
         raise ValueError("no scorable prediction rows")
@@ -754,7 +785,7 @@ def evaluate_predictions(
     # Started first: the JVM loads its paraphrase table while the rest is computed.
     meteor_run = MeteorRun(hypotheses, references) if with_text_metrics and with_meteor else None
     try:
-        metrics = _score_everything(rows, settings, baseline, skipped, notes)
+        metrics = _score_everything(rows, settings, baseline, skipped, notes, templates_by_id or {})
     except BaseException:
         if meteor_run is not None:
             meteor_run.close()
@@ -774,6 +805,7 @@ def _score_everything(
     baseline: Sequence[PredictionRow] | None,
     skipped: Sequence[dict[str, Any]],
     notes: Sequence[dict[str, Any]],
+    templates_by_id: Mapping[int, Any],
 ) -> dict[str, Any]:
     scores = [score_row(row, settings) for row in rows]
     metrics: dict[str, Any] = {
@@ -794,7 +826,7 @@ def _score_everything(
     scored = _Scored(rows, scores, settings)
     metrics["per_type"] = _per_type(scored)
     metrics["overall"] = _overall(scored, metrics["per_type"])
-    metrics["per_template"] = _per_template(scored)
+    metrics["per_template"] = _per_template(scored, templates_by_id)
     metrics["confusion"] = {
         t: confusion_matrix(
             t,

@@ -38,7 +38,7 @@ class Stage:
 
 
 STAGES = (
-    Stage("prepare", ("data",), (), "prepared/summary.json"),
+    Stage("prepare", ("data", "task"), (), "prepared/summary.json"),
     Stage("diagnose", ("model", "prompt", "masking"), ("prepare",), "diagnose.json"),
     Stage("overfit", ("model", "prompt", "masking", "lora", "train", "sanity", "predict"), ("prepare",),
           "sanity.json"),

@@ -41,7 +41,7 @@ from surgvqa.chat import ANSWER_CLOSE, ANSWER_OPEN, END_OF_TURN
 from surgvqa.config import Config
 from surgvqa.data.images import allowed_image_roots
 from surgvqa.data.records import Record, image_path, read_records
-from surgvqa.data.schema import OPEN_ENDED, label_set, normalize_answer
+from surgvqa.data.schema import label_set, normalize_answer
 from surgvqa.dataset import collate, encode_prompt, load_image
 from surgvqa.decoding import (
     CandidateLogitsProcessor,
@@ -58,6 +58,7 @@ from surgvqa.decoding import (
 )
 from surgvqa.faults import failpoint
 from surgvqa.io import JsonlLineError, append_lines, atomic_write_json, atomic_write_text
+from surgvqa.tasks import get_task
 
 log = logging.getLogger(__name__)
 
@@ -238,11 +239,7 @@ class Predictor:
     def method_for(self, record: Record, mode: str) -> str:
         """How ``mode`` answers this record: open questions are generated freely, and in rank mode a multi-label
         set is decoded through the trie unless ``predict.multi_label_rank`` is "threshold"."""
-        if mode == "generate" or not is_closed(record):
-            return "generate"
-        if mode == "rank" and record.multi_label and self.config.predict.multi_label_rank == "constrained":
-            return "constrained"
-        return mode
+        return get_task(record.task).prediction_method(record, mode, self.config.predict.multi_label_rank)
 
     def runner(self, method: str) -> Callable[[list[Record], list[dict]], list[Outcome]]:
         return {"generate": self.predict_free, "constrained": self.predict_constrained,
@@ -302,7 +299,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _normalise(record: Record, text: str) -> str:
-    return text.strip() if record.question_type == OPEN_ENDED else normalize_answer(text)
+    return get_task(record.task).normalise_prediction(record, text)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -429,6 +426,8 @@ def prediction_row(record: Record, image: str, outcome: Outcome, mode: str) -> d
         "error": outcome.error,
         "multi_label": record.multi_label,
         "candidates": record.candidates,
+        "task": record.task,
+        "meta": record.meta,
     }
 
 

@@ -93,7 +93,7 @@ def synthetic_source(config: Config) -> Path:
 def synthetic_x1_source(config: Config) -> Path:
     """Build (once) and return the folder of the synthetic Kvasir-VQA-x1 set (``parquet/``, ``save_to_disk/``,
     and the Kvasir-VQA parquet its images are joined from, ``kvasir-vqa/``)."""
-    from surgvqa.data.synthetic import make_synthetic_x1
+    from surgvqa.data.synthetic_x1 import make_synthetic_x1
 
     settings = config.data.synthetic
     folder = Path(config.cache_dir) / (f"synthetic-x1-{settings.images}img-seed{settings.seed}-"

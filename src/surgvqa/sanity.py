@@ -12,10 +12,10 @@ from dataclasses import asdict, dataclass, field
 from surgvqa.config import Config
 from surgvqa.data.images import allowed_image_roots
 from surgvqa.data.records import read_records
-from surgvqa.data.schema import normalize_answer
 from surgvqa.dataset import TrainingCollator, VQADataset
 from surgvqa.io import atomic_write_json
 from surgvqa.modeling import load_processor, resolve_model_path
+from surgvqa.tasks import get_task
 from surgvqa.training import (
     FileLogCallback,
     SupervisedOnlyTrainer,
@@ -84,7 +84,7 @@ def sanity_overfit(config: Config, *, quiet: bool = False) -> SanityResult:
         chunk = records[start : start + batch]
         for record, outcome in zip(chunk, predictor.predict_batch(chunk, "generate")):
             predicted = outcome.prediction or ""
-            if outcome.error is None and predicted == normalize_answer(record.answer):
+            if outcome.error is None and get_task(record.task).matches_reference(record, predicted):
                 matched += 1
             else:
                 mismatches.append({"id": record.id, "question": record.question, "answer": record.answer,

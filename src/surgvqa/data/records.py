@@ -28,6 +28,8 @@ class Record:
     candidates: list[str] = field(default_factory=list)
     multi_label: bool = False
     split: str | None = None
+    task: str = "kvasir-vqa"  # the task (surgvqa.tasks) that typed the record and decides its prompt and scoring
+    meta: dict[str, Any] = field(default_factory=dict)  # task fields kept for the metrics (x1: complexity, ...)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

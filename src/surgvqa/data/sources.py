@@ -11,8 +11,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +33,19 @@ class SourceError(ValueError):
 REQUIRED_COLUMNS = {"image": IMAGE_KEYS, "question": QUESTION_KEYS, "answer": ANSWER_KEYS}
 
 
-def missing_columns(columns: set[str] | list[str]) -> list[str]:
+def missing_columns(columns: set[str] | list[str],
+                    required: Mapping[str, tuple[str, ...]] = REQUIRED_COLUMNS) -> list[str]:
     """The required column groups none of whose names is among ``columns``."""
     present = set(columns)
-    return [name for name, aliases in REQUIRED_COLUMNS.items() if not present.intersection(aliases)]
+    return [name for name, aliases in required.items() if not present.intersection(aliases)]
 
 
-def _require_columns(columns: set[str] | list[str], where: str, *, kind: str = "column") -> None:
-    if missing := missing_columns(columns):
+def _require_columns(columns: set[str] | list[str], where: str, *, kind: str = "column",
+                     required: Mapping[str, tuple[str, ...]] = REQUIRED_COLUMNS) -> None:
+    if missing := missing_columns(columns, required):
         lead = f"no line has the required {kind}(s)" if kind == "field" else f"missing required {kind}(s)"
         raise SourceError(f"{where}: {lead} "
-                          + ", ".join(f"{name!r} (accepted names: {', '.join(REQUIRED_COLUMNS[name])})"
+                          + ", ".join(f"{name!r} (accepted names: {', '.join(required[name])})"
                                       for name in missing)
                           + f"; {kind}s found: {', '.join(sorted(columns)) or 'none'}")
 
@@ -59,6 +61,8 @@ class RawRow:
     image_file: Path | None = None
     problem: str | None = None  # a reason the row could not be read at all
     detail: str = ""
+    split: str | None = None  # the split the source ships the row in (a "split" column, file or part name)
+    extra: dict[str, Any] = field(default_factory=dict)  # the row's other columns, for the task to read
 
 
 def _first(row: dict[str, Any], keys: tuple[str, ...]) -> Any:
@@ -75,15 +79,21 @@ def resolve_inside(root: Path, reference: str) -> Path | None:
     return candidate if candidate.is_relative_to(root) else None
 
 
-def _row_from_mapping(row: dict[str, Any], origin: str, root: Path) -> RawRow:
+_KNOWN_KEYS = frozenset((*IMAGE_KEYS, *QUESTION_KEYS, *ANSWER_KEYS, *IMG_ID_KEYS, *SOURCE_KEYS, "split"))
+
+
+def _row_from_mapping(row: dict[str, Any], origin: str, root: Path, split: str | None = None) -> RawRow:
     image = _first(row, IMAGE_KEYS)
     img_id = _first(row, IMG_ID_KEYS)
+    row_split = row.get("split")
     raw = RawRow(
         origin=origin,
         img_id=None if img_id is None else str(img_id),
         question=_first(row, QUESTION_KEYS),
         answer=_first(row, ANSWER_KEYS),
         source=_first(row, SOURCE_KEYS),
+        split=row_split if isinstance(row_split, str) and row_split.strip() else split,
+        extra={key: value for key, value in row.items() if key not in _KNOWN_KEYS},
     )
     if isinstance(image, dict):  # the datasets Image feature: {"bytes": ..., "path": ...}
         if image.get("bytes") is not None:
@@ -109,7 +119,20 @@ def _row_from_mapping(row: dict[str, Any], origin: str, root: Path) -> RawRow:
     return raw
 
 
-def _iter_parquet(path: Path, root: Path) -> Iterator[RawRow]:
+def split_of_file(file: Path, root: Path) -> str | None:
+    """The split a Hugging Face export names in a file's path: ``train-00000-of-00002.parquet``, ``test.parquet``,
+    ``validation/0000.parquet``; None when the path names none."""
+    parts = [file.stem, *(parent.name for parent in file.relative_to(root).parents if parent.name)] \
+        if file.is_relative_to(root) else [file.stem]
+    for part in parts:
+        head = part.lower().replace("_", "-").split("-")[0]
+        if head in ("train", "test", "validation", "val", "valid", "dev"):
+            return head
+    return None
+
+
+def _iter_parquet(path: Path, root: Path, required: Mapping[str, tuple[str, ...]] = REQUIRED_COLUMNS
+                  ) -> Iterator[RawRow]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -120,11 +143,12 @@ def _iter_parquet(path: Path, root: Path) -> Iterator[RawRow]:
         index = 0
         try:
             parquet = pq.ParquetFile(file)
-            _require_columns(parquet.schema_arrow.names, str(file))
+            _require_columns(parquet.schema_arrow.names, str(file), required=required)
+            split = split_of_file(file, path if path.is_dir() else path.parent)
             # Batches keep memory flat: the real export repeats each image's bytes on every question row.
             for batch in parquet.iter_batches(batch_size=512):
                 for row in batch.to_pylist():
-                    yield _row_from_mapping(row, f"{file.name} row {index}", root)
+                    yield _row_from_mapping(row, f"{file.name} row {index}", root, split)
                     index += 1
         except (pa.ArrowException, OSError) as exc:  # truncated or damaged file: name it, not a pyarrow trace
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -132,7 +156,8 @@ def _iter_parquet(path: Path, root: Path) -> Iterator[RawRow]:
                               f"the file is truncated or damaged") from None
 
 
-def _iter_save_to_disk(path: Path, split: str) -> Iterator[RawRow]:
+def _iter_save_to_disk(path: Path, split: str, required: Mapping[str, tuple[str, ...]] = REQUIRED_COLUMNS
+                       ) -> Iterator[RawRow]:
     import datasets
 
     try:
@@ -143,20 +168,23 @@ def _iter_save_to_disk(path: Path, split: str) -> Iterator[RawRow]:
     if isinstance(loaded, datasets.DatasetDict) and split in loaded:
         parts = [(split, loaded[split])]
     for name, dataset in parts:
-        yield from _iter_dataset(dataset, f"{path.name}{'/' + name if name else ''}", path)
+        yield from _iter_dataset(dataset, f"{path.name}{'/' + name if name else ''}", path, required, name)
 
 
-def _iter_dataset(dataset: Any, label: str, root: Path) -> Iterator[RawRow]:
+def _iter_dataset(dataset: Any, label: str, root: Path,
+                  required: Mapping[str, tuple[str, ...]] = REQUIRED_COLUMNS, split: str | None = None
+                  ) -> Iterator[RawRow]:
     import datasets
 
-    _require_columns(dataset.column_names, label)
+    _require_columns(dataset.column_names, label, required=required)
     if "image" in dataset.column_names and isinstance(dataset.features.get("image"), datasets.Image):
         dataset = dataset.cast_column("image", datasets.Image(decode=False))
     for index, row in enumerate(dataset):
-        yield _row_from_mapping(row, f"{label} row {index}", root)
+        yield _row_from_mapping(row, f"{label} row {index}", root, split)
 
 
-def _iter_hub(name: str, split: str, cache_dir: Path) -> Iterator[RawRow]:
+def _iter_hub(name: str, split: str, cache_dir: Path,
+              required: Mapping[str, tuple[str, ...]] = REQUIRED_COLUMNS) -> Iterator[RawRow]:
     import datasets
 
     try:
@@ -164,7 +192,7 @@ def _iter_hub(name: str, split: str, cache_dir: Path) -> Iterator[RawRow]:
     except Exception as exc:  # noqa: BLE001 - offline or unknown name: one clear line, not a hub traceback
         raise SourceError(f"hub:{name}: cannot load split {split!r} ({type(exc).__name__}: {exc}); "
                           f"download it where a hub is reachable and point data.source at the local copy") from None
-    yield from _iter_dataset(dataset, name, cache_dir)
+    yield from _iter_dataset(dataset, name, cache_dir, required, split)
 
 
 def _decode_lines(path: Path) -> Iterator[tuple[int, str | None]]:
@@ -176,7 +204,8 @@ def _decode_lines(path: Path) -> Iterator[tuple[int, str | None]]:
                 yield number, None
 
 
-def _iter_jsonl(path: Path, root: Path) -> Iterator[RawRow]:
+def _iter_jsonl(path: Path, root: Path, required: Mapping[str, tuple[str, ...]] = REQUIRED_COLUMNS
+                ) -> Iterator[RawRow]:
     keys_seen: set[str] = set()
     objects = 0
     for number, line in _decode_lines(path):
@@ -199,10 +228,11 @@ def _iter_jsonl(path: Path, root: Path) -> Iterator[RawRow]:
         yield _row_from_mapping(row, origin, root)
     # A key that some rows lack is those rows' problem; a key that no row has is the file's.
     if objects:
-        _require_columns(keys_seen, str(path), kind="field")
+        _require_columns(keys_seen, str(path), kind="field", required=required)
 
 
-def _iter_csv(path: Path, root: Path) -> Iterator[RawRow]:
+def _iter_csv(path: Path, root: Path, required: Mapping[str, tuple[str, ...]] = REQUIRED_COLUMNS
+              ) -> Iterator[RawRow]:
     raw_bytes = path.read_bytes()
     try:
         text = raw_bytes.decode("utf-8-sig")
@@ -219,7 +249,7 @@ def _iter_csv(path: Path, root: Path) -> Iterator[RawRow]:
     reader = csv.DictReader(io.StringIO(text))
     if reader.fieldnames is None:
         return  # no header: an empty file, reported by prepare as an empty source
-    _require_columns(reader.fieldnames, f"{path} header")
+    _require_columns(reader.fieldnames, f"{path} header", required=required)
     for index, row in enumerate(reader):
         yield _row_from_mapping(dict(row), f"{path.name} row {index + 2}", root)
 
@@ -255,23 +285,24 @@ def dataset_root(source: str, image_root: str | None) -> Path | None:
 
 
 def iter_raw_rows(source: str, fmt: str = "auto", *, image_root: str | None = None, hub_split: str = "raw",
-                  cache_dir: str | Path = ".cache/surgvqa") -> Iterator[RawRow]:
-    """Yield every row of a data source, whatever its format."""
+                  cache_dir: str | Path = ".cache/surgvqa",
+                 required: Mapping[str, tuple[str, ...]] = REQUIRED_COLUMNS) -> Iterator[RawRow]:
+    """Yield every row of a data source, whatever its format; ``required`` are the column groups it must offer."""
     fmt = detect_format(source) if fmt == "auto" else fmt
     if fmt == "hub":
-        yield from _iter_hub(source.removeprefix("hub:"), hub_split, Path(cache_dir))
+        yield from _iter_hub(source.removeprefix("hub:"), hub_split, Path(cache_dir), required)
         return
     path = Path(source)
     if not path.exists():
         raise SourceError(f"data source not found: {source}")
     root = dataset_root(source, image_root)
     if fmt == "parquet":
-        yield from _iter_parquet(path, root)
+        yield from _iter_parquet(path, root, required)
     elif fmt == "save_to_disk":
-        yield from _iter_save_to_disk(path, hub_split)
+        yield from _iter_save_to_disk(path, hub_split, required)
     elif fmt == "jsonl":
-        yield from _iter_jsonl(path, root)
+        yield from _iter_jsonl(path, root, required)
     elif fmt == "csv":
-        yield from _iter_csv(path, root)
+        yield from _iter_csv(path, root, required)
     else:
         raise SourceError(f"unknown data.format {fmt!r}")

@@ -1,0 +1,189 @@
+"""Question types, answer normalisation, and size / count parsing shared by every task.
+
+Pure functions over strings (no torch, no model). Training targets, candidates, decoding and scoring all go
+through the same normalisation, so they agree by construction; what a question type means for one dataset
+(templates, vocabularies) lives in that dataset's module under ``surgvqa.tasks``.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+from dataclasses import dataclass
+
+# --------------------------------------------------------------------------------------------------------------
+# Question types
+# --------------------------------------------------------------------------------------------------------------
+
+YES_NO = "yes_no"
+COLOR = "color"
+SIZE_NUMERIC = "size_numeric"
+COUNT_NUMERIC = "count_numeric"
+MCQ = "mcq"
+OPEN_ENDED = "open_ended"
+
+QUESTION_TYPES: tuple[str, ...] = (YES_NO, COLOR, SIZE_NUMERIC, COUNT_NUMERIC, MCQ, OPEN_ENDED)
+CLOSED_TYPES: tuple[str, ...] = QUESTION_TYPES[:-1]
+
+# --------------------------------------------------------------------------------------------------------------
+# Answer normalisation (shared by prepare, decoding and metrics)
+# --------------------------------------------------------------------------------------------------------------
+
+_BAD_ANSWERS = frozenset({"", "nan", "null"})  # "none" is a real Kvasir answer, never a bad one
+
+
+def _normalise_label(label: str) -> str:
+    label = " ".join(label.lower().split())
+    # str methods (not a regex) so that "white space" means exactly what str.split() means: idempotence.
+    while label.endswith("."):
+        label = label[:-1].rstrip()
+    return label
+
+
+def split_labels(text: object) -> list[str]:
+    """Normalised single labels of an answer, sorted and unique: label order in Kvasir is not meaningful."""
+    if not isinstance(text, str):
+        return []
+    return sorted({label for part in text.split(";") if (label := _normalise_label(part))})
+
+
+def label_set(text: object) -> frozenset[str]:
+    """The answer as a set of labels, the unit of comparison for multi-label answers."""
+    return frozenset(split_labels(text))
+
+
+def normalize_answer(text: object) -> str:
+    """Canonical answer string: lower case, single spaces, no trailing period, labels sorted and joined by "; "."""
+    return "; ".join(split_labels(text))
+
+
+def is_bad_answer(text: object) -> bool:
+    """True for answers that must not be trained on: missing, empty, or a stringified missing value."""
+    if text is None:
+        return True
+    if isinstance(text, float):
+        return math.isnan(text)
+    if not isinstance(text, str):
+        return False
+    return text.strip().lower() in _BAD_ANSWERS
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Size and count parsing
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SizeInterval:
+    """A size in millimetres as an interval, so that bins (`5-10mm`) and free values (`8 mm`) compare."""
+
+    low: float
+    high: float
+    low_inclusive: bool = True
+    high_inclusive: bool = True
+
+
+class SizeMarker(enum.Enum):
+    """Sizes that are not a length: "none" means no polyp, which no tolerance in millimetres should excuse."""
+
+    NONE = "none"
+
+
+SIZE_NONE = SizeMarker.NONE
+SizeValue = SizeInterval | SizeMarker
+
+_NUM = r"([0-9]{1,9}(?:\.[0-9]{1,6})?)"
+_UNIT = r"(mm|millimet(?:er|re)s?|cm|centimet(?:er|re)s?)?"
+_SIZE_LESS = re.compile(
+    rf"(<=|≤|=<|<|\bless than|\bsmaller than|\bunder|\bbelow)\s*{_NUM}\s*{_UNIT}", re.ASCII
+)
+_SIZE_MORE = re.compile(
+    rf"(>=|≥|=>|>|\bmore than|\bgreater than|\blarger than|\bbigger than|\bover|\babove)\s*{_NUM}\s*{_UNIT}",
+    re.ASCII,
+)
+_SIZE_RANGE = re.compile(rf"{_NUM}\s*{_UNIT}\s*(?:-|–|—|to|and)\s*{_NUM}\s*{_UNIT}", re.ASCII)
+_SIZE_SINGLE = re.compile(rf"{_NUM}\s*{_UNIT}", re.ASCII)
+_SIZE_NONE_WORDS = frozenset({"none", "no polyp", "no polyps", "no", "not relevant", "not applicable", "n/a"})
+
+
+def _mm(number: str, unit: str | None) -> float:
+    return float(number) * (10.0 if unit and unit.startswith(("cm", "centimet")) else 1.0)
+
+
+def _parse_one_size(label: str) -> SizeValue | None:
+    if label in _SIZE_NONE_WORDS:
+        return SIZE_NONE
+    if m := _SIZE_LESS.search(label):
+        return SizeInterval(0.0, _mm(m.group(2), m.group(3)), True, m.group(1) in ("<=", "≤", "=<"))
+    if m := _SIZE_MORE.search(label):
+        return SizeInterval(_mm(m.group(2), m.group(3)), math.inf, m.group(1) in (">=", "≥", "=>"), False)
+    if m := _SIZE_RANGE.search(label):
+        # "5-10mm": the unit written once, after the range, applies to both ends.
+        unit_high = m.group(4)
+        low = _mm(m.group(1), m.group(2) or unit_high)
+        high = _mm(m.group(3), unit_high)
+        return SizeInterval(min(low, high), max(low, high))
+    numbers = _SIZE_SINGLE.findall(label)
+    # A bare number counts only when it is the sole number; "12 mm" anywhere in a sentence is clear enough.
+    if len(numbers) == 1 and (numbers[0][1] or re.fullmatch(r"(about|approx\.?|approximately|around|~)?\s*"
+                                                          + _NUM, label, re.ASCII)):
+        value = _mm(*numbers[0])
+        return SizeInterval(value, value)
+    with_unit = [n for n in numbers if n[1]]
+    if len(with_unit) == 1:
+        value = _mm(*with_unit[0])
+        return SizeInterval(value, value)
+    return None
+
+
+def parse_size_labels(text: object) -> list[SizeValue] | None:
+    """Every label of a size answer as an interval (or SIZE_NONE); None if any label does not parse."""
+    labels = split_labels(text)
+    if not labels:
+        return None
+    parsed = [_parse_one_size(label) for label in labels]
+    return None if any(p is None for p in parsed) else parsed  # type: ignore[return-value]
+
+
+def parse_size_mm(text: object) -> SizeValue | None:
+    """A single-label size answer as an interval in mm, SIZE_NONE for "none", None if unparseable or multi-label.
+
+    `<5mm` -> [0, 5), `5-10mm` -> [5, 10], `>20mm` / `>20` -> (20, inf), `8 mm` -> [8, 8], `1 cm` -> [10, 10].
+    """
+    parsed = parse_size_labels(text)
+    return parsed[0] if parsed is not None and len(parsed) == 1 else None
+
+
+def interval_distance_mm(a: SizeValue, b: SizeValue) -> float:
+    """Gap in mm between two sizes (0 if they overlap or touch); inf between "none" and any real size."""
+    if isinstance(a, SizeMarker) or isinstance(b, SizeMarker):
+        return 0.0 if a == b else math.inf
+    return max(a.low - b.high, b.low - a.high, 0.0)
+
+
+_NUMBER_WORDS = {
+    word: n for n, word in enumerate((
+        "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+        "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",
+        "nineteen", "twenty",
+    ))
+}
+_COUNT_TOKEN = re.compile(r"[0-9]+(?:\.[0-9]+)?|[a-z]+", re.ASCII)
+_ZERO_WORDS = frozenset({"none", "no", "nothing"})
+
+
+def parse_count(text: object) -> int | None:
+    """The first count in an answer ("3", "3 polyps", "there are two", "none" -> 0); None if there is none."""
+    if not isinstance(text, str):
+        return None
+    tokens = _COUNT_TOKEN.findall(text.lower())
+    for token in tokens:
+        if token[0].isdigit():
+            if len(token) > 9:
+                return None
+            value = float(token)
+            return int(value) if value.is_integer() else None
+        if token in _NUMBER_WORDS:
+            return _NUMBER_WORDS[token]
+    return 0 if any(token in _ZERO_WORDS for token in tokens) else None
