@@ -21,6 +21,7 @@ pytest.importorskip("torchvision")
 
 from PIL import Image
 
+from surgvqa.confidence import EMPTY_FIELDS
 from surgvqa.config import load_config
 from surgvqa.data.records import Record, write_records
 from surgvqa.data.schema import COLOR_LABELS, GRID_CELLS, SIZE_BINS, TEMPLATE_BY_ID
@@ -264,7 +265,8 @@ def test_missing_image_is_recorded_and_resume_after_a_torn_last_line(tiny_dir, p
     assert all(row["error"] is None for i, row in enumerate(rows) if i != 5)
     first = rows[0]
     assert set(first) == {"id", "img_id", "image", "question", "question_type", "template", "answer", "prediction",
-                          "raw_text", "mode", "scores", "error", "multi_label", "candidates"}
+                          "raw_text", "mode", "scores", "error", "multi_label", "candidates", "task", "meta",
+                          *EMPTY_FIELDS}
     assert (out.parent / first["image"]).is_file()
     # A killed run: 7 whole lines and half of the 8th. The rerun drops the half line and fills the gap.
     out.write_text("\n".join(lines[:7]) + "\n" + lines[7][: len(lines[7]) // 2], encoding="utf-8")

@@ -125,7 +125,7 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     # "tiny" builds the offline demo model into the cache directory; anything else is a local path or hub id.
     name_or_path: str = Field("tiny", min_length=1)
-    tiny_arch: Literal["qwen2_vl", "qwen2_5_vl"] = "qwen2_vl"
+    tiny_arch: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"] = "qwen2_vl"
     tiny_seed: int = 0
     tiny_hidden_size: int = Field(64, ge=16)
     tiny_layers: int = Field(2, ge=1)
@@ -245,6 +245,14 @@ class PredictConfig(_Section):
     multi_label_threshold: float | None = Field(None, le=0)
     # The share of rows that may stay in error after retries before `predict` exits 1 and `run` stops.
     max_error_rate: float = Field(0.0, ge=0, le=1)
+    # Confidence (docs/confidence.md), fitted on the validation split's predictions and applied to these:
+    # temperature scaling with one temperature overall or one per question type ("none": the model's own numbers);
+    # split-conformal answer sets for closed questions covering the answer with probability >= 1 - alpha;
+    # abstention below the confidence at which the validation split's answered questions err at target_risk.
+    calibration: Literal["none", "overall", "per_type"] = "none"
+    conformal_alpha: float | None = Field(None, gt=0, lt=1)
+    abstain: bool = False
+    target_risk: float = Field(0.05, gt=0, lt=1)
 
 
 class EvaluateConfig(_Section):

@@ -38,6 +38,21 @@ import torch
 from tqdm.auto import tqdm
 
 from surgvqa.chat import ANSWER_CLOSE, ANSWER_OPEN, END_OF_TURN
+from surgvqa.confidence import (
+    GreedyLogprobRecorder,
+    apply_calibration,
+    candidate_fields,
+    candidate_token_logprobs,
+    fit_on_rows,
+    independent_set_probability,
+    label_probabilities,
+    label_set_fields,
+    rank_log_probabilities,
+    row_fields,
+    sequence_fields,
+    trie_log_probabilities,
+    wants_calibration,
+)
 from surgvqa.config import Config
 from surgvqa.data.images import allowed_image_roots
 from surgvqa.data.records import Record, image_path, read_records
@@ -143,6 +158,7 @@ class Outcome:
     method: str | None = None  # generate | constrained | rank: what produced this row
     scores: dict[str, dict[str, float]] | None = None
     error: str | None = None
+    confidence: dict[str, Any] | None = None  # surgvqa.confidence: the row's confidence fields
 
 
 class Predictor:
@@ -198,10 +214,12 @@ class Predictor:
 
     @torch.inference_mode()
     def generate(self, features: list[dict[str, torch.Tensor]], candidate_sets: Sequence[CandidateSet | None],
-                 budget: int) -> list[str]:
-        """Greedy generation; rows with a candidate set are constrained to it."""
+                 budget: int, recorder: GreedyLogprobRecorder | None = None) -> list[str]:
+        """Greedy generation; rows with a candidate set are constrained to it. ``recorder`` (last) sees the
+        scores greedy search chooses from."""
         batch = self.batch(features)
         processors = [CandidateLogitsProcessor(candidate_sets)] if any(candidate_sets) else []
+        processors += [recorder] if recorder is not None else []
         output = self.model.generate(
             **batch, max_new_tokens=budget, do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
             repetition_penalty=None, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
@@ -210,13 +228,30 @@ class Predictor:
         return [self._text(tokens) for tokens in new_tokens]
 
     def predict_free(self, records: list[Record], features: list[dict]) -> list[Outcome]:
-        texts = self.generate(features, [None] * len(records), self.config.predict.max_new_tokens_open)
-        return [Outcome(text, _normalise(record, text), "generate") for record, text in zip(records, texts)]
+        recorder = GreedyLogprobRecorder()
+        texts = self.generate(features, [None] * len(records), self.config.predict.max_new_tokens_open, recorder)
+        return [Outcome(text, _normalise(record, text), "generate", confidence=sequence_fields(logprobs))
+                for record, text, logprobs in zip(records, texts, recorder.row_logprobs(self.stop_ids))]
 
     def predict_constrained(self, records: list[Record], features: list[dict]) -> list[Outcome]:
         sets = [self.candidates(record) for record in records]
-        texts = self.generate(features, sets, max(max_new_tokens(cs) for cs in sets))
-        return [Outcome(text, normalize_answer(text), "constrained") for text in texts]
+        recorder = GreedyLogprobRecorder()
+        texts = self.generate(features, sets, max(max_new_tokens(cs) for cs in sets), recorder)
+        paths = recorder.row_logprobs(self.stop_ids)
+        # Every candidate's token log-probabilities: the trie-restricted distribution (single-label) and the
+        # per-label probabilities (multi-label) need the branches greedy search did not take.
+        tokens = candidate_token_logprobs(self.model, self.batch(features), [cs.sequences for cs in sets])
+        outcomes = []
+        for record, cs, text, path, row in zip(records, sets, texts, paths, tokens):
+            prediction = normalize_answer(text)
+            if cs.multi_label:
+                means = [sum(values) / len(values) for values in row]
+                fields = label_set_fields(cs.labels, [math.exp(mean) for mean in means], math.exp(sum(path)))
+            else:
+                fields = candidate_fields(record.question_type, prediction, cs.labels,
+                                          trie_log_probabilities(cs.sequences, row))
+            outcomes.append(Outcome(text, prediction, "constrained", confidence=fields))
+        return outcomes
 
     def predict_rank(self, records: list[Record], features: list[dict]) -> list[Outcome]:
         sets = [self.candidates(record) for record in records]
@@ -224,13 +259,19 @@ class Predictor:
         outcomes = []
         for record, cs, row in zip(records, sets, scores):
             if record.multi_label:
-                chosen = [cs.labels[i] for i in select_labels(row, True, self.threshold)]
+                indices = select_labels(row, True, self.threshold)
+                chosen = [cs.labels[i] for i in indices]
+                probabilities = label_probabilities(row)
+                fields = label_set_fields(cs.labels, probabilities, independent_set_probability(probabilities, indices))
             else:
                 meanings = [answer_meaning(record.question_type, label) for label in cs.labels]
                 chosen = [cs.labels[best_label_pooled(row, meanings)]]
+                fields = candidate_fields(record.question_type, normalize_answer(chosen[0]), cs.labels,
+                                          rank_log_probabilities(row))
             text = "; ".join(chosen)
             outcomes.append(Outcome(text, normalize_answer(text), "rank",
-                                    {label: score.to_json() for label, score in zip(cs.labels, row)}))
+                                    {label: score.to_json() for label, score in zip(cs.labels, row)},
+                                    confidence=fields))
         return outcomes
 
     def score(self, features: list[dict], sets: Sequence[CandidateSet]) -> list[list[CandidateScore]]:
@@ -374,6 +415,55 @@ def resolve_threshold(config: Config, get_predictor: Callable[[], Predictor], mo
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Confidence calibration (surgvqa.confidence)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def calibration_files(out: Path) -> tuple[Path, Path]:
+    """(the validation split's predictions, the fitted calibration) beside ``out``."""
+    return out.with_name(f"{out.stem}.val{out.suffix}"), out.with_name(f"{out.stem}.calibration.json")
+
+
+def calibrate_predictions(config: Config, mode: str, data: Path, out: Path, model_path: str, rank: int,
+                          world: int, quiet: bool, load_predictor: Callable[[], Predictor] | None = None
+                          ) -> dict[str, Any] | None:
+    """Fit what ``predict.calibration`` / ``conformal_alpha`` / ``abstain`` ask for on the validation split's
+    predictions (made with the same model and mode; ``out`` itself when it is the validation split), save it
+    beside ``out`` and rewrite ``out`` with it applied. Returns the calibration (None: no validation split)."""
+    val = data.parent / "val.jsonl"
+    val = val if val.is_file() else config.run_dir / "prepared" / "val.jsonl"
+    val_out, calibration_path = calibration_files(out)
+    if val.is_file() and val.resolve() == data.resolve():
+        val_out = out
+    elif not val.is_file():
+        log.warning("%s not found: predictions keep the model's own confidences, without calibration", val)
+        return None
+    else:
+        key = {"model": str(model_path), "model_files": _fingerprint(Path(model_path)), "val": str(val),
+               "val_file": _fingerprint(val), "mode": mode, "strategy": config.masking.strategy,
+               "prompt": config.section_hash("prompt", "model")}
+        if rank == 0:
+            saved = json.loads(calibration_path.read_text(encoding="utf-8")) if calibration_path.is_file() else {}
+            if saved.get("key") != key:  # predictions of another model or split must not be resumed
+                val_out.unlink(missing_ok=True)
+                atomic_write_json(calibration_path, {"key": key})
+        _barrier(world)
+        plain = config.predict.model_copy(update={"calibration": "none", "conformal_alpha": None, "abstain": False})
+        run_predict(config.model_copy(update={"predict": plain}), mode, val, val_out, model_path, quiet,
+                    load_predictor)
+    calibration = None
+    if rank == 0:
+        rows = list(latest_rows(read_done(val_out, repair=False)).values())
+        calibration = {**fit_on_rows(rows, config.predict, config.evaluate), "validation": str(val_out)}
+        saved = json.loads(calibration_path.read_text(encoding="utf-8")) if calibration_path.is_file() else {}
+        atomic_write_json(calibration_path, {**calibration, "key": saved.get("key")})
+        atomic_write_text(out, "".join(json.dumps(apply_calibration(row, calibration, config.predict.abstain),
+                                                  ensure_ascii=False) + "\n" for row in read_done(out)))
+    _barrier(world)
+    return calibration
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Resumable output
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -428,6 +518,7 @@ def prediction_row(record: Record, image: str, outcome: Outcome, mode: str) -> d
         "candidates": record.candidates,
         "task": record.task,
         "meta": record.meta,
+        **row_fields(outcome.confidence),
     }
 
 
@@ -564,8 +655,12 @@ def _barrier(world: int) -> None:
 
 
 def run_predict(config: Config, mode: str | None = None, data: Path | None = None, out: Path | None = None,
-                model_path: str | None = None, quiet: bool = False) -> Path:
+                model_path: str | None = None, quiet: bool = False,
+                load_predictor: Callable[[], Predictor] | None = None) -> Path:
     """Predict every record of ``data`` into ``out`` (resuming, retrying rows in error), and return ``out``.
+
+    ``load_predictor``: where the model comes from when one is needed (another run's, already loaded);
+    default: loaded from ``model_path``.
 
     Whether the rows left in error are acceptable is the caller's question: see :func:`check_error_rate`.
     """
@@ -596,6 +691,9 @@ def run_predict(config: Config, mode: str | None = None, data: Path | None = Non
         predictors: list[Predictor] = []  # loaded on first use: a finished file needs no model
 
         def get_predictor() -> Predictor:
+            if not predictors and load_predictor is not None:
+                predictors.append(load_predictor())
+                predictors[0].base_dir = data.parent
             if not predictors:
                 model, processor = load_for_prediction(config, model_path, quiet=quiet)
                 predictors.append(Predictor(model, processor, config, data.parent))
@@ -632,6 +730,8 @@ def run_predict(config: Config, mode: str | None = None, data: Path | None = Non
             _barrier(world)
         else:
             write_in_input_order(out, latest_rows(read_done(out)), records)
+        if wants_calibration(config.predict):
+            calibrate_predictions(config, mode, data, out, model_path, rank, world, quiet, get_predictor)
     finally:
         if owns_group:
             import torch.distributed as dist
