@@ -142,11 +142,21 @@ def make_synthetic(
     images: Annotated[int, typer.Option(min=1)] = 300,
     seed: int = 0,
     image_size: Annotated[int, typer.Option(min=28)] = 112,
+    task: Annotated[str, typer.Option(help="kvasir-vqa (parquet) or kvasir-vqa-x1 (parquet/ with train and test "
+                                           "files, save_to_disk/, and the kvasir-vqa/ images they join to)")]
+    = "kvasir-vqa",
 ) -> None:
-    """Write a synthetic Kvasir-like dataset in the Kvasir-VQA parquet schema."""
-    from surgvqa.data.synthetic import make_synthetic as build
+    """Write a synthetic Kvasir-like dataset in the Kvasir-VQA parquet schema (or the Kvasir-VQA-x1 layouts)."""
+    if task == "kvasir-vqa-x1":
+        from surgvqa.data.synthetic_x1 import make_synthetic_x1
 
-    path = build(out, images=images, seed=seed, image_size=image_size)
+        path = make_synthetic_x1(out, images=images, seed=seed, image_size=image_size)
+    elif task == "kvasir-vqa":
+        from surgvqa.data.synthetic import make_synthetic as build
+
+        path = build(out, images=images, seed=seed, image_size=image_size)
+    else:
+        fail(f"--task must be kvasir-vqa or kvasir-vqa-x1, not {task!r}")
     typer.echo(f"synthetic dataset written to {path}")
 
 

@@ -274,6 +274,8 @@ def markdown_report(metrics: dict) -> str:
             [[label, *row[2:6]] for label, row in zip(("micro", "macro"), _average_rows(metrics))],
         ),
     ]
+    for table in _task_tables(metrics):
+        parts += [f"\n## {table['title']}\n", _md_table(table["header"], table["rows"])]
     parts += ["\n## Per template\n", _md_table(*_per_template_table(metrics, f"strict {ci}"))]
     parts += ["\n## Text metrics (raw predictions, 0-1)\n", _md_table(*_text_metrics_table(metrics))]
     baseline = metrics.get("baseline")
@@ -614,6 +616,19 @@ def _html_table(
     return f"<table{id_attr}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _task_tables(metrics: dict) -> list[dict[str, Any]]:
+    """The task's own sections (surgvqa.tasks: x1's per-complexity and per-class tables, ...), plus the note on
+    test images that the training split also holds."""
+    tables = list(metrics.get("task_tables") or [])
+    leak = metrics.get("data_leak")
+    if leak:
+        tables.insert(0, {"title": "Test images also in the official training split",
+                          "header": ["images", "test rows on them", "test rows dropped"],
+                          "rows": [[str(leak.get("images_in_train_and_test")),
+                                    str(leak.get("test_rows_on_train_images")), str(leak.get("test_rows_dropped"))]]})
+    return tables
+
+
 def render_html(
     metrics: dict, plots: dict[str, bytes], *, config_text: str | None = None, curve_source: str | None = None,
     image_roots: Sequence[str | Path] = (),
@@ -684,6 +699,10 @@ def render_html(
                 f'src="{_png_uri(plots["baseline"])}">'
             )
 
+    for number, table in enumerate(_task_tables(metrics)):
+        out.append(f"<h2>{_e(table['title'])}</h2>")
+        out.append(_html_table(table["header"], table["rows"], table_id=f"task-table-{number}"))
+
     out.append("<h2>Per template</h2>")
     out.append(
         _html_table(*_per_template_table(metrics, ci), table_id="per-template-table", text_columns=(0, 1, 2))
@@ -709,6 +728,11 @@ def render_html(
             f'src="{_png_uri(plots["training_curve"])}">'
         )
 
+    from surgvqa.confidence_report import confidence_html
+
+    out.append(confidence_html(metrics.get("confidence"), {name.removeprefix("confidence_"): data for name, data
+                                                           in plots.items() if name.startswith("confidence_")},
+                               image_roots))
     failures = metrics.get("failures") or {}
     if failures:
         out.append("<h2>Failure cases</h2>")
@@ -761,6 +785,9 @@ def build_plots(metrics: dict, run_dir: Path | None) -> tuple[dict[str, bytes], 
     curve, source = load_training_curve(run_dir)
     if curve:
         plots["training_curve"] = plot_training_curve(curve)
+    from surgvqa.confidence_report import confidence_plots
+
+    plots.update({f"confidence_{name}": data for name, data in confidence_plots(metrics.get("confidence")).items()})
     return plots, source
 
 
