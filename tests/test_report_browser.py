@@ -88,8 +88,13 @@ def _write_run(run_dir: Path) -> tuple[Path, Path]:
             "multi_label": ";" in answer,
             "candidates": [],
         }
-        rows.append(json.dumps(row))
         base_rows.append(json.dumps({**row, "prediction": base, "raw_text": base}))
+        # Confidence fields as predict writes them (temperature-scaled "confidence", conformal set, abstention).
+        confidence = 0.95 - 0.06 * i
+        row.update(confidence_raw=min(1.0, confidence + 0.04), confidence=confidence, abstained=i == len(CASES) - 2,
+                   confidence_kind="sequence" if question_type == "open_ended" else "candidates",
+                   answer_set=[prediction, answer] if question_type == "yes_no" else None)
+        rows.append(json.dumps(row))
     rows.append("{broken json")
     predictions, baseline = run_dir / "predictions.jsonl", run_dir / "baseline.jsonl"
     predictions.write_text("\n".join(rows) + "\n")
@@ -118,9 +123,9 @@ def test_report_opens_in_headless_chromium(tmp_path):
         with_meteor=False,
     )
     report = Path(metrics["outputs"]["report"])
-    assert {"plot_per_type", "plot_baseline", "plot_training_curve", "plot_confusion_yes_no"} <= set(
-        metrics["outputs"]
-    )
+    assert {"plot_per_type", "plot_baseline", "plot_training_curve", "plot_confusion_yes_no",
+            "plot_confidence_reliability", "plot_confidence_risk_coverage"} <= set(metrics["outputs"])
+    assert metrics["confidence"]["n"] == len(CASES) and metrics["confidence"]["n_abstained"] == 1
     source = report.read_text()
     assert "http://" not in source and "https://" not in source and "<script" not in source
     assert "run_name: browser-test" in source
@@ -165,6 +170,15 @@ def test_report_opens_in_headless_chromium(tmp_path):
             )
             assert loaded_images >= 8  # plots + confusion matrices + thumbnails in the failure gallery
             assert page.locator(".case img").count() >= 1
+
+            # The Confidence section: calibration table, reliability diagrams, risk-coverage, confident errors.
+            assert page.locator("h2#confidence").inner_text() == "Confidence"
+            confidence_rows = page.locator("#confidence-table tbody tr td:first-child").all_inner_texts()
+            assert confidence_rows[0] == "yes_no" and confidence_rows[-1] == "all"
+            for plot_id in ("#plot-reliability", "#plot-risk-coverage"):
+                assert page.locator(plot_id).evaluate("img => img.complete && img.naturalWidth > 0")
+            assert page.locator("#conformal-table").is_visible()
+            assert page.locator("#confident-errors .case").count() >= 3
             page.screenshot(path=str(screenshot), full_page=True)
         finally:
             browser.close()

@@ -114,6 +114,9 @@ def row_from_json(
             return None, "no 'prediction', no 'raw_text' and no 'error'", notes
     if error is None and not prediction.strip():
         notes.append("empty prediction (scored as wrong)")
+    if obj.get("abstained") is True:  # predict.abstain: counted, never scored as correct
+        notes.append("abstained (scored as wrong)")
+        prediction, raw_text = "", ""
 
     row_id = _text(obj.get("id")) or ""
     if not row_id:
@@ -218,6 +221,10 @@ def run_evaluate(
         with_meteor=with_meteor,
     )
     metrics = {"predictions": str(predictions), "n_lines": loaded.lines, **metrics}
+    from surgvqa.confidence_report import confidence_metrics
+
+    if (confidence := confidence_metrics(predictions, settings, QUESTION_TYPES)) is not None:
+        metrics["confidence"] = confidence
     summary = Path(run_dir or predictions.parent) / "prepared" / "summary.json"
     if summary.is_file() and "leak" in (prepared := json.loads(summary.read_text(encoding="utf-8"))):
         metrics["data_leak"] = prepared["leak"]  # test images the official training split also holds (x1)

@@ -728,6 +728,11 @@ def render_html(
             f'src="{_png_uri(plots["training_curve"])}">'
         )
 
+    from surgvqa.confidence_report import confidence_html
+
+    out.append(confidence_html(metrics.get("confidence"), {name.removeprefix("confidence_"): data for name, data
+                                                           in plots.items() if name.startswith("confidence_")},
+                               image_roots))
     failures = metrics.get("failures") or {}
     if failures:
         out.append("<h2>Failure cases</h2>")
@@ -780,6 +785,9 @@ def build_plots(metrics: dict, run_dir: Path | None) -> tuple[dict[str, bytes], 
     curve, source = load_training_curve(run_dir)
     if curve:
         plots["training_curve"] = plot_training_curve(curve)
+    from surgvqa.confidence_report import confidence_plots
+
+    plots.update({f"confidence_{name}": data for name, data in confidence_plots(metrics.get("confidence")).items()})
     return plots, source
 
 
