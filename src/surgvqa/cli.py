@@ -405,6 +405,28 @@ def predict(
         fail(summary.describe(written) + f" (predict.max_error_rate is {cfg.predict.max_error_rate:g})", code=1)
 
 
+@app.command("nearest-baseline")
+def nearest_baseline(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    out: Annotated[Path | None, typer.Option(help="predictions file (default: <run>/predictions.nearest.jsonl)")]
+    = None,
+) -> None:
+    """Text-only baseline: each question of predict.split answered with the answer of the most similar training
+    question (no image); compare with `surgvqa evaluate --baseline`."""
+    from surgvqa.baselines import nearest_question_predictions
+
+    cfg = _config(config, set_)
+    prepared = cfg.run_dir / "prepared"
+    _prepared_file(cfg, None, cfg.predict.split)
+    try:
+        written = nearest_question_predictions(prepared, cfg.predict.split,
+                                               out or cfg.run_dir / "predictions.nearest.jsonl")
+    except ValueError as exc:
+        fail(str(exc))
+    typer.echo(f"text-only nearest-question answers in {written}")
+
+
 def main() -> None:
     """Console entry (`python -m surgvqa`); an interrupt outside a command (while importing) is one line too."""
     try:
