@@ -219,3 +219,52 @@ def test_image_token_check_without_and_with_prepared_data(overrides, demo_config
     too_short = load_config(None, [*demo_config_overrides, "masking.max_length=16"])
     image = checks(doctor.run_doctor(too_short, nvml=FakeNVML(init_error=True)), "image tokens")[0]
     assert image.status == "fail" and "max_length" in image.fix
+
+
+QWEN2_VL_2B_TEXT = {"vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+                        "num_attention_heads": 12, "num_key_value_heads": 2, "tie_word_embeddings": True,
+                        "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}}
+QWEN2_VL_2B_VISION = {"depth": 32, "embed_dim": 1280, "hidden_size": 1536, "num_heads": 16, "mlp_ratio": 4}
+
+
+def test_architecture_image_tokens_and_memory_estimate_are_reported(overrides, session_cache):
+    from surgvqa.tiny import ensure_tiny_model
+
+    model_dir = ensure_tiny_model(session_cache / "models", arch="qwen3_vl", min_pixels=56 * 56,
+                                  max_pixels=112 * 112)
+    config = load_config(None, [*overrides, f"model.name_or_path={model_dir}", "model.gradient_checkpointing=true"])
+    report = doctor.run_doctor(config, nvml=FakeNVML(init_error=True))
+    architecture = checks(report, "architecture")[0]
+    assert architecture.status == "ok"
+    assert architecture.detail.startswith("Qwen3-VL (qwen3_vl): patch 16 x merge 2 = 32-px tokens")
+    assert "DeepStack" in architecture.detail
+    tokens = checks(report, "image tokens per sample")[0]
+    assert tokens.detail.startswith("4 to 16 ") and "4096 to 16384 px" in tokens.detail
+    memory = checks(report, "memory estimate")[0]
+    assert memory.status == "ok" and "with gradient checkpointing" in memory.detail
+    assert "; without it: " in memory.detail
+
+    # The same run on a GPU that another process nearly fills: the estimate does not fit, a warning says so.
+    busy = FakeNVML(compute=[foreign_process(gib=79.9)])
+    memory = checks(doctor.run_doctor(config, nvml=busy), "memory estimate")[0]
+    assert memory.status == "warn" and "free on a GPU here" in memory.detail
+
+
+def test_memory_estimate_parts_on_qwen2_vl_2b_dimensions(overrides):
+    from transformers import Qwen2VLConfig
+
+    model_config = Qwen2VLConfig(text_config=QWEN2_VL_2B_TEXT, vision_config=QWEN2_VL_2B_VISION,
+                                 tie_word_embeddings=True)
+    lora = load_config(None, [*overrides, "lora.r=16", "lora.alpha=32", "model.freeze_vision=true",
+                              "model.gradient_checkpointing=true", "train.per_device_batch_size=4"])
+    estimate = doctor.estimate_training_memory(model_config, lora)
+    assert estimate.parameters == 2_208_985_600  # Qwen2-VL-2B-Instruct's parameter count
+    assert estimate.weights == 2 * estimate.parameters  # bf16
+    # LoRA r16 on the 7 projections of 28 layers: r * (in + out) each.
+    per_layer = 16 * ((1536 + 1536) + 2 * (1536 + 256) + (1536 + 1536) + 2 * (1536 + 8960) + (8960 + 1536))
+    assert estimate.trainable_parameters == 28 * per_layer
+    assert estimate.trainable_state == 16 * estimate.trainable_parameters
+    assert estimate.activations < estimate.activations_other / 5  # checkpointing keeps one layer's worth
+    full = doctor.estimate_training_memory(model_config, load_config(None, [*overrides, "lora=null",
+                                                                            "model.freeze_vision=true"]))
+    assert full.trainable_state > 10 * estimate.trainable_state

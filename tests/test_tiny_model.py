@@ -201,3 +201,38 @@ def test_unknown_arch_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="unknown arch"):
         build_tiny_model(tmp_path / "x", arch="llava")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("arch", ["qwen3_vl", "qwen3_5"])
+def test_qwen3_templates_are_the_published_bytes(arch):
+    import hashlib
+    import re
+
+    header, published = chat_template(arch).split("\n", 1)
+    digest = re.search(r"sha256 ([0-9a-f]{64})", header).group(1)
+    assert hashlib.sha256(published.encode("utf-8")).hexdigest() == digest
+    assert header.startswith("{#-") and header.endswith("-#}")  # a Jinja comment: renders as nothing
+
+
+def test_qwen3_tokenizer_adds_qwen3_tokens_and_renders_each_template():
+    from surgvqa.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer("qwen3_vl")
+    assert len(tokenizer) == 151669
+    assert tokenizer.convert_tokens_to_ids(["<tool_call>", "<think>", "</think>"]) == [151657, 151667, 151668]
+    assert {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_IDS} == SPECIAL_IDS
+    assert tokenizer("Hello, world").input_ids == [9707, 11, 1879]
+    assert tokenizer("<think>\n\n</think>\n\nyes").input_ids == [151667, 271, 151668, 271, 9693]
+    # Qwen3-VL-Instruct: no default system prompt, no think block.
+    assert tokenizer.apply_chat_template(CONVERSATION[1:], tokenize=False) == EXPECTED_CHAT.split(
+        "<|im_end|>\n", 1)[1]
+    # Qwen3.5: the generation prompt thinks unless told not to; the training render closes an empty block.
+    qwen3_5 = chat_template("qwen3_5")
+    prompt = tokenizer.apply_chat_template(CONVERSATION[1:2], chat_template=qwen3_5, tokenize=False,
+                                           add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n")
+    no_thinking = tokenizer.apply_chat_template(CONVERSATION[1:2], chat_template=qwen3_5, tokenize=False,
+                                                add_generation_prompt=True, enable_thinking=False)
+    full = tokenizer.apply_chat_template(CONVERSATION[1:], chat_template=qwen3_5, tokenize=False)
+    assert no_thinking.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert full == no_thinking + "A polyp.<|im_end|>\n"

@@ -14,6 +14,7 @@ from typing import Any
 
 from surgvqa.config import PromptConfig
 from surgvqa.data.records import Record
+from surgvqa.modeling import chat_template_kwargs
 from surgvqa.tasks import get_task
 
 ANSWER_OPEN = "<ANS>"
@@ -59,7 +60,7 @@ class RenderedChat:
 def render_prompt(processor: Any, record: Record, prompt: PromptConfig, strategy: str = "span") -> str:
     """The inference prompt: the training text up to the answer (and the opening sentinel in sentinel mode)."""
     text = processor.apply_chat_template(build_messages(record, prompt), tokenize=False,
-                                         add_generation_prompt=True)
+                                         add_generation_prompt=True, **chat_template_kwargs(processor))
     return text + (ANSWER_OPEN if strategy == "sentinel" else "")
 
 
@@ -67,8 +68,9 @@ def render_training(processor: Any, record: Record, prompt: PromptConfig, strate
                     answer: str | None = None) -> RenderedChat:
     answer = training_target(record, prompt) if answer is None else answer
     generation_prompt = processor.apply_chat_template(build_messages(record, prompt), tokenize=False,
-                                                      add_generation_prompt=True)
-    full = processor.apply_chat_template(build_messages(record, prompt, answer, strategy), tokenize=False)
+                                                      add_generation_prompt=True, **chat_template_kwargs(processor))
+    full = processor.apply_chat_template(build_messages(record, prompt, answer, strategy), tokenize=False,
+                                      **chat_template_kwargs(processor))
     content = assistant_content(answer, strategy)
     if not full.startswith(generation_prompt + content + END_OF_TURN):
         # The chat template must render the prompt as a prefix of the whole conversation; a template that

@@ -122,16 +122,16 @@ def _print_json(payload: object) -> None:
 @app.command("make-tiny-model")
 def make_tiny_model(
     out: Annotated[Path, typer.Argument(help="output directory")],
-    arch: Annotated[str, typer.Option(help="qwen2_vl or qwen2_5_vl")] = "qwen2_vl",
+    arch: Annotated[str, typer.Option(help="qwen2_vl, qwen2_5_vl, qwen3_vl or qwen3_5")] = "qwen2_vl",
     seed: int = 0,
     min_pixels: int = 56 * 56,
     max_pixels: int = 112 * 112,
 ) -> None:
-    """Write an offline tiny Qwen2-VL (real Qwen2 vocabulary and chat template, random weights)."""
-    from surgvqa.tiny import build_tiny_model
+    """Write an offline tiny Qwen-VL model (real Qwen vocabulary and chat template, random weights)."""
+    from surgvqa.tiny import ARCHS, build_tiny_model
 
-    if arch not in ("qwen2_vl", "qwen2_5_vl"):
-        fail(f"--arch must be qwen2_vl or qwen2_5_vl, not {arch!r}")
+    if arch not in ARCHS:
+        fail(f"--arch must be one of {', '.join(ARCHS)}, not {arch!r}")
     path = build_tiny_model(out, arch=arch, seed=seed, min_pixels=min_pixels, max_pixels=max_pixels)
     typer.echo(f"tiny {arch} model written to {path}")
 

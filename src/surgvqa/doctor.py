@@ -47,6 +47,7 @@ class Check:
 @dataclass
 class DoctorReport:
     checks: list[Check] = field(default_factory=list)
+    gpu_free: list[int] = field(default_factory=list)  # free bytes per GPU this job may use (NVML)
 
     @property
     def ok(self) -> bool:
@@ -201,6 +202,7 @@ def _check_one_gpu(report: DoctorReport, nvml: Any, index: int, selected: set[in
                    "select the GPUs this job may use with CUDA_VISIBLE_DEVICES")
         return
     report.add(name, "ok", f"{model}: {gib(memory.total)} total, {gib(memory.free)} free")
+    report.gpu_free.append(int(memory.free))
     processes, failed = _gpu_processes(nvml, handle)
     if len(failed) == 2:  # neither query answered: other processes cannot be ruled out
         report.add(f"{name} processes", "warn", "cannot list the processes on this GPU (" + "; ".join(failed) + ")",
@@ -380,6 +382,211 @@ def check_image_tokens(report: DoctorReport, config: Config, model_ok: bool) -> 
         report.add("image tokens", "ok", detail)
 
 
+# --- architecture, image tokens and a peak-memory estimate ------------------------------------------------------
+
+# Prompt (system, question type, question) + answer + chat markup of a Kvasir-VQA sample: 40-60 tokens measured on
+# the prepared demo; 64 keeps the estimate on the safe side.
+TEXT_TOKENS_PER_SAMPLE = 64
+SUPERVISED_TOKENS_PER_SAMPLE = 16  # answer + end of turn; the LM head runs only there (training.supervised_only_loss)
+CUDA_CONTEXT_BYTES = 0.5 * GIB  # CUDA context and cuBLAS workspace: held by the process, outside torch's allocator
+
+
+@dataclass
+class MemoryEstimate:
+    """Peak training memory of one process for the configured batch, by part (bytes). How the activation terms
+    are counted is in :func:`layer_activation_bytes`; the validation is in docs/benchmarks.md."""
+
+    parameters: int
+    trainable_parameters: int
+    weights: int  # every parameter in the model's dtype
+    trainable_state: int  # trainable weights' gradients and AdamW moments (LoRA: also its fp32 weights)
+    activations: int  # saved for backward, with the configured gradient checkpointing
+    activations_other: int  # the same with gradient checkpointing switched the other way
+    logits: int  # LM head on the supervised positions: fp32 logits and their gradient
+    tokens_per_sample: int
+    gradient_checkpointing: bool
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.trainable_state + self.activations + self.logits
+
+    @property
+    def total_other(self) -> int:
+        return self.weights + self.trainable_state + self.activations_other + self.logits
+
+
+def _dtype_bytes(config: Config) -> int:
+    # "auto" is bf16 on a GPU, which is what the estimate is for.
+    return 4 if config.model.dtype == "float32" else 2
+
+
+# Linear layers that read the same normed input: without LoRA dropout, autograd keeps that input once per group.
+SHARED_INPUT_GROUPS = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention",
+                       "in_proj_qkv": "attention", "in_proj_z": "attention", "in_proj_a": "attention",
+                       "in_proj_b": "attention", "gate_proj": "mlp", "up_proj": "mlp"}
+
+
+def layer_activation_bytes(layer: Any, text_config: Any, config: Config, act_bytes: int) -> int:
+    """Bytes one decoder layer saves for backward, per token (sdpa/flash attention: no L x L matrix).
+
+    Counted from the layer's own modules: each norm's fp32 input copy; the inputs of the linear layers that train
+    (a LoRA target keeps its input for lora_A: one copy per group of targets reading the same tensor, or with LoRA
+    dropout a dropout output and mask per target; full fine-tuning keeps every linear's input); attention's q, k, v
+    (k and v repeated to all query heads) and output; the MLP's gate, up and product inputs. Frozen linear layers
+    save nothing: their input gradient needs only the weight. Qwen3.5's linear-attention layers: their
+    convolution input and output and the gated output, not the delta rule's chunk states.
+    """
+    import torch
+
+    lora = config.lora
+    targets = set(lora.target_modules) if lora is not None else None
+    total = 0
+    shared: dict[str, int] = {}
+    for name, module in layer.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, torch.nn.Linear):
+            if leaf == "up_proj":
+                total += 3 * module.out_features * act_bytes  # gate (silu input), silu output and up
+            if targets is not None and leaf not in targets:
+                continue
+            if targets is not None and lora.dropout > 0:
+                total += module.in_features * (act_bytes + 1)  # dropout output and its mask
+            else:
+                shared[SHARED_INPUT_GROUPS.get(leaf, name)] = module.in_features * act_bytes
+        elif "norm" in leaf.lower() and getattr(module, "weight", None) is not None and module.weight.dim() == 1:
+            total += 4 * module.weight.shape[0]  # an RMSNorm computes in fp32 and keeps that copy of its input
+    total += sum(shared.values())
+    if getattr(layer, "self_attn", None) is not None:
+        heads = text_config.num_attention_heads
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+        total += 4 * heads * head_dim * act_bytes  # q, repeated k and v, attention output
+    if getattr(layer, "linear_attn", None) is not None:
+        mixer = layer.linear_attn
+        total += (2 * mixer.conv_dim + 3 * mixer.value_dim) * act_bytes
+    return total
+
+
+def _decoder_layers(model: Any) -> list[Any]:
+    inner = getattr(model, "model", model)
+    language = getattr(inner, "language_model", inner)
+    return list(getattr(language, "layers", []))
+
+
+def estimate_training_memory(model_config: Any, config: Config) -> MemoryEstimate:
+    """Peak memory of a training step of ``config`` on the architecture ``model_config`` describes.
+
+    The parameter counts come from the model itself, built on the meta device (no memory, no weights).
+    """
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from surgvqa.modeling import max_image_tokens
+    from surgvqa.training import lora_target_regex
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(model_config)
+    act_bytes = _dtype_bytes(config)
+    parameters = sum(p.numel() for p in model.parameters())
+    settings = config.model
+    visual = getattr(getattr(model, "model", model), "visual", None)
+    vision_names = {id(p) for p in visual.parameters()} if visual is not None else set()
+    merger_names = {id(p) for name, p in visual.named_parameters() if name.startswith(("merger.", "deepstack"))} \
+        if visual is not None else set()
+    trainable_vision = (0 if settings.freeze_vision and not settings.train_merger else
+                        sum(p.numel() for p in visual.parameters() if not settings.freeze_vision or id(p) in
+                            merger_names)) if visual is not None else 0
+    if config.lora is not None:
+        import re
+
+        pattern = re.compile(lora_target_regex(config.lora))
+        adapter = sum(config.lora.r * (module.in_features + module.out_features)
+                      for name, module in model.named_modules()
+                      if isinstance(module, torch.nn.Linear) and pattern.fullmatch(name))
+        # PEFT keeps adapter weights in fp32 (autocast_adapter_dtype): weight, gradient and two AdamW moments.
+        trainable_state = 16 * adapter + (act_bytes + 2 * act_bytes) * trainable_vision
+        trainable = adapter + trainable_vision
+    else:
+        language = sum(p.numel() for p in model.parameters() if id(p) not in vision_names)
+        trainable = language + trainable_vision
+        trainable_state = 3 * act_bytes * trainable  # gradient + two AdamW moments in the weights' dtype
+    tokens = min(config.masking.max_length, max_image_tokens(settings) + TEXT_TOKENS_PER_SAMPLE)
+    batch_tokens = config.train.per_device_batch_size * tokens
+    layers = _decoder_layers(model)
+    text_config = model_config.get_text_config()
+    hidden = text_config.hidden_size
+    per_layer = [layer_activation_bytes(layer, text_config, config, act_bytes) for layer in layers]
+    final_norm = 4 * hidden + hidden * act_bytes  # the final norm's fp32 input and the embedding output
+    full = batch_tokens * (sum(per_layer) + final_norm)
+    # Checkpointing keeps each layer's input and recomputes one layer at a time during backward.
+    checkpointed = batch_tokens * (len(layers) * hidden * act_bytes + max(per_layer, default=0) + final_norm)
+    vocab = model_config.get_text_config().vocab_size
+    logits = config.train.per_device_batch_size * SUPERVISED_TOKENS_PER_SAMPLE * vocab * 8
+    use_checkpointing = settings.gradient_checkpointing
+    return MemoryEstimate(
+        parameters=parameters, trainable_parameters=trainable, weights=parameters * act_bytes,
+        trainable_state=trainable_state, activations=checkpointed if use_checkpointing else full,
+        activations_other=full if use_checkpointing else checkpointed, logits=logits, tokens_per_sample=tokens,
+        gradient_checkpointing=use_checkpointing)
+
+
+def _model_config(config: Config) -> Any:
+    """The checkpoint's config (the tiny model's without building it)."""
+    if config.model.name_or_path == "tiny":
+        from surgvqa.tiny import build_config
+
+        return build_config(config.model.tiny_arch, hidden_size=config.model.tiny_hidden_size,
+                            num_layers=config.model.tiny_layers)
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(config.model.name_or_path)
+
+
+def check_architecture(report: DoctorReport, config: Config, model_ok: bool, gpu_free: list[int]) -> None:
+    """The checkpoint's family, the image tokens the pixel budget gives, and the peak-memory estimate."""
+    from surgvqa.modeling import CONFIG_TOKEN_SIDE, family_of, family_pixel_budget, max_image_tokens
+
+    if not model_ok:
+        report.add("architecture", "warn", "skipped: the model is not readable (see the model check)")
+        return
+    try:
+        model_config = _model_config(config)
+        family = family_of(model_config.model_type, config.model.name_or_path)
+    except (OSError, ValueError) as exc:
+        report.add("architecture", "fail", f"{type(exc).__name__}: {' '.join(str(exc).split())}",
+                   "point model.name_or_path at a Qwen2-VL, Qwen2.5-VL, Qwen3-VL or Qwen3.5 checkpoint")
+        return
+    traits = [f"patch {family.patch_size} x merge {family.merge_size} = {family.token_side}-px tokens",
+              family.position_ids.split(":")[0]]
+    traits += ["DeepStack"] * family.deepstack + ["linear-attention layers"] * family.linear_attention
+    traits += ["template thinks unless told not to (rendered with enable_thinking=false)"] * family.thinking_template
+    report.add("architecture", "ok", f"{family.name} ({family.model_type}): " + "; ".join(traits))
+
+    settings = config.model
+    low_pixels, high_pixels = family_pixel_budget(settings.min_pixels, settings.max_pixels, family.token_side)
+    low_tokens = settings.min_pixels // (CONFIG_TOKEN_SIDE * CONFIG_TOKEN_SIDE)
+    report.add("image tokens per sample", "ok",
+               f"{low_tokens} to {max_image_tokens(settings)} (model.min_pixels/max_pixels count 28x28-px areas; "
+               f"{family.name} gets {low_pixels} to {high_pixels} px)")
+
+    estimate = estimate_training_memory(model_config, config)
+    lora = "LoRA" if config.lora is not None else "full fine-tuning"
+    on = "with" if estimate.gradient_checkpointing else "without"
+    off = "without" if estimate.gradient_checkpointing else "with"
+    detail = (f"{gib(estimate.total + CUDA_CONTEXT_BYTES)} peak per GPU for batch "
+              f"{config.train.per_device_batch_size} x {estimate.tokens_per_sample} tokens, {on} gradient "
+              f"checkpointing: weights {gib(estimate.weights)} ({estimate.parameters / 1e9:.2f} B parameters), "
+              f"{lora} state {gib(estimate.trainable_state)} ({estimate.trainable_parameters / 1e6:.1f} M trainable), "
+              f"activations {gib(estimate.activations)}, logits {gib(estimate.logits)}, CUDA context "
+              f"{gib(CUDA_CONTEXT_BYTES)}; {off} it: {gib(estimate.total_other + CUDA_CONTEXT_BYTES)}")
+    need = estimate.total + CUDA_CONTEXT_BYTES
+    if gpu_free and need > min(gpu_free):
+        report.add("memory estimate", "warn", detail + f"; more than the {gib(min(gpu_free))} free on a GPU here",
+                   "lower train.per_device_batch_size (raise train.grad_accum), model.max_pixels, or set "
+                   "model.gradient_checkpointing: true")
+    else:
+        report.add("memory estimate", "ok", detail)
+
+
 # --- the report --------------------------------------------------------------------------------------------------
 
 def run_doctor(config: Config, nvml: Any | None = None) -> DoctorReport:
@@ -392,6 +599,7 @@ def run_doctor(config: Config, nvml: Any | None = None) -> DoctorReport:
     check_data(report, config)
     check_disk(report, config, model_ok)
     check_image_tokens(report, config, model_ok)
+    check_architecture(report, config, model_ok, report.gpu_free)
     return report
 
 

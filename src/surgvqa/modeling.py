@@ -1,4 +1,9 @@
-"""Loading the processor and the model the config names, and preparing them for the masking strategy."""
+"""Loading the processor and the model the config names, and preparing them for the masking strategy.
+
+The supported architectures and everything that differs between them are in :data:`FAMILIES` (one table,
+documented in docs/models.md); the stages never branch on the architecture themselves. The architecture is the
+checkpoint's own ``config.json`` ``model_type``: no setting chooses it.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,12 @@ import importlib.util
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from surgvqa.chat import ANSWER_CLOSE, ANSWER_OPEN
 from surgvqa.config import Config, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -28,6 +33,102 @@ class ModelLoadError(ValueError):
     """The configured model or an adapter cannot be loaded; the message says which and why, in one line."""
 
 
+@dataclass(frozen=True)
+class ModelFamily:
+    """What differs between the supported architectures. Each field is read from transformers 5.24's
+    ``models/<model_type>`` (configuration, modeling and processor) and the family's published checkpoints."""
+
+    model_type: str  # config.json "model_type"
+    name: str
+    patch_size: int  # px per vision patch side
+    merge_size: int  # patches merged per side into one language-model token
+    position_ids: str  # how the model's get_rope_index lays out positions (computed by the model, stated here)
+    deepstack: bool  # features of intermediate vision blocks are added to the first language-model layers
+    linear_attention: bool  # hybrid Gated DeltaNet layers: part of the cache is a recurrent state, not keys/values
+    thinking_template: bool  # the published chat template opens a think block unless enable_thinking=false
+    # vision parameters that project into the language model (trained when model.train_merger is set)
+    merger_prefixes: tuple[str, ...] = ("merger.",)
+    # language-model projections to adapt besides the attention/MLP ones every family has
+    extra_lora_targets: tuple[str, ...] = ()
+
+    @property
+    def token_side(self) -> int:
+        """Pixels per side of the image area one language-model token covers."""
+        return self.patch_size * self.merge_size
+
+
+FAMILIES: dict[str, ModelFamily] = {family.model_type: family for family in (
+    ModelFamily("qwen2_vl", "Qwen2-VL", patch_size=14, merge_size=2,
+                position_ids="M-RoPE: sections of each head for (time, height, width); text positions equal on all "
+                             "three, image tokens on their grid",
+                deepstack=False, linear_attention=False, thinking_template=False),
+    ModelFamily("qwen2_5_vl", "Qwen2.5-VL", patch_size=14, merge_size=2,
+                position_ids="M-RoPE as Qwen2-VL (window attention in the vision tower only)",
+                deepstack=False, linear_attention=False, thinking_template=False),
+    ModelFamily("qwen3_vl", "Qwen3-VL", patch_size=16, merge_size=2,
+                position_ids="interleaved M-RoPE: time/height/width frequencies alternate across the head "
+                             "(mrope_interleaved); the same three position rows as Qwen2-VL",
+                deepstack=True, linear_attention=False, thinking_template=False,
+                merger_prefixes=("merger.", "deepstack_merger_list.")),
+    ModelFamily("qwen3_5", "Qwen3.5", patch_size=16, merge_size=2,
+                position_ids="interleaved M-RoPE on a quarter of each head (partial_rotary_factor 0.25), in the "
+                             "full-attention layers only; the linear-attention layers carry order in their state",
+                deepstack=False, linear_attention=True, thinking_template=True,
+                extra_lora_targets=("in_proj_qkv", "in_proj_z", "out_proj")),
+)}
+
+# The unit of model.min_pixels / max_pixels: the area of one Qwen2-VL image token (28 x 28 px). A budget means
+# the same number of image tokens on every family; each family's processor gets it in its own pixels.
+CONFIG_TOKEN_SIDE = 28
+
+# The answer is never preceded by reasoning: a template with a thinking switch (Qwen3.5's) then renders an empty,
+# closed think block both in training and in the prompt, so that the prompt stays a prefix of the training text.
+THINKING_SWITCH = "enable_thinking"
+
+
+def chat_template_kwargs(processor: Any) -> dict[str, Any]:
+    """Variables for every chat-template rendering: thinking off where the template has the switch. Only there:
+    transformers warns on each call about a variable the template does not use."""
+    template = getattr(processor, "chat_template", None)
+    return {THINKING_SWITCH: False} if isinstance(template, str) and THINKING_SWITCH in template else {}
+
+
+def family_of(model_type: str, source: str = "the model") -> ModelFamily:
+    family = FAMILIES.get(model_type)
+    if family is None:
+        raise ModelLoadError(f"{source} is a {model_type!r} model; supported: {', '.join(FAMILIES)}")
+    return family
+
+
+def model_family(path: str) -> ModelFamily:
+    """The family of the checkpoint at ``path`` (folder or cached hub id), from its config.json."""
+    from transformers import PretrainedConfig
+
+    config, _ = PretrainedConfig.get_config_dict(path)
+    return family_of(str(config.get("model_type")), path)
+
+
+def family_pixel_budget(min_pixels: int, max_pixels: int, token_side: int) -> tuple[int, int]:
+    """The config's pixel budget (in 28-px token areas) as pixels of a family whose token covers ``token_side`` px:
+    the same number of image tokens (Qwen3-VL's 32-px tokens need (32/28)^2 more pixels for as many tokens)."""
+    unit = CONFIG_TOKEN_SIDE * CONFIG_TOKEN_SIDE
+    return min_pixels * token_side**2 // unit, max_pixels * token_side**2 // unit
+
+
+def max_image_tokens(model: ModelConfig) -> int:
+    """Image tokens of the largest image the pixel budget allows, on every family."""
+    return model.max_pixels // (CONFIG_TOKEN_SIDE * CONFIG_TOKEN_SIDE)
+
+
+def processor_token_side(path: str) -> int:
+    """Pixels per token side from the saved image processor itself (also where a trained adapter folder holds the
+    processor but no config.json)."""
+    from transformers.image_processing_utils import ImageProcessingMixin
+
+    settings, _ = ImageProcessingMixin.get_image_processor_dict(path)
+    return int(settings.get("patch_size", 14)) * int(settings.get("merge_size", 2))
+
+
 def _looks_like_path(name: str) -> bool:
     if os.path.isabs(name) or name.startswith((".", "~")):
         return True
@@ -41,7 +142,8 @@ def check_model_source(name: str, key: str = "model.name_or_path") -> str:
 
     local = Path(name).expanduser()
     if local.exists():
-        if not (local / "config.json").is_file():
+        # A trained LoRA adapter folder (adapter_config.json, no config.json) is a model to predict with too.
+        if not (local / "config.json").is_file() and not (local / "adapter_config.json").is_file():
             raise ModelLoadError(f"{key}: {name} is not a model directory (no config.json in it)")
         return str(local) if name.startswith("~") else name
     if _looks_like_path(name):
@@ -75,6 +177,8 @@ def register_sentinel_tokens(tokenizer: Any) -> tuple[int, int]:
     """
     from tokenizers import AddedToken
 
+    from surgvqa.chat import ANSWER_CLOSE, ANSWER_OPEN
+
     new = [AddedToken(text, special=False, normalized=False, lstrip=False, rstrip=False)
            for text in (ANSWER_OPEN, ANSWER_CLOSE) if text not in tokenizer.get_vocab()]
     if new:
@@ -87,9 +191,11 @@ def register_sentinel_tokens(tokenizer: Any) -> tuple[int, int]:
 def load_processor(path: str, model: ModelConfig, strategy: str = "span") -> Any:
     from transformers import AutoProcessor
 
-    # The config's pixel limits override the checkpoint's, so training and inference always agree on them.
+    # The config's pixel limits override the checkpoint's, so training and inference always agree on them; they
+    # are converted to the family's pixels, so that a budget means the same number of image tokens on each.
+    min_pixels, max_pixels = family_pixel_budget(model.min_pixels, model.max_pixels, processor_token_side(path))
     processor = AutoProcessor.from_pretrained(
-        path, size={"shortest_edge": model.min_pixels, "longest_edge": model.max_pixels}, trust_remote_code=False)
+        path, size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, trust_remote_code=False)
     if strategy == "sentinel":
         register_sentinel_tokens(processor.tokenizer)
     return processor
@@ -115,6 +221,8 @@ def attention_implementation(requested: str) -> str:
 def init_sentinel_embeddings(model: Any, tokenizer: Any, *, initialise: bool = True) -> None:
     """Grow the embedding table if the sentinel ids do not fit, and (for newly added sentinels) start each
     sentinel row at the mean of the embeddings of its text pieces (a sensible start instead of a random row)."""
+    from surgvqa.chat import ANSWER_CLOSE, ANSWER_OPEN
+
     open_id, close_id = register_sentinel_tokens(tokenizer)
     embeddings = model.get_input_embeddings()
     if max(open_id, close_id) >= embeddings.weight.shape[0]:
@@ -138,6 +246,7 @@ def load_model(path: str, config: Config, processor: Any, *, for_training: bool 
     from transformers import AutoModelForImageTextToText
 
     settings = config.model
+    model_family(path)  # an unsupported architecture fails here, in one line, before gigabytes load
     model = AutoModelForImageTextToText.from_pretrained(
         path, dtype=torch_dtype(settings), attn_implementation=attention_implementation(settings.attn_implementation),
         trust_remote_code=False)
@@ -187,5 +296,6 @@ def freeze_vision_tower(model: Any, *, train_merger: bool = False, freeze: bool 
     visual = vision_tower(model)
     if visual is None or not freeze:
         return
+    mergers = family_of(model.config.model_type).merger_prefixes
     for name, parameter in visual.named_parameters():
-        parameter.requires_grad = train_merger and name.startswith("merger.")
+        parameter.requires_grad = train_merger and name.startswith(mergers)

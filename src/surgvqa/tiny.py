@@ -1,17 +1,22 @@
-"""A tiny, offline Qwen2-VL / Qwen2.5-VL checkpoint for demos and tests.
+"""Tiny, offline Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5 checkpoints for demos and tests.
 
 The real checkpoints are gigabytes and need the hub. Everything the pipeline depends on *outside* the weights
 is kept real here, because that is where silent failures live: the Qwen2 BPE vocabulary (so token boundaries,
-offsets and answer lengths are the ones the 2B model sees), the 14 Qwen2-VL special tokens at their real ids,
-the official Instruct chat template byte for byte, and the real image processor (patch 14, merge 2). Only the
-transformer is shrunk (hidden 64, 2 layers, ~10 M parameters, random weights) so CPU runs take seconds.
+offsets and answer lengths are the ones the 2B model sees), the special tokens at their real ids, each family's
+official chat template byte for byte, and the real image processor (patch 14 for Qwen2/2.5-VL, 16 for Qwen3-VL
+and Qwen3.5, merge 2). Only the transformer is shrunk (hidden 64, 2 layers, ~10 M parameters, random weights)
+so CPU runs take seconds.
 
 The vocabulary comes from ``qwen.tiktoken``, which the PyPI package ``dashscope`` ships; converting it needs
-``tiktoken`` and no network.
+``tiktoken`` and no network. Qwen3-VL shares it (plus Qwen3's 12 added tokens, ``<think>`` among them).
+Qwen3.5 has a vocabulary of its own (248k tokens) that no package here ships: its tiny model keeps Qwen3.5's
+architecture (hybrid linear/full attention), processor and chat template on the Qwen3 vocabulary, and its config
+names the ids of that vocabulary's vision tokens.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import shutil
@@ -42,19 +47,61 @@ SPECIAL_TOKENS = (
     "<|image_pad|>",
     "<|video_pad|>",
 )
+# Qwen3's tokenizer adds these after the 14 above (ids 151657..151668), as plain (not special) added tokens, so
+# that `<think>` survives decoding with skip_special_tokens.
+QWEN3_ADDED_TOKENS = (
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+    "<tool_response>",
+    "</tool_response>",
+    "<think>",
+    "</think>",
+)
 BPE_VOCAB_SIZE = 151_643
 VOCAB_SIZE = BPE_VOCAB_SIZE + len(SPECIAL_TOKENS)  # 151,657
+QWEN3_VOCAB_SIZE = VOCAB_SIZE + len(QWEN3_ADDED_TOKENS)  # 151,669
 ENDOFTEXT_ID, IM_START_ID, IM_END_ID = 151643, 151644, 151645
 VISION_START_ID, VISION_END_ID, IMAGE_PAD_ID, VIDEO_PAD_ID = 151652, 151653, 151655, 151656
 
-ARCHS = ("qwen2_vl", "qwen2_5_vl")
-CHAT_TEMPLATE_ASSET = "qwen2_vl_chat_template.jinja"
+ARCHS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
+QWEN3_ARCHS = ("qwen3_vl", "qwen3_5")
+# Qwen2.5-VL-Instruct ships Qwen2-VL-Instruct's template string unchanged.
+CHAT_TEMPLATE_ASSETS = {
+    "qwen2_vl": "qwen2_vl_chat_template.jinja",
+    "qwen2_5_vl": "qwen2_vl_chat_template.jinja",
+    "qwen3_vl": "qwen3_vl_chat_template.jinja",
+    "qwen3_5": "qwen3_5_chat_template.jinja",
+}
+CHAT_TEMPLATE_ASSET = CHAT_TEMPLATE_ASSETS["qwen2_vl"]
+MODEL_CLASSES = {
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+    "qwen3_5": "Qwen3_5ForConditionalGeneration",
+}
 _MARKER = ".surgvqa-tiny-complete"
 
 
-def chat_template() -> str:
-    """Qwen2-VL-Instruct's official chat template (Qwen2.5-VL-Instruct ships the identical string)."""
-    return resources.files("surgvqa").joinpath("assets", CHAT_TEMPLATE_ASSET).read_text(encoding="utf-8")
+def _check_arch(arch: str) -> None:
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+
+
+def chat_template(arch: str = "qwen2_vl") -> str:
+    """The family's official Instruct chat template, as shipped under surgvqa/assets (source in its first line)."""
+    _check_arch(arch)
+    asset = CHAT_TEMPLATE_ASSETS[arch]
+    return resources.files("surgvqa").joinpath("assets", asset).read_text(encoding="utf-8")
+
+
+def vocab_size(arch: str) -> int:
+    return QWEN3_VOCAB_SIZE if arch in QWEN3_ARCHS else VOCAB_SIZE
 
 
 def qwen_tiktoken_path() -> Path:
@@ -89,12 +136,24 @@ def _qwen2_backend():
     return backend
 
 
-def build_tokenizer():
-    """The Qwen2 tokenizer, configured as Qwen2-VL-Instruct's tokenizer_config.json configures it."""
+@functools.lru_cache(maxsize=1)
+def _qwen3_backend():
+    """Qwen3's tokenizer: Qwen2's with 12 more added tokens (a copy: the Qwen2 one stays as it is)."""
+    from tokenizers import AddedToken
+
+    backend = copy.deepcopy(_qwen2_backend())
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN3_ADDED_TOKENS])
+    return backend
+
+
+def build_tokenizer(arch: str = "qwen2_vl"):
+    """The Qwen2 tokenizer, configured as the family's Instruct tokenizer_config.json configures it (Qwen3-VL's
+    differs from Qwen2-VL's only in the 12 added tokens and its chat template)."""
     from transformers import Qwen2Tokenizer
 
+    _check_arch(arch)
     return Qwen2Tokenizer(
-        tokenizer_object=_qwen2_backend(),
+        tokenizer_object=_qwen3_backend() if arch in QWEN3_ARCHS else _qwen2_backend(),
         bos_token=None,
         eos_token="<|im_end|>",  # Instruct checkpoints end a turn with <|im_end|>; the base model uses <|endoftext|>
         pad_token="<|endoftext|>",
@@ -106,43 +165,64 @@ def build_tokenizer():
         model_max_length=32768,
         padding_side="left",  # as the real Qwen2-VL-Instruct tokenizer_config.json; collators choose their own
         split_special_tokens=False,
-        chat_template=chat_template(),
+        chat_template=chat_template(arch),
     )
 
 
 def build_processor(arch: str, tokenizer, min_pixels: int, max_pixels: int):
+    """The family's processor. ``min_pixels``/``max_pixels`` are in the config's unit (Qwen2-VL's 28-px tokens,
+    see :func:`surgvqa.modeling.family_pixel_budget`) and are converted to this family's own pixels."""
     from transformers import (
         Qwen2_5_VLProcessor,
         Qwen2VLImageProcessor,
         Qwen2VLProcessor,
         Qwen2VLVideoProcessor,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
     )
 
-    image_processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
+    from surgvqa.modeling import FAMILIES, family_pixel_budget
+
+    family = FAMILIES[arch]
+    min_pixels, max_pixels = family_pixel_budget(min_pixels, max_pixels, family.token_side)
+    vision = {"patch_size": family.patch_size, "merge_size": family.merge_size, "temporal_patch_size": 2}
+    if arch in QWEN3_ARCHS:
+        # Qwen3-VL's preprocessor_config.json: patch 16 and mean/std 0.5 instead of CLIP's statistics.
+        vision |= {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    image_processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels, **vision)
     # transformers 5 refuses to build the processor without a video processor; videos are unused here.
-    video_processor = Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
-    cls = Qwen2VLProcessor if arch == "qwen2_vl" else Qwen2_5_VLProcessor
+    video_cls = Qwen3VLVideoProcessor if arch in QWEN3_ARCHS else Qwen2VLVideoProcessor
+    video_processor = video_cls(size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, **vision)
+    cls = {"qwen2_vl": Qwen2VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor}.get(arch, Qwen3VLProcessor)
     return cls(
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=video_processor,
-        chat_template=chat_template(),
+        chat_template=chat_template(arch),
     )
 
 
-def build_config(arch: str, hidden_size: int = 64, num_layers: int = 2):
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+def _mrope_section(half: int, arch: str) -> list[int]:
+    """Split head_dim/2 rotary frequencies over (time, height, width) in the real models' proportions:
+    Qwen2-VL/2.5-VL [16, 24, 24] of 64, Qwen3-VL [24, 20, 20] of 64 (interleaved), Qwen3.5 [11, 11, 10] of 32."""
+    if arch in ("qwen2_vl", "qwen2_5_vl"):
+        t_part = half // 4
+        h_part = (half - t_part) // 2
+        return [t_part, h_part, half - t_part - h_part]
+    h_share = {"qwen3_vl": 20 / 64, "qwen3_5": 11 / 32}[arch]
+    h_part = max(1, round(half * h_share))
+    w_part = min(h_part, (half - h_part) // 2)
+    return [half - h_part - w_part, h_part, w_part]
 
+
+def build_config(arch: str, hidden_size: int = 64, num_layers: int = 2):
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3_5Config, Qwen3VLConfig
+
+    _check_arch(arch)
     heads = 4
     head_dim = hidden_size // heads
-    # M-RoPE splits head_dim/2 rotary frequencies over (time, height, width); the real model uses [16, 24, 24]
-    # of 64, i.e. 1/4, 3/8, 3/8.
-    half = head_dim // 2
-    t_part = half // 4
-    h_part = (half - t_part) // 2
-    mrope_section = [t_part, h_part, half - t_part - h_part]
     text_config = {
-        "vocab_size": VOCAB_SIZE,
+        "vocab_size": vocab_size(arch),
         "hidden_size": hidden_size,
         "intermediate_size": 2 * hidden_size,
         "num_hidden_layers": num_layers,
@@ -152,7 +232,7 @@ def build_config(arch: str, hidden_size: int = 64, num_layers: int = 2):
         "rope_parameters": {
             "rope_type": "default",
             "rope_theta": 1_000_000.0,
-            "mrope_section": mrope_section,
+            "mrope_section": _mrope_section(head_dim // 2, arch),
         },
         "bos_token_id": ENDOFTEXT_ID,
         "eos_token_id": IM_END_ID,
@@ -191,15 +271,56 @@ def build_config(arch: str, hidden_size: int = 64, num_layers: int = 2):
         return Qwen2_5_VLConfig(
             text_config=text_config, vision_config=vision_config, tie_word_embeddings=True, **special_ids
         )
-    raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+    vision_config = {
+        "depth": num_layers,
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_heads": heads,
+        "out_hidden_size": hidden_size,  # the merger projects straight into the text width
+        "patch_size": 16,
+        "spatial_merge_size": 2,
+        "num_position_embeddings": 2304,  # a 48 x 48 grid of learned positions, interpolated per image, as real
+    }
+    if arch == "qwen3_vl":
+        # DeepStack: the real 2B adds features of vision blocks [5, 11, 17] to its first 3 LM layers; here block 0
+        # feeds LM layer 0.
+        vision_config["deepstack_visual_indexes"] = [0]
+        text_config["head_dim"] = head_dim
+        text_config["rope_parameters"] |= {"rope_theta": 5_000_000.0, "mrope_interleaved": True}
+        return Qwen3VLConfig(
+            text_config=text_config, vision_config=vision_config, tie_word_embeddings=True, **special_ids
+        )
+    # Qwen3.5: Gated DeltaNet (linear attention) layers with a full-attention layer every 4th; rotary on a quarter
+    # of each (gated) attention head. Two layers here: one of each kind.
+    text_config["head_dim"] = 2 * head_dim  # a rotary quarter of 2*16 = 8 dims leaves 4 frequencies to split
+    text_config["rope_parameters"] = {
+        "rope_type": "default",
+        "rope_theta": 10_000_000.0,
+        "partial_rotary_factor": 0.25,
+        "mrope_section": _mrope_section(2 * head_dim // 8, arch),
+        "mrope_interleaved": True,
+    }
+    text_config["layer_types"] = [
+        "full_attention" if (index + 1) % 4 == 0 or index == num_layers - 1 else "linear_attention"
+        for index in range(num_layers)
+    ]
+    text_config |= {
+        "linear_num_key_heads": heads // 2,
+        "linear_num_value_heads": heads,
+        "linear_key_head_dim": head_dim,
+        "linear_value_head_dim": head_dim,
+        "linear_conv_kernel_dim": 4,
+    }
+    return Qwen3_5Config(text_config=text_config, vision_config=vision_config, tie_word_embeddings=True,
+                         **special_ids)
 
 
 def build_model(arch: str, seed: int, hidden_size: int = 64, num_layers: int = 2):
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+    import transformers
 
     config = build_config(arch, hidden_size=hidden_size, num_layers=num_layers)
-    cls = Qwen2VLForConditionalGeneration if arch == "qwen2_vl" else Qwen2_5_VLForConditionalGeneration
+    cls = getattr(transformers, MODEL_CLASSES[arch])
     # Weights come only from this generator state, so the same seed gives byte-identical safetensors.
     # HF's own init (normal, std = initializer_range 0.02) keeps logits near uniform: an untrained model that
     # neither explodes nor collapses onto one token.
@@ -236,20 +357,19 @@ def build_tiny_model(
     Replaces ``out_dir`` if it exists. Built in a sibling temporary directory and renamed at the end, so a
     crash never leaves a half-written checkpoint that a later ``from_pretrained`` would half-load.
     """
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+    _check_arch(arch)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        tokenizer = build_tokenizer()
+        tokenizer = build_tokenizer(arch)
         processor = build_processor(arch, tokenizer, min_pixels, max_pixels)
         model = build_model(arch, seed, hidden_size=hidden_size, num_layers=num_layers)
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
         # The tokenizer alone (AutoTokenizer) must also render the official template, as with the real repo.
         tokenizer.save_pretrained(tmp)
-        (tmp / "chat_template.jinja").write_text(chat_template(), encoding="utf-8")
+        (tmp / "chat_template.jinja").write_text(chat_template(arch), encoding="utf-8")
         (tmp / _MARKER).write_text(f"{arch} seed={seed} min_pixels={min_pixels} max_pixels={max_pixels}\n")
         if out_dir.exists() and not (out_dir / _MARKER).is_file():
             replace_directory(tmp, out_dir)  # a folder without the marker is unfinished: swapped out

@@ -43,6 +43,7 @@ from surgvqa.modeling import (
     load_adapter,
     load_model,
     load_processor,
+    max_image_tokens,
     register_sentinel_tokens,
     resolve_model_path,
 )
@@ -368,7 +369,7 @@ def train(config: Config, *, resume: bool = False, callbacks: list[TrainerCallba
     dataset = VQADataset.from_jsonl(prepared, processor, config.prompt, config.masking,
                                     image_roots=allowed_image_roots(config, prepared.parent))
     args = training_arguments(config, checkpoints)
-    image_tokens = config.model.max_pixels // (28 * 28)
+    image_tokens = max_image_tokens(config.model)
     preemption = PreemptionCallback()
     trainer = SupervisedOnlyTrainer(
         model=model, args=args, train_dataset=dataset,
