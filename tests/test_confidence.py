@@ -153,10 +153,12 @@ def test_candidate_token_logprobs_add_up_to_score_candidates(predictor):
     record = records_for("s", 4)[3]
     batch = pred.batch([pred.encode(record)])
     sequences = pred.candidates(record).sequences
-    per_token = candidate_token_logprobs(pred.model, batch, [sequences])[0]
+    per_token, totals = candidate_token_logprobs(pred.model, pred.batch([pred.encode(record)] * 2),
+                                                 [sequences, sequences], whole=[False, True])
     sums = score_candidates(pred.model, batch, [sequences])[0]
-    for values, score in zip(per_token, sums):
+    for values, (total,), score in zip(per_token, totals, sums):
         assert sum(values) == pytest.approx(score.sum, abs=1e-4)
+        assert total == pytest.approx(score.sum, abs=1e-4)
 
 
 def synthetic_rows(rng: np.random.Generator, count: int, sharpness: float) -> list[dict]:

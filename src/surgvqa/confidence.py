@@ -97,18 +97,26 @@ def sequence_confidence(token_logprobs: Sequence[float]) -> float | None:
 
 
 def candidate_token_logprobs(model: Any, inputs: dict[str, torch.Tensor],
-                             sequences: Sequence[Sequence[Sequence[int]]]) -> list[list[list[float]]]:
-    """log P(token | prompt, the candidate's earlier tokens) for every token of every candidate of every row.
+                             sequences: Sequence[Sequence[Sequence[int]]], whole: Sequence[bool] = ()
+                             ) -> list[list[list[float]]]:
+    """log P(token | prompt, the candidate's earlier tokens) for every token of every candidate of every row;
+    for a row marked in ``whole``, one number per candidate instead: its total log-likelihood.
 
     ``score_candidates`` returns per-candidate sums; it is called here on every distinct prefix of the
     candidates, and a token's log-probability is the difference of the sums of the prefixes that end with and
-    before it. Its LM head already runs once per distinct prefix, so only the continuation batch grows."""
-    prefixes = [sorted({tuple(tokens[:end]) for tokens in candidates for end in range(1, len(tokens) + 1)})
-                for candidates in sequences]
+    before it. Its LM head already runs once per distinct prefix, so only the continuation batch grows (and the
+    prompt cache copied per prefix: rows that need totals only are not expanded)."""
+    whole = list(whole) or [False] * len(sequences)
+    prefixes = [sorted({tuple(tokens[:end]) for tokens in candidates
+                        for end in ([len(tokens)] if total else range(1, len(tokens) + 1))})
+                for candidates, total in zip(sequences, whole)]
     sums = score_candidates(model, inputs, [[list(prefix) for prefix in row] for row in prefixes])
     out = []
-    for candidates, row_prefixes, row_sums in zip(sequences, prefixes, sums):
+    for candidates, total_only, row_prefixes, row_sums in zip(sequences, whole, prefixes, sums):
         total = {prefix: score.sum for prefix, score in zip(row_prefixes, row_sums)}
+        if total_only:
+            out.append([[total[tuple(tokens)]] for tokens in candidates])
+            continue
         total[()] = 0.0
         out.append([[total[tuple(tokens[:end + 1])] - total[tuple(tokens[:end])] for end in range(len(tokens))]
                     for tokens in candidates])

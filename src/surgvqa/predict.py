@@ -240,12 +240,13 @@ class Predictor:
         paths = recorder.row_logprobs(self.stop_ids)
         # Every candidate's token log-probabilities: the trie-restricted distribution (single-label) and the
         # per-label probabilities (multi-label) need the branches greedy search did not take.
-        tokens = candidate_token_logprobs(self.model, self.batch(features), [cs.sequences for cs in sets])
+        tokens = candidate_token_logprobs(self.model, self.batch(features), [cs.sequences for cs in sets],
+                                          whole=[cs.multi_label for cs in sets])
         outcomes = []
         for record, cs, text, path, row in zip(records, sets, texts, paths, tokens):
             prediction = normalize_answer(text)
-            if cs.multi_label:
-                means = [sum(values) / len(values) for values in row]
+            if cs.multi_label:  # per candidate its total log-likelihood: the mean per token of label + end
+                means = [total / len(sequence) for (total,), sequence in zip(row, cs.sequences)]
                 fields = label_set_fields(cs.labels, [math.exp(mean) for mean in means], math.exp(sum(path)))
             else:
                 fields = candidate_fields(record.question_type, prediction, cs.labels,
