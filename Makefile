@@ -12,13 +12,13 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test install lint clean
+.PHONY: demo test app install lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,app]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -31,6 +31,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	bash scripts/ensure-chromium.sh
 	$(BIN)/python -m pytest -q
+
+## The web app on the demo's trained model (runs the demo first when it has not run yet).
+app: $(STAMP)
+	$(BIN)/surgvqa run
+	$(BIN)/surgvqa app
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

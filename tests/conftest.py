@@ -58,3 +58,43 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def small_run_command(session_cache):
+    """``surgvqa run`` on a run small enough to repeat a dozen times (20 synthetic images, 6 training steps, a
+    checkpoint every 2), as a subprocess, optionally with a failpoint armed (``surgvqa.faults``)."""
+    import subprocess
+    import sys
+
+    from surgvqa.faults import ENVIRONMENT_VARIABLE
+
+    repo = Path(__file__).resolve().parents[1]
+
+    def run(output_dir: Path, failpoint: str | None = None) -> subprocess.CompletedProcess:
+        settings = [f"output_dir={output_dir}", "run_name=small", f"cache_dir={session_cache}",
+                    "data.synthetic.images=20", f"train.max_steps={run.steps}",
+                    f"train.save_steps={run.save_steps}", "train.logging_steps=1",
+                    "train.per_device_batch_size=8", "predict.batch_size=8", "evaluate.bootstrap_samples=200"]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": str(repo / "src")}
+        env.pop(ENVIRONMENT_VARIABLE, None)
+        if failpoint:
+            env[ENVIRONMENT_VARIABLE] = failpoint
+        command = [sys.executable, "-m", "surgvqa", "run", "--skip-sanity",
+                   *(arg for item in settings for arg in ("--set", item))]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
+
+    run.steps, run.save_steps = 6, 2
+    run.overrides = lambda output_dir: [f"output_dir={output_dir}", "run_name=small", f"cache_dir={session_cache}",
+                                        "data.synthetic.images=20", "predict.batch_size=8"]
+    return run
+
+
+@pytest.fixture(scope="session")
+def small_run(small_run_command, tmp_path_factory) -> Path:
+    """The small run, trained and evaluated once, never interrupted; returns its run directory."""
+    output_dir = tmp_path_factory.mktemp("small-run")
+    result = small_run_command(output_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir / "small"

@@ -6,40 +6,16 @@ cleanup code runs: what survives is what was on disk at that instant.
 """
 
 import json
-import os
 import random
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from surgvqa.faults import ENVIRONMENT_VARIABLE
-
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(900)
 
-MAX_STEPS = 6
-SAVE_STEPS = 2
-
-
-def _settings(output_dir: Path, cache: Path) -> list[str]:
-    """A run small enough to be killed a dozen times: 20 synthetic images, 6 training steps, a checkpoint every 2."""
-    settings = [f"output_dir={output_dir}", "run_name=faults", f"cache_dir={cache}", "data.synthetic.images=20",
-                f"train.max_steps={MAX_STEPS}", f"train.save_steps={SAVE_STEPS}", "train.logging_steps=1",
-                "train.per_device_batch_size=8", "predict.batch_size=8", "evaluate.bootstrap_samples=200"]
-    return [arg for item in settings for arg in ("--set", item)]
-
-
-def _surgvqa_run(output_dir: Path, cache: Path, failpoint: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO / "src")}
-    env.pop(ENVIRONMENT_VARIABLE, None)
-    if failpoint:
-        env[ENVIRONMENT_VARIABLE] = failpoint
-    return subprocess.run([sys.executable, "-m", "surgvqa", "run", "--skip-sanity", *_settings(output_dir, cache)],
-                          env=env, capture_output=True, text=True, timeout=600, check=False)
+MAX_STEPS, SAVE_STEPS = 6, 2  # the small run of conftest.py: 6 training steps, a checkpoint every 2
 
 
 def _kill_points(seed: int) -> list[tuple[str, int]]:
@@ -69,36 +45,29 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_model_dir, session_cache) -> Path:
-    """The same run, never interrupted."""
-    output_dir = tmp_path_factory.mktemp("reference")
-    result = _surgvqa_run(output_dir, session_cache)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return output_dir / "faults"
-
-
-def test_a_run_killed_in_every_stage_ends_as_an_uninterrupted_run(reference, tmp_path, session_cache):
+def test_a_run_killed_in_every_stage_ends_as_an_uninterrupted_run(small_run, small_run_command, tmp_path):
+    reference = small_run
+    assert (small_run_command.steps, small_run_command.save_steps) == (MAX_STEPS, SAVE_STEPS)
     stderr_after: dict[str, str] = {}  # failpoint -> what the next run printed
     previous = None
     for point, expected in _kill_points(seed=13):
-        result = _surgvqa_run(tmp_path, session_cache, point)
+        result = small_run_command(tmp_path, point)
         place, hit = point.split(":")[:2]
         assert result.returncode == expected, (point, result.returncode, result.stderr[-3000:])
         assert f"failpoint {place} (hit {hit})" in result.stderr, result.stderr[-3000:]
         if previous is not None:
             stderr_after[previous] = result.stderr
         previous = point
-    final = _surgvqa_run(tmp_path, session_cache)
+    final = small_run_command(tmp_path)
     assert final.returncode == 0, final.stderr[-3000:]
     stderr_after[previous] = final.stderr
-    run_dir = tmp_path / "faults"
+    run_dir = tmp_path / "small"
 
     points = [point for point, _ in _kill_points(seed=13)]
     # Killed at the end of step k, before that step's checkpoint: continued from the last one saved before it.
     killed_at = int(points[2].split(":")[1])
     saved = (killed_at - 1) // SAVE_STEPS * SAVE_STEPS
-    assert f"continuing training from {tmp_path}/faults/checkpoints/checkpoint-{saved} (step {saved})" \
+    assert f"continuing training from {tmp_path}/small/checkpoints/checkpoint-{saved} (step {saved})" \
         in stderr_after[points[2]]
     # Killed while saving the next checkpoint: the half-written one is skipped in favour of the one before.
     after_half_save = stderr_after[points[3]]

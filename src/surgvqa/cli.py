@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import os
 import sys
@@ -403,6 +404,27 @@ def predict(
         typer.echo(f"{payload['rows']} predictions ({payload['errors']} errors) in {written}")
     if summary.errors and summary.rate > cfg.predict.max_error_rate:
         fail(summary.describe(written) + f" (predict.max_error_rate is {cfg.predict.max_error_rate:g})", code=1)
+
+
+@app.command("app")
+def web_app(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    model: Annotated[str | None, typer.Option("--model", help="model, adapter or merged directory "
+                                              "(default: <run>/model if present, else the base model)")] = None,
+    compare_base: Annotated[bool, typer.Option("--compare-base", help="also load the untrained base model and "
+                                               "show its answer beside")] = False,
+    host: Annotated[str, typer.Option(help="address to bind; 127.0.0.1 keeps it on this machine")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 7860,
+) -> None:
+    """A local web app: ask the trained model about an image and see its answer, confidence and candidates."""
+    if importlib.util.find_spec("gradio") is None:
+        fail("the app needs the app extra: pip install -e '.[app]' (or run `make app`)")
+    from surgvqa.app import serve
+
+    cfg = _config(config, set_, write=False)  # a reader of the run: it writes under <run>/app/ only, no lock
+    typer.echo(f"surgvqa app for {cfg.run_dir} on http://{host}:{port} (Ctrl-C to stop)")
+    serve(cfg, model, compare_base=compare_base, host=host, port=port)
 
 
 @app.command("nearest-baseline")

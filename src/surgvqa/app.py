@@ -1,0 +1,394 @@
+"""``surgvqa app``: a local web app that puts an endoscopy image and a question in front of a trained model and
+shows what it answers and how sure it is.
+
+The model answers exactly as ``surgvqa predict`` does (the run's config, prompt, pixel limits and prediction
+mode, through the same :class:`surgvqa.predict.Predictor`); one model instance serves every browser session, and
+a lock serialises the model calls. Everything the app writes (uploads, batch results) stays under
+``<run>/app/``. Gradio, the convention of this field, draws the page; it is an optional extra
+(``pip install -e '.[app]'``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from surgvqa.config import Config
+from surgvqa.data.images import open_rgb
+from surgvqa.data.records import Record, read_records
+from surgvqa.dataset import encode_prompt
+from surgvqa.decoding import is_closed
+from surgvqa.io import atomic_write_text
+from surgvqa.predict import Outcome, Predictor, default_model_path, load_for_prediction
+from surgvqa.tasks import get_task
+
+MENU_SIZE = 40  # questions offered in the menu: the task's most frequent training questions
+GALLERY_SIZE = 48  # test-split images shown to pick from
+
+
+class NotAnImage(ValueError):
+    """An uploaded file that PIL cannot read as an image; the message names the file."""
+
+
+class InMemoryPredictor(Predictor):
+    """The prediction stage's predictor, fed images the app already holds instead of paths from a JSONL file."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.images: dict[str, Image.Image] = {}
+
+    def encode(self, record: Record) -> dict:
+        return encode_prompt(self.processor, record, self.images[record.id], self.config.prompt, self.strategy)
+
+
+@dataclass
+class Answer:
+    question: str
+    question_type: str
+    answer: str
+    mode: str
+    confidence: float | None  # probability of the answer given, where the model's scores define one
+    candidate_probabilities: dict[str, float] = field(default_factory=dict)  # closed questions
+    answer_set: list[str] | None = None  # the conformal answer set, where the run is calibrated
+    reference: str | None = None  # when the image and question come from the test split
+    correct: bool | None = None
+    base_answer: str | None = None  # the untrained model's answer, when it is loaded beside
+    error: str | None = None
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """An uploaded file as RGB, decoded as prepare decodes dataset images, or :class:`NotAnImage`."""
+    try:
+        return open_rgb(Path(path))
+    except (OSError, ValueError) as exc:
+        raise NotAnImage(f"{Path(path).name} is not an image surgvqa can read ({exc}); upload a PNG or JPEG "
+                         f"endoscopy image") from None
+
+
+def candidate_probabilities(scores: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Each candidate's probability among the candidates: the softmax of their log-likelihoods given the prompt
+    (the model's own distribution restricted to the answers it may give)."""
+    if not scores:
+        return {}
+    top = max(score["sum"] for score in scores.values())
+    weights = {label: math.exp(score["sum"] - top) for label, score in scores.items()}
+    total = sum(weights.values())
+    return {label: weight / total for label, weight in sorted(weights.items(), key=lambda item: -item[1])}
+
+
+class AnswerService:
+    """The trained model (and optionally the untrained base beside it) behind the app's buttons."""
+
+    def __init__(self, config: Config, model_path: str | None = None, *, compare_base: bool = False,
+                 quiet: bool = True):
+        self.config = config
+        self.task = get_task(getattr(config, "task", None))
+        self.mode = config.predict.mode
+        self.model_path = model_path or default_model_path(config)
+        prepared = config.run_dir / "prepared"
+        self.prepared = prepared
+        self.vocabulary = _read_vocabulary(prepared / "vocabulary.json")
+        self.predictor = self._load(self.model_path, quiet)
+        self.base = None
+        if compare_base:
+            from surgvqa.modeling import resolve_model_path
+
+            self.base = self._load(resolve_model_path(config), quiet)
+        self.lock = threading.Lock()  # one model instance: its calls one at a time, whatever the sessions
+        self.model_loads = 1 + (self.base is not None)
+        self.test_records = read_records(prepared / "test.jsonl") if (prepared / "test.jsonl").is_file() else []
+        self.questions = self._question_menu()
+        self.out_dir = config.run_dir / "app"
+
+    def _load(self, path: str, quiet: bool) -> InMemoryPredictor:
+        model, processor = load_for_prediction(self.config, path, quiet=quiet)
+        return InMemoryPredictor(model, processor, self.config, self.prepared)
+
+    def _question_menu(self) -> list[str]:
+        train = self.prepared / "train.jsonl"
+        records = read_records(train) if train.is_file() else self.test_records
+        return [question for question, _ in Counter(r.question for r in records).most_common(MENU_SIZE)]
+
+    # -- the gallery of test images ---------------------------------------------------------------------------
+
+    def gallery(self) -> list[tuple[str, str]]:
+        """(image path, caption) of the first test images, one entry per image."""
+        seen: dict[str, tuple[str, str]] = {}
+        for record in self.test_records:
+            if record.img_id not in seen and len(seen) < GALLERY_SIZE:
+                seen[record.img_id] = (str(self._image_file(record)), record.img_id)
+        return list(seen.values())
+
+    def _image_file(self, record: Record) -> Path:
+        path = Path(record.image)
+        return path if path.is_absolute() else self.prepared / path
+
+    def test_questions(self, img_id: str) -> list[list[str]]:
+        return [[r.question, r.answer] for r in self.test_records if r.img_id == img_id]
+
+    def _reference(self, img_id: str | None, question: str) -> str | None:
+        for record in self.test_records:
+            if img_id is not None and record.img_id == img_id and record.question == question:
+                return record.answer
+        return None
+
+    # -- answering ------------------------------------------------------------------------------------------------
+
+    def typed_record(self, question: str, key: str) -> Record:
+        record = Record(id=key, img_id=key, image="", question=question.strip(), answer="")
+        self.task.type_record(record, self.vocabulary)
+        return record
+
+    def ask(self, image: Image.Image, questions: list[str], img_id: str | None = None) -> list[Answer]:
+        """Answer each question about one image, in the run's prediction mode."""
+        records = [self.typed_record(question, f"q{index}") for index, question in enumerate(questions)]
+        with self.lock:
+            outcomes = self._predict(self.predictor, image, records)
+            base = self._predict(self.base, image, records) if self.base is not None else None
+        answers = []
+        for index, (record, outcome) in enumerate(zip(records, outcomes)):
+            probabilities = _probabilities(outcome)
+            confidence = _confidence(outcome, probabilities)
+            reference = self._reference(img_id, record.question)
+            answers.append(Answer(
+                question=record.question, question_type=record.question_type, answer=outcome.prediction or "",
+                mode=outcome.method or self.mode, confidence=confidence, candidate_probabilities=probabilities,
+                answer_set=_answer_set(outcome),
+                reference=reference,
+                correct=None if reference is None or outcome.error else self.task.matches_reference(
+                    Record(id=record.id, img_id="", image="", question=record.question, answer=reference,
+                           question_type=record.question_type, candidates=record.candidates,
+                           multi_label=record.multi_label), outcome.prediction or ""),
+                base_answer=None if base is None else (base[index].prediction or ""),
+                error=outcome.error))
+        return answers
+
+    def _predict(self, predictor: InMemoryPredictor, image: Image.Image, records: list[Record]) -> list[Outcome]:
+        predictor.images = {record.id: image for record in records}
+        try:
+            outcomes = predictor.predict_batch(records, self.mode)
+            # The chart needs every candidate's probability: where a mode stored none, rank's scores give them.
+            needs_scores = [i for i, (record, outcome) in enumerate(zip(records, outcomes))
+                            if outcome.error is None and is_closed(record) and not record.multi_label
+                            and not _probabilities(outcome)]
+            if needs_scores:
+                scored = predictor.predict_batch([records[i] for i in needs_scores], "rank")
+                for index, ranked in zip(needs_scores, scored):
+                    outcomes[index].scores = ranked.scores
+            return outcomes
+        finally:
+            predictor.images = {}
+
+    # -- batch ------------------------------------------------------------------------------------------------
+
+    def predict_files(self, files: list[str], questions: list[str], progress: Any = None) -> tuple[Path, Path]:
+        """Every question about every image file; results as CSV and JSONL under ``<run>/app/``."""
+        rows = []
+        for number, path in enumerate(files):
+            if progress is not None:
+                progress((number, len(files)), desc=f"image {number + 1} of {len(files)}")
+            name = Path(path).name
+            try:
+                image = read_image(path)
+            except NotAnImage as exc:
+                rows += [{"image": name, "question": q, "answer": "", "confidence": None, "error": str(exc)}
+                         for q in questions]
+                continue
+            for answer in self.ask(image, questions):
+                rows.append({"image": name, "question": answer.question, "answer": answer.answer,
+                             "confidence": answer.confidence, "error": answer.error})
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        csv_path, jsonl_path = self.out_dir / f"batch-{stamp}.csv", self.out_dir / f"batch-{stamp}.jsonl"
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=["image", "question", "answer", "confidence", "error"])
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(csv_path, buffer.getvalue())
+        atomic_write_text(jsonl_path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        return csv_path, jsonl_path
+
+
+def _confidence(outcome: Outcome, probabilities: dict[str, float]) -> float | None:
+    """The row's confidence as ``surgvqa predict`` stores it (calibrated when the run has a temperature), else the
+    chosen candidate's probability among the candidates."""
+    fields = outcome.confidence or {}
+    for key in ("confidence", "confidence_raw"):
+        if fields.get(key) is not None:
+            return float(fields[key])
+    if outcome.raw_text is not None and probabilities:
+        return probabilities.get(outcome.raw_text.strip())
+    return None
+
+
+def _probabilities(outcome: Outcome) -> dict[str, float]:
+    """Every candidate's probability: the row's own candidate distribution (single label) or per-label
+    probabilities (multi-label) where predict stored them, else the softmax of rank's candidate scores."""
+    fields = outcome.confidence or {}
+    if fields.get("candidate_logprobs"):
+        values = {label: math.exp(value) for label, value in fields["candidate_logprobs"].items()}
+    elif fields.get("label_probabilities"):
+        values = dict(fields["label_probabilities"])
+    else:
+        return candidate_probabilities(outcome.scores or {})
+    return dict(sorted(values.items(), key=lambda item: -item[1]))
+
+
+def _answer_set(outcome: Outcome) -> list[str] | None:
+    fields = outcome.confidence or {}
+    answer_set = fields.get("answer_set", fields.get("conformal_set"))
+    return list(answer_set) if answer_set is not None else None
+
+
+def _read_vocabulary(path: Path) -> dict[Any, list[str]]:
+    if not path.is_file():
+        return {}
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    return {int(key) if key.isdigit() else key: value for key, value in raw.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The page
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _format_confidence(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f} %"
+
+
+def _verdict(answer: Answer) -> str:
+    if answer.error:
+        return f"**Error:** {answer.error}"
+    lines = [f"### {answer.answer or '(empty)'}",
+             f"confidence **{_format_confidence(answer.confidence)}** · {answer.question_type} · {answer.mode}"]
+    if answer.answer_set is not None:
+        lines.append(f"answer set (guaranteed coverage): {', '.join(answer.answer_set) or '(empty)'}")
+    if answer.reference is not None:
+        verdict = "matches" if answer.correct else "differs from"
+        lines.append(f"the answer **{verdict}** the reference: **{answer.reference}**")
+    if answer.base_answer is not None:
+        lines.append(f"untrained base model: {answer.base_answer or '(empty)'}")
+    return "\n\n".join(lines)
+
+
+def build_interface(service: AnswerService) -> Any:
+    import gradio as gr
+
+    def load_upload(path: str | None) -> tuple[Any, Any, list]:
+        if not path:
+            return None, None, []
+        try:
+            image = read_image(path)
+        except NotAnImage as exc:
+            raise gr.Error(str(exc)) from None
+        return image, None, []
+
+    def pick_from_gallery(event: gr.SelectData) -> tuple[Any, str, list, None]:
+        path, img_id = service.gallery()[event.index]
+        return read_image(path), img_id, service.test_questions(img_id), None  # the upload box is emptied
+
+    # Gradio passes the selection by the parameter's annotation, which postponed annotations turn into a string.
+    pick_from_gallery.__annotations__["event"] = gr.SelectData
+
+    def ask_one(image: Image.Image | None, img_id: str | None, menu: str | None, free: str) -> tuple[str, dict]:
+        question = (free or "").strip() or (menu or "").strip()
+        if image is None:
+            raise gr.Error("Upload an image or pick one from the test split first.")
+        if not question:
+            raise gr.Error("Choose a question from the menu or type one.")
+        answer = service.ask(image, [question], img_id)[0]
+        return _verdict(answer), answer.candidate_probabilities or {}
+
+    def ask_all(image: Image.Image | None, img_id: str | None) -> list[list[Any]]:
+        if image is None:
+            raise gr.Error("Upload an image or pick one from the test split first.")
+        answers = service.ask(image, service.questions, img_id)
+        return [[a.question, a.answer, _format_confidence(a.confidence),
+                 "" if a.reference is None else a.reference,
+                 "" if a.correct is None else ("yes" if a.correct else "no")] for a in answers]
+
+    # Gradio finds its progress tracker by this default value: the documented way to report progress.
+    def run_batch(files: list[str] | None, progress: Any = gr.Progress()) -> tuple[str, str, str]:  # noqa: B008
+        if not files:
+            raise gr.Error("Add one or more image files first.")
+        csv_path, jsonl_path = service.predict_files(list(files), service.questions, progress)
+        return str(csv_path), str(jsonl_path), f"{len(files)} image(s) × {len(service.questions)} questions done"
+
+    with gr.Blocks(title="surgvqa") as page:
+        gr.Markdown(f"## surgvqa · {service.config.run_name}\nModel: `{service.model_path}` · task "
+                    f"`{service.task.name or 'kvasir-vqa'}` · mode `{service.mode}`")
+        image_state = gr.State(None)
+        img_id_state = gr.State(None)
+        with gr.Tab("Ask"), gr.Row():
+            with gr.Column(scale=1):
+                upload = gr.File(label="Upload an image", file_types=["image"], type="filepath",
+                                 elem_id="upload")
+                shown = gr.Image(label="Image", interactive=False, type="pil", height=260, elem_id="shown-image")
+                gallery = gr.Gallery(value=service.gallery(), label="…or pick one from the test split",
+                                     columns=6, height=220, allow_preview=False, elem_id="gallery")
+            with gr.Column(scale=1):
+                menu = gr.Dropdown(choices=service.questions, label="Question (the task's questions)",
+                                   value=service.questions[0] if service.questions else None, elem_id="menu")
+                free = gr.Textbox(label="…or type a question", elem_id="free-question")
+                ask = gr.Button("Ask", variant="primary", elem_id="ask")
+                verdict = gr.Markdown(elem_id="answer")
+                chart = gr.Label(label="Probability of each candidate", elem_id="candidates")
+                references = gr.Dataframe(headers=["question", "reference"], label="This image's test questions",
+                                          interactive=False, wrap=True, column_widths=["65%", "35%"],
+                                          elem_id="references")
+        with gr.Tab("Ask all"):
+            ask_every = gr.Button("Ask every question about the current image", elem_id="ask-all")
+            table = gr.Dataframe(headers=["question", "answer", "confidence", "reference", "correct"],
+                                 interactive=False, elem_id="all-answers")
+        with gr.Tab("Batch"):
+            batch_files = gr.File(label="Image files", file_count="multiple", file_types=["image"], type="filepath",
+                                  elem_id="batch-files")
+            run = gr.Button("Predict every question for every image", elem_id="run-batch")
+            batch_status = gr.Markdown(elem_id="batch-status")
+            csv_out = gr.File(label="predictions.csv", elem_id="batch-csv")
+            jsonl_out = gr.File(label="predictions.jsonl", elem_id="batch-jsonl")
+
+        # `upload` fires on a user's upload only, not when picking from the gallery empties the box.
+        upload.upload(load_upload, upload, [image_state, img_id_state, references]).then(
+            lambda image: image, image_state, shown)
+        gallery.select(pick_from_gallery, None, [image_state, img_id_state, references, upload]).then(
+            lambda image: image, image_state, shown)
+        ask.click(ask_one, [image_state, img_id_state, menu, free], [verdict, chart], api_name="ask_question")
+        ask_every.click(ask_all, [image_state, img_id_state], table, api_name="ask_all")
+        run.click(run_batch, batch_files, [csv_out, jsonl_out, batch_status], api_name="batch")
+
+        def ask_api(path: str, question: str) -> dict[str, Any]:
+            answer = service.ask(read_image(path), [question])[0]
+            return {"answer": answer.answer, "confidence": answer.confidence, "error": answer.error,
+                    "question_type": answer.question_type, "candidates": answer.candidate_probabilities,
+                    "answer_set": answer.answer_set}
+
+        api_image, api_question, api_out = gr.File(visible=False), gr.Textbox(visible=False), gr.JSON(visible=False)
+        gr.Button(visible=False).click(ask_api, [api_image, api_question], api_out, api_name="answer")
+    return page
+
+
+def serve(config: Config, model_path: str | None = None, *, compare_base: bool = False, host: str = "127.0.0.1",
+          port: int = 7860, block: bool = True) -> tuple[Any, AnswerService, str]:
+    """Start the app; returns (gradio page, service, local URL). ``block=False`` returns once it serves."""
+    out_dir = config.run_dir / "app"
+    (out_dir / "uploads").mkdir(parents=True, exist_ok=True)
+    # Gradio keeps uploads in its own temporary folder unless told otherwise: keep them in the run.
+    os.environ["GRADIO_TEMP_DIR"] = str((out_dir / "uploads").resolve())
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    service = AnswerService(config, model_path, compare_base=compare_base)
+    page = build_interface(service)
+    page.queue(default_concurrency_limit=8)
+    _, url, _ = page.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=not block,
+                            allowed_paths=[str(config.run_dir.resolve())], footer_links=["api"])
+    return page, service, url

@@ -1,0 +1,151 @@
+"""`surgvqa app` on a trained run: driven in headless Chromium as a user would, and asked by 8 clients at once.
+
+Needs Debian's chromium (SURGVQA_CHROMIUM overrides the path), as the report's browser test: a missing browser FAILS
+this test. SURGVQA_SCREENSHOTS=<folder> keeps the screenshots of the main views (the README's come from here).
+"""
+
+import os
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from test_report_browser import CHROMIUM_ARGS, chromium_path
+
+import surgvqa.app
+from surgvqa.config import load_config
+from surgvqa.data.records import read_records, write_records
+from surgvqa.predict import read_done, run_predict
+
+pytestmark = [pytest.mark.timeout(900), pytest.mark.usefixtures("one_torch_thread")]
+
+TEMPLATE_QUESTION = "Is there text?"  # a closed single-label question: answered with a chart of its candidates
+FREE_QUESTION = "Can you see a polyp in this picture?"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(small_run, small_run_command):
+    """The app on the small run's trained model, started once, with its model loads counted."""
+    config = load_config(None, small_run_command.overrides(small_run.parent))
+    loads = []
+    original = surgvqa.app.load_for_prediction
+
+    def counted(*args, **kwargs):
+        loads.append(args[1])
+        return original(*args, **kwargs)
+
+    surgvqa.app.load_for_prediction = counted
+    try:
+        page, service, url = surgvqa.app.serve(config, block=False, port=_free_port())
+    finally:
+        surgvqa.app.load_for_prediction = original
+    yield config, service, url, loads
+    page.close()
+
+
+def test_the_app_answers_in_the_browser_with_confidence_and_candidates(served, small_run, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    config, service, url, _ = served
+    shots = Path(os.environ.get("SURGVQA_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    image = next((small_run / "prepared" / "images").iterdir())
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("these are my notes, not an endoscopy image")
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1360, "height": 1100})
+        page.goto(url)
+        page.locator("#upload input[type=file]").set_input_files(str(image))
+        expect(page.locator("#shown-image img")).to_be_visible(timeout=60_000)
+
+        page.locator("#free-question textarea").fill(TEMPLATE_QUESTION)
+        page.locator("#ask").click()
+        answer = page.locator("#answer")
+        expect(answer).to_contain_text("confidence", timeout=120_000)
+        expect(answer).to_contain_text("yes_no")
+        assert "%" in answer.inner_text()  # a probability, not a dash
+        chart = page.locator("#candidates")
+        expect(chart).to_contain_text("yes")
+        expect(chart).to_contain_text("no")
+        page.screenshot(path=str(shots / "app-ask.png"), full_page=True)
+
+        page.locator("#free-question textarea").fill(FREE_QUESTION)
+        page.locator("#ask").click()
+        expect(answer).not_to_contain_text("Is there text", timeout=5_000)
+        expect(answer).to_contain_text("confidence", timeout=120_000)
+
+        page.get_by_role("tab", name="Ask all").click()
+        page.locator("#ask-all").click()
+        table = page.locator("#all-answers")
+        expect(table).to_contain_text(service.questions[-1], timeout=180_000)
+        expect(table).to_contain_text(TEMPLATE_QUESTION)
+        page.screenshot(path=str(shots / "app-ask-all.png"), full_page=True)
+
+        page.get_by_role("tab", name="Ask", exact=True).click()
+        page.locator("#gallery img").first.click()  # a test image: its questions and references are shown
+        first = read_records(small_run / "prepared" / "test.jsonl")[0]  # the gallery's first image
+        expect(page.locator("#references")).to_contain_text(first.question, timeout=60_000)
+        page.locator("#free-question textarea").fill(first.question)
+        page.locator("#ask").click()
+        expect(answer).to_contain_text("the reference", timeout=120_000)
+        expect(page.locator("#references")).to_contain_text(first.answer)
+        page.screenshot(path=str(shots / "app-gallery.png"), full_page=True)
+
+        page.reload()  # a fresh page: the upload box is empty again
+        page.locator("#upload input[type=file]").set_input_files(str(not_an_image))
+        expect(page.get_by_text("notes.png is not an image surgvqa can read")).to_be_visible(timeout=60_000)
+        browser.close()
+    # Uploads stay inside the run directory.
+    assert list((config.run_dir / "app" / "uploads").rglob("*.png"))
+
+
+def test_eight_clients_at_once_get_the_answers_of_surgvqa_predict_from_one_model_load(served, small_run,
+                                                                                       small_run_command, tmp_path):
+    from gradio_client import Client, handle_file
+
+    _, _, url, loads = served
+    records = read_records(small_run / "prepared" / "test.jsonl")[:8]
+    for record in records:
+        record.image = str(small_run / "prepared" / record.image)
+    data = tmp_path / "eight.jsonl"
+    write_records(data, records)
+    # One record per batch, as the app asks one question at a time: the same computation, so equal answers.
+    single = load_config(None, [*small_run_command.overrides(small_run.parent), "predict.batch_size=1"])
+    expected = {row["id"]: row["prediction"] for row in read_done(
+        run_predict(single, data=data, out=tmp_path / "eight.predictions.jsonl", quiet=True))}
+
+    def ask(record):
+        client = Client(url, verbose=False)
+        return record.id, client.predict(handle_file(record.image), record.question, api_name="/answer")
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = dict(pool.map(ask, records))
+    assert {key: value["answer"] for key, value in answers.items()} == expected
+    assert all(value["error"] is None for value in answers.values())
+    assert len(loads) == 1  # one model instance served every client
+
+
+def test_the_batch_tab_writes_every_answer_under_the_run_and_names_files_that_are_not_images(served, small_run,
+                                                                                          tmp_path):
+    import csv
+    import json
+
+    config, service, _, _ = served
+    images = sorted((small_run / "prepared" / "images").iterdir())[:2]
+    notes = tmp_path / "notes.jpg"
+    notes.write_text("not an image")
+    csv_path, jsonl_path = service.predict_files([*map(str, images), str(notes)], service.questions[:3])
+    assert csv_path.parent == jsonl_path.parent == config.run_dir / "app"
+    rows = list(csv.DictReader(csv_path.open()))
+    assert len(rows) == 3 * 3 and rows == [{k: "" if v is None else str(v) for k, v in json.loads(line).items()}
+                                           for line in jsonl_path.read_text().splitlines()]
+    assert all(row["answer"] and row["error"] == "" for row in rows[:6])
+    assert all("notes.jpg is not an image" in row["error"] for row in rows[6:])
