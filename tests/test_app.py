@@ -45,6 +45,7 @@ def served(small_run, small_run_command):
         page, service, url = surgvqa.app.serve(config, block=False, port=_free_port())
     finally:
         surgvqa.app.load_for_prediction = original
+    assert url.startswith("http://127.0.0.1:")  # on this machine only, unless --host says otherwise
     yield config, service, url, loads
     page.close()
 
@@ -149,3 +150,14 @@ def test_the_batch_tab_writes_every_answer_under_the_run_and_names_files_that_ar
                                            for line in jsonl_path.read_text().splitlines()]
     assert all(row["answer"] and row["error"] == "" for row in rows[:6])
     assert all("notes.jpg is not an image" in row["error"] for row in rows[6:])
+
+
+def test_the_untrained_base_model_answers_beside_the_trained_one(small_run, small_run_command):
+    config = load_config(None, small_run_command.overrides(small_run.parent))
+    service = surgvqa.app.AnswerService(config, compare_base=True)
+    assert service.model_loads == 2
+    record = read_records(small_run / "prepared" / "test.jsonl")[0]
+    image = surgvqa.app.read_image(small_run / "prepared" / record.image)
+    answer = service.ask(image, [record.question], record.img_id)[0]
+    assert answer.base_answer and answer.answer and answer.reference == record.answer
+    assert answer.base_answer in record.candidates or record.multi_label

@@ -65,6 +65,10 @@ def test_stage_keys_follow_their_inputs():
     assert lr["train"] != base["train"] and lr["predict"] != base["predict"] and lr["evaluate"] != base["evaluate"]
     data = stage_keys(load_config(None, ["data.synthetic.images=50"]))
     assert all(data[name] != base[name] for name in STAGE_NAMES)
+    # prepare measures samples in tokens against masking.max_length with the model's pixel budget
+    for override in ("masking.max_length=300", "model.max_pixels=6272"):
+        assert stage_keys(load_config(None, [override]))["prepare"] != base["prepare"], override
+    assert stage_keys(load_config(None, ["model.freeze_vision=true"]))["prepare"] == base["prepare"]
 
 
 def test_unknown_from_stage_is_a_one_line_error():

@@ -356,8 +356,15 @@ class Config(_Section):
         return self.model_dump(mode="json")
 
     def section_hash(self, *sections: str) -> str:
-        """A stable hash of the named config sections: a stage reruns when what it reads changes."""
-        payload = {name: self.to_dict()[name] for name in sections}
+        """A stable hash of the named config sections or dotted keys (``model.max_pixels``): a stage reruns when
+        what it reads changes."""
+        tree = self.to_dict()
+        payload = {}
+        for name in sections:
+            value: Any = tree
+            for part in name.split("."):
+                value = value[part]
+            payload[name] = value
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

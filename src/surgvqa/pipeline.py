@@ -38,7 +38,9 @@ class Stage:
 
 
 STAGES = (
-    Stage("prepare", ("data", "task"), (), "prepared/summary.json"),
+    # prepare measures every sample in tokens (prompt, masking, the model's processor and pixel budget)
+    Stage("prepare", ("data", "task", "prompt", "masking", "model.name_or_path", "model.tiny_arch",
+                      "model.min_pixels", "model.max_pixels"), (), "prepared/summary.json"),
     Stage("diagnose", ("model", "prompt", "masking"), ("prepare",), "diagnose.json"),
     Stage("overfit", ("model", "prompt", "masking", "lora", "train", "sanity", "predict"), ("prepare",),
           "sanity.json"),
