@@ -27,6 +27,7 @@ from surgvqa.calibration import (
     maximum_calibration_error,
     multiclass_nll,
     pad_logits,
+    resampled_metrics,
     risk_coverage_curve,
     selective_summary,
 )
@@ -172,6 +173,24 @@ def test_bootstrap_interval_brackets_the_point_estimate():
         assert low <= summary[name] <= high
     low, high = bootstrap_ci(brier_score, confidence, correct, samples=200)
     assert low < brier_score(confidence, correct) < high
+
+
+@pytest.mark.parametrize("rows", [7, 40, 300])
+def test_vectorised_bootstrap_metrics_equal_the_definitions_on_each_resample(rows):
+    rng = np.random.default_rng(rows)
+    confidence = rng.uniform(0, 1, rows)
+    correct = (rng.uniform(0, 1, rows) < confidence).astype(float)
+    index = rng.integers(0, rows, (25, rows))
+    vectorised = resampled_metrics(confidence, correct, index)
+    for draw, rows_drawn in enumerate(index):
+        conf, hits = confidence[rows_drawn], correct[rows_drawn]
+        assert vectorised["ece"][draw] == pytest.approx(expected_calibration_error(conf, hits), abs=1e-12)
+        assert vectorised["mce"][draw] == pytest.approx(maximum_calibration_error(conf, hits), abs=1e-12)
+        assert vectorised["brier"][draw] == pytest.approx(brier_score(conf, hits), abs=1e-12)
+        assert vectorised["nll"][draw] == pytest.approx(binary_nll(conf, hits), abs=1e-9)
+        # equal mass: ties are copies of one drawn row (continuous confidences), so their order cannot matter
+        assert vectorised["ece_equal_mass"][draw] == pytest.approx(
+            expected_calibration_error(conf, hits, scheme="mass"), abs=1e-12)
 
 
 def test_confidences_outside_the_unit_interval_are_refused():
