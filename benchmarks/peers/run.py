@@ -137,6 +137,25 @@ def _last_error(log: Path) -> str:
     return (tail[-1] if tail else (lines[-1] if lines else "no output"))[:2000]
 
 
+def finished_run(log: Path, probe: Path, steps: int) -> dict | None:
+    """A training run this script already made, rebuilt from the files it left (``--reuse-finished``): the probe
+    record of a process that finished every step. Start-up is then counted from that process's start (for
+    ms-swift and TRL the trainer's child process, which leaves out their launcher), and the process tree's RSS
+    was not sampled."""
+    for path in sorted(probe.parent.glob(probe.name + ".*.json")):
+        record = json.loads(path.read_text())
+        if len(record.get("steps") or []) == steps and record.get("train_end_unix"):
+            command = log.read_text().splitlines()[0].removeprefix("$ ").split(" ")
+            return {"command": command, "returncode": 0, "launch_unix": record["process_start_unix"],
+                    "wall_s": round(record["exit_unix"] - record["process_start_unix"], 2),
+                    "peak_tree_rss_mb_sampled": None, "log": str(log), "probe": record, "reused_from_files": True}
+    return None
+
+
+def _complete(path: Path, rows: int) -> bool:
+    return path.is_file() and len(path.read_text().splitlines()) == rows
+
+
 def training_figures(run: dict) -> dict:
     probe = run.get("probe") or {}
     steps = probe.get("steps") or []
@@ -144,6 +163,8 @@ def training_figures(run: dict) -> dict:
                      "peak_tree_rss_mb_sampled": run["peak_tree_rss_mb_sampled"], "steps_recorded": len(steps)}
     if run.get("error"):
         figures["error"] = run["error"]
+    if run.get("reused_from_files"):
+        figures["reused_from_files"] = True
     if len(steps) <= WARMUP_STEPS:
         return figures
     timed = steps[WARMUP_STEPS:]
@@ -426,7 +447,8 @@ def closed_accuracy(predictions: Path, baseline: Path | None = None) -> dict:
 
 
 def run_peer(peer: str, work: Path, seeds: list[int], steps: int, lora_steps: int,
-             save: Callable[[dict], None] = lambda entry: None) -> dict:
+             save: Callable[[dict], None] = lambda entry: None, reuse: bool = False,
+             own_predict_seeds: list[int] | None = None) -> dict:
     test = work / "train256" / "prepared" / "test.jsonl"
     entry: dict = {"peer": peer, "seeds": seeds, "full": [], "lora": [], "load_average_start": load_average()}
     venv = VENVS / peer
@@ -444,14 +466,18 @@ def run_peer(peer: str, work: Path, seeds: list[int], steps: int, lora_steps: in
         command, model_dir, config = train_command(peer, work, "full", seed, steps)
         logs = work / peer / "logs"
         dump = work / peer / "labels.jsonl" if seed == seeds[0] else None
-        run = run_command(command, logs / f"full-s{seed}.log", probe=logs / f"full-s{seed}.probe", dump=dump,
-                          dump_steps=SAMPLES // BATCH)
+        run = finished_run(logs / f"full-s{seed}.log", logs / f"full-s{seed}.probe", steps) if reuse else None
+        if run is None or (dump is not None and not _complete(dump, SAMPLES)):
+            run = run_command(command, logs / f"full-s{seed}.log", probe=logs / f"full-s{seed}.probe", dump=dump,
+                              dump_steps=SAMPLES // BATCH)
         figures = {"seed": seed, **training_figures(run)}
         if config is not None:
             figures["config_lines"] = len([line for line in config.read_text().splitlines() if line.strip()])
         figures["command"] = " ".join(command)
         if run["returncode"] == 0:
-            figures["accuracy"] = predict_and_score(peer, work, model_dir, seed, test)
+            own = own_predict_seeds is None or seed in own_predict_seeds
+            figures["accuracy"] = predict_and_score(peer, work, model_dir, seed, test, reuse=reuse,
+                                                    with_own_inference=own)
         entry["full"].append(figures)
         save(entry)
         print(json.dumps({"peer": peer, "seed": seed, "kind": "full",
@@ -460,7 +486,8 @@ def run_peer(peer: str, work: Path, seeds: list[int], steps: int, lora_steps: in
     for seed in seeds:
         command, _, config = train_command(peer, work, "lora", seed, lora_steps)
         logs = work / peer / "logs"
-        run = run_command(command, logs / f"lora-s{seed}.log", probe=logs / f"lora-s{seed}.probe")
+        run = finished_run(logs / f"lora-s{seed}.log", logs / f"lora-s{seed}.probe", lora_steps) if reuse else None
+        run = run or run_command(command, logs / f"lora-s{seed}.log", probe=logs / f"lora-s{seed}.probe")
         figures = {"seed": seed, **training_figures(run), "command": " ".join(command)}
         entry["lora"].append(figures)
         save(entry)
@@ -471,15 +498,25 @@ def run_peer(peer: str, work: Path, seeds: list[int], steps: int, lora_steps: in
     return entry
 
 
-def predict_and_score(peer: str, work: Path, model_dir: Path, seed: int, test: Path) -> dict:
+def predict_and_score(peer: str, work: Path, model_dir: Path, seed: int, test: Path, *, reuse: bool = False,
+                      with_own_inference: bool = True) -> dict:
+    """The tool's own inference (and surgvqa's generate mode on its weights) when asked; surgvqa's constrained
+    mode on its weights always. With ``reuse``, a prediction file that is already complete is scored, not redone."""
     scores: dict = {}
+    rows_expected = len(test.read_text().splitlines())
+    if not with_own_inference:
+        return {**scores, **_surgvqa_modes(peer, work, model_dir, seed, test, ("constrained",), reuse,
+                                           rows_expected)}
     # surgvqa's own inference is `surgvqa predict --mode generate`: one folder serves both columns
     own = work / peer / "predict" / f"s{seed}" / ("surgvqa-generate" if peer == "surgvqa" else "own")
     own.mkdir(parents=True, exist_ok=True)
-    if (own / "predictions.jsonl").exists():
-        (own / "predictions.jsonl").unlink()
     command, raw = own_predict_command(peer, work, model_dir, own)
-    run = run_command(command, own / "predict.log")
+    if reuse and _complete(raw, rows_expected):
+        run = {"returncode": 0, "wall_s": None}
+    else:
+        if (own / "predictions.jsonl").exists():
+            (own / "predictions.jsonl").unlink()
+        run = run_command(command, own / "predict.log")
     surgvqa_generate = work / "surgvqa" / "predict" / f"s{seed}" / "surgvqa-generate" / "predictions.jsonl"
     baseline = surgvqa_generate if surgvqa_generate.is_file() and peer != "surgvqa" else None
     if run["returncode"] != 0:
@@ -489,16 +526,26 @@ def predict_and_score(peer: str, work: Path, model_dir: Path, seed: int, test: P
         scores["own"] = {**closed_accuracy(rows, baseline), "wall_s": run["wall_s"], "command": " ".join(command)}
     if peer == "surgvqa":
         scores["surgvqa_generate"] = scores["own"]
-    for mode in ("constrained",) if peer == "surgvqa" else ("generate", "constrained"):
+    modes = ("constrained",) if peer == "surgvqa" else ("generate", "constrained")
+    return {**scores, **_surgvqa_modes(peer, work, model_dir, seed, test, modes, reuse, rows_expected)}
+
+
+def _surgvqa_modes(peer: str, work: Path, model_dir: Path, seed: int, test: Path, modes: tuple[str, ...],
+                   reuse: bool, rows_expected: int) -> dict:
+    scores: dict = {}
+    for mode in modes:
         folder = work / peer / "predict" / f"s{seed}" / f"surgvqa-{mode}"
         folder.mkdir(parents=True, exist_ok=True)
         command = [str(PROJECT_BIN / "surgvqa"), "predict", "--mode", mode, "--model", str(model_dir), "--data",
                    str(test), "--out", str(folder / "predictions.jsonl"),
                    # a run name of its own: surgvqa locks a run directory, and peers may run side by side
                    *_sets(surgvqa_overrides(work, f"predict-{peer}")), "--json"]
-        if (folder / "predictions.jsonl").exists():
-            (folder / "predictions.jsonl").unlink()
-        run = run_command(command, folder / "predict.log")
+        if reuse and _complete(folder / "predictions.jsonl", rows_expected):
+            run = {"returncode": 0}
+        else:
+            if (folder / "predictions.jsonl").exists():
+                (folder / "predictions.jsonl").unlink()
+            run = run_command(command, folder / "predict.log")
         if run["returncode"] != 0:
             scores[f"surgvqa_{mode}"] = {"error": run.get("error")}
             continue
@@ -516,6 +563,11 @@ def main() -> None:
     parser.add_argument("--lora-steps", type=int, default=6, help="LoRA steps (batch 16)")
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "peers")
     parser.add_argument("--compare-only", action="store_true", help="recompute the comparison from peers.json")
+    parser.add_argument("--reuse-finished", action="store_true",
+                        help="reuse training runs and prediction files a stopped command already finished")
+    parser.add_argument("--own-predict-seeds", type=int, nargs="*", default=None,
+                        help="seeds whose models the tool's own inference predicts (default: all); the others are "
+                             "scored by `surgvqa predict --mode constrained` on their weights only")
     parser.add_argument("--markdown", action="store_true", help="print the tables of docs/benchmarks.md and exit")
     parser.add_argument("--result", type=Path, default=RESULT, help="result file (default: %(default)s)")
     args = parser.parse_args()
@@ -549,7 +601,8 @@ def main() -> None:
                 results["peers"][peer] = entry
                 result_file.write_text(json.dumps(results, indent=1) + "\n")
 
-            save(run_peer(peer, work, args.seeds, args.steps, args.lora_steps, save), complete=True)
+            save(run_peer(peer, work, args.seeds, args.steps, args.lora_steps, save, args.reuse_finished,
+                          args.own_predict_seeds), complete=True)
     from compare import compare
 
     results = json.loads(result_file.read_text()) if result_file.is_file() else {"peers": {}}
