@@ -607,6 +607,13 @@ def main() -> None:
 
     results = json.loads(result_file.read_text()) if result_file.is_file() else {"peers": {}}
     results["machine"] = machine_info(with_python=True)
+    # surgvqa runs from the working tree (an editable install): name the commit and any uncommitted source edits
+    git = ["git", "-C", str(ROOT)]
+    results["surgvqa_source"] = {
+        "commit": subprocess.run([*git, "rev-parse", "HEAD"], check=False, capture_output=True,
+                                 text=True).stdout.strip(),
+        "uncommitted_in_src": subprocess.run([*git, "status", "--porcelain", "src"], check=False,
+                                             capture_output=True, text=True).stdout.split("\n")[:-1]}
     results["comparison"] = compare(results, work, GOALS)
     result_file.write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps(results["comparison"], indent=1))
