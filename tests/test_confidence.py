@@ -220,3 +220,23 @@ def test_predict_stage_fits_on_validation_and_marks_sets_and_abstentions(tiny_mo
     run_predict(config, mode="constrained", data=prepared / "test.jsonl", out=out, model_path=str(tiny_model_dir),
                 quiet=True)
     assert out.read_text() == before
+
+
+def test_abstained_rows_are_counted_and_scored_as_wrong(tmp_path):
+    from surgvqa.config import EvaluateConfig
+    from surgvqa.evaluate import run_evaluate
+
+    rows = [{"id": f"q{i}", "question": "Is there text?", "question_type": "yes_no", "template": 1,
+             "answer": "yes", "prediction": "yes", "raw_text": "yes", "error": None, "confidence_kind": CANDIDATES,
+             "confidence_raw": 0.6 + 0.1 * i, "confidence": 0.6 + 0.1 * i, "abstained": i == 0} for i in range(3)]
+    predictions = tmp_path / "predictions.jsonl"
+    predictions.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    metrics = run_evaluate(predictions, tmp_path / "eval", EvaluateConfig(bootstrap_samples=50),
+                           with_report=False, with_meteor=False)
+    assert metrics["per_type"]["yes_no"]["strict"] == pytest.approx(2 / 3)  # right, but it abstained
+    assert metrics["n_empty_predictions"] == 0
+    assert any(note["note"] == "abstained (scored as wrong)" for note in metrics["notes"])
+    confidence = metrics["confidence"]
+    assert confidence["n_abstained"] == 1
+    assert confidence["per_type"]["yes_no"]["before"]["accuracy"] == 1.0  # calibration judges the answer itself
+    assert confidence["per_type"]["yes_no"]["accuracy_answered"] == 1.0

@@ -25,6 +25,8 @@ from surgvqa.data.schema import (
 from surgvqa.io import atomic_write_json, atomic_write_text
 from surgvqa.metrics import PredictionRow, evaluate_predictions
 
+ABSTAINED = "(abstained)"
+
 
 class EvaluateError(ValueError):
     """Predictions that cannot be evaluated at all (missing file, no scorable line); the message says why."""
@@ -116,7 +118,8 @@ def row_from_json(
         notes.append("empty prediction (scored as wrong)")
     if obj.get("abstained") is True:  # predict.abstain: counted, never scored as correct
         notes.append("abstained (scored as wrong)")
-        prediction, raw_text = "", ""
+        # A label no reference has (not "": that would be counted as an empty prediction); no text to score.
+        prediction, raw_text = ABSTAINED, ""
 
     row_id = _text(obj.get("id")) or ""
     if not row_id:
