@@ -538,7 +538,8 @@ def _model_config(config: Config) -> Any:
                             num_layers=config.model.tiny_layers)
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(config.model.name_or_path)
+    local = Path(config.model.name_or_path).expanduser()
+    return AutoConfig.from_pretrained(str(local) if local.is_dir() else config.model.name_or_path)
 
 
 def check_architecture(report: DoctorReport, config: Config, model_ok: bool, gpu_free: list[int]) -> None:
