@@ -193,11 +193,12 @@ def test_fit_on_validation_rows_then_apply(tmp_path):
     assert apply_calibration(applied[0], calibration, abstain=True) == applied[0]  # idempotent
 
 
-def test_predict_stage_fits_on_validation_and_marks_sets_and_abstentions(tiny_model_dir, prepared, tmp_path):
+def test_predict_stage_fits_on_validation_and_marks_sets_and_abstentions(tiny_model_dir, prepared, predictor,
+                                                                        tmp_path):
     config = make_config(tmp_path, tiny_model_dir, "predict.calibration=overall", "predict.conformal_alpha=0.2",
                          "predict.abstain=true", "predict.target_risk=0.5")
     out = run_predict(config, mode="constrained", data=prepared / "test.jsonl", out=tmp_path / "predictions.jsonl",
-                      model_path=str(tiny_model_dir), quiet=True)
+                      model_path=str(tiny_model_dir), quiet=True, load_predictor=lambda: predictor)
     val_out, calibration_path = calibration_files(out)
     calibration = json.loads(calibration_path.read_text())
     assert len(val_out.read_text().splitlines()) == 24
