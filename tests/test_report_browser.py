@@ -126,6 +126,7 @@ def test_report_opens_in_headless_chromium(tmp_path):
     assert {"plot_per_type", "plot_baseline", "plot_training_curve", "plot_confusion_yes_no",
             "plot_confidence_reliability", "plot_confidence_risk_coverage"} <= set(metrics["outputs"])
     assert metrics["confidence"]["n"] == len(CASES) and metrics["confidence"]["n_abstained"] == 1
+    assert "## Confidence" in Path(metrics["outputs"]["markdown"]).read_text()
     source = report.read_text()
     assert "http://" not in source and "https://" not in source and "<script" not in source
     assert "run_name: browser-test" in source

@@ -197,6 +197,21 @@ def _num(value: float | None, ci: Sequence[float] | None = None) -> str:
     return f"{value:.3f}{interval}"
 
 
+def confidence_table(section: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the calibration and selective-prediction table: one row per type, then all rows."""
+    header = ["type", "n", "accuracy %", "ECE before", "ECE after", "ECE mass after", "MCE after", "Brier after",
+              "NLL after", "AURC", *[f"acc@{round(c * 100)} %" for c in section["coverages"]]]
+    rows = []
+    for name, group in section["per_type"].items():
+        before, after = group["before"], group["after"]
+        rows.append([name, str(group["n"]), _pct(after["accuracy"]), _num(before["ece"], before["ece_ci"]),
+                     _num(after["ece"], after["ece_ci"]), _num(after["ece_equal_mass"]), _num(after["mce"]),
+                     _num(after["brier"], after["brier_ci"]), _num(after["nll"], after["nll_ci"]),
+                     _num(group["aurc"]),
+                     *[_pct(group[f"accuracy_at_{round(c * 100)}"]) for c in section["coverages"]]])
+    return header, rows
+
+
 def confidence_html(section: dict[str, Any] | None, plots: dict[str, bytes], image_roots: Sequence[Any]) -> str:
     """The report's "Confidence" section (empty when no row carries a confidence)."""
     if not section:
@@ -213,16 +228,7 @@ def confidence_html(section: dict[str, Any] | None, plots: dict[str, bytes], ima
            "(and equal-mass), MCE, Brier and NLL of the confidence as a forecast that the answer is right, with "
            "bootstrap intervals; AURC and accuracy at coverage rank by the calibrated confidence. "
            f"{section['n_abstained']} abstention(s), scored as wrong.</p>")]
-    header = ["type", "n", "accuracy %", "ECE before", "ECE after", "ECE mass after", "MCE after", "Brier after",
-              "NLL after", "AURC", *[f"acc@{round(c * 100)} %" for c in section["coverages"]]]
-    rows = []
-    for name, group in section["per_type"].items():
-        before, after = group["before"], group["after"]
-        rows.append([name, group["n"], _pct(after["accuracy"]), _num(before["ece"], before["ece_ci"]),
-                     _num(after["ece"], after["ece_ci"]), _num(after["ece_equal_mass"]), _num(after["mce"]),
-                     _num(after["brier"], after["brier_ci"]), _num(after["nll"], after["nll_ci"]),
-                     _num(group["aurc"]),
-                     *[_pct(group[f"accuracy_at_{round(c * 100)}"]) for c in section["coverages"]]])
+    header, rows = confidence_table(section)
     out.append(_html_table(header, rows, table_id="confidence-table", aggregate_rows=[len(rows) - 1]))
     if "reliability" in plots:
         out.append(f'<img class="plot" id="plot-reliability" alt="reliability diagrams" '

@@ -278,6 +278,10 @@ def markdown_report(metrics: dict) -> str:
         parts += [f"\n## {table['title']}\n", _md_table(table["header"], table["rows"])]
     parts += ["\n## Per template\n", _md_table(*_per_template_table(metrics, f"strict {ci}"))]
     parts += ["\n## Text metrics (raw predictions, 0-1)\n", _md_table(*_text_metrics_table(metrics))]
+    if metrics.get("confidence"):
+        from surgvqa.confidence_report import confidence_table
+
+        parts += ["\n## Confidence (docs/confidence.md)\n", _md_table(*confidence_table(metrics["confidence"]))]
     baseline = metrics.get("baseline")
     if baseline and baseline.get("per_type"):
         parts += [
