@@ -14,9 +14,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-pytest.importorskip("dashscope")
-pytest.importorskip("tiktoken")
-
 from surgvqa.data.schema import GRID_CELLS, SIZE_BINS, TEMPLATE_BY_ID
 from surgvqa.decoding import (
     CandidateLogitsProcessor,

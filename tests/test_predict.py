@@ -13,12 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
-pytest.importorskip("dashscope")
-pytest.importorskip("torchvision")
-
+import torch
 from PIL import Image
 
 from surgvqa.confidence import EMPTY_FIELDS

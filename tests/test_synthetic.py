@@ -96,7 +96,7 @@ def test_schema_is_the_hugging_face_kvasir_vqa_schema(parquet):
 
 
 def test_hugging_face_datasets_reads_image_feature(parquet):
-    datasets = pytest.importorskip("datasets")
+    import datasets
     features = datasets.Features.from_arrow_schema(pq.read_schema(parquet))
     assert isinstance(features["image"], datasets.Image)
 

@@ -6,13 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("dashscope")
-pytest.importorskip("tiktoken")
-pytest.importorskip("torchvision")
-
+import torch
+import transformers
 from PIL import Image
 
 from surgvqa.tiny import (
