@@ -4,8 +4,9 @@ Builds Qwen2-VL with the dimensions of Qwen2-VL-2B-Instruct (``real_dims_logits.
 freezes the vision tower and adds LoRA exactly as ``surgvqa train`` does (``modeling.freeze_vision_tower``,
 ``training.apply_lora``, gradient checkpointing as ``modeling.load_model`` enables it), and runs training steps
 (supervised-only loss, backward, AdamW on the adapter) on one batch of synthetic Kvasir-like samples encoded by
-surgvqa's own dataset. Measured: the growth of the process's peak resident memory (``ru_maxrss``) over its
-resident memory just before the model is built (CPU), or ``torch.cuda.max_memory_allocated`` (GPU). Compared
+surgvqa's own dataset. Measured: the process's peak resident memory during the steps (``VmHWM``, reset once
+the model is built, so random initialisation's fp32 temporaries do not count) minus its resident memory just
+before the model was built (CPU), or ``torch.cuda.max_memory_allocated`` (GPU). Compared
 with ``doctor.estimate_training_memory`` for the same settings (without the CUDA context term, which neither
 measure contains).
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +37,14 @@ def resident_bytes() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def peak_resident_bytes() -> int:
+    """The process's peak resident memory since the last reset (VmHWM), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def build_model(dims: str, device: str):
@@ -87,6 +95,10 @@ def main() -> dict:
     batch, labels = encoded_batch(workdir, args.batch, args.image_size)
     baseline = resident_bytes()
     model = build_model(args.dims, device)
+    if device == "cpu":
+        # Forget the peak so far (writing 5 to clear_refs resets VmHWM): random initialisation makes fp32
+        # temporaries that are no part of a training step's peak.
+        Path("/proc/self/clear_refs").write_text("5")
     estimate = estimate_training_memory(model.config, settings)
     freeze_vision_tower(model, train_merger=False, freeze=True)
     if checkpointing:
@@ -113,8 +125,8 @@ def main() -> dict:
         measured = torch.cuda.max_memory_allocated()
         kind = "torch.cuda.max_memory_allocated"
     else:
-        measured = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline  # Linux: KiB
-        kind = "peak RSS growth over the RSS before the model was built"
+        measured = peak_resident_bytes() - baseline
+        kind = "peak RSS (VmHWM, reset after the model was built) minus the RSS before the model was built"
     mib = 2**20
     result = {
         "benchmark": "memory_estimate", "dims": args.dims, "machine": machine_info(), "load_average": load_average(),

@@ -268,3 +268,14 @@ def test_memory_estimate_parts_on_qwen2_vl_2b_dimensions(overrides):
     full = doctor.estimate_training_memory(model_config, load_config(None, [*overrides, "lora=null",
                                                                             "model.freeze_vision=true"]))
     assert full.trainable_state > 10 * estimate.trainable_state
+
+
+def test_qwen3_5_lora_targets_without_its_linear_attention_projections_are_warned(overrides):
+    config = load_config(None, [*overrides, "model.tiny_arch=qwen3_5", "lora.r=8"])
+    report = doctor.run_doctor(config, nvml=FakeNVML(init_error=True))
+    assert checks(report, "architecture")[0].detail.startswith("Qwen3.5 (qwen3_5)")
+    warning = checks(report, "lora targets")[0]
+    assert warning.status == "warn" and "in_proj_qkv" in warning.detail
+    targets = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,in_proj_qkv,in_proj_z,out_proj]"
+    adapted = load_config(None, [*overrides, "model.tiny_arch=qwen3_5", "lora.r=8", f"lora.target_modules={targets}"])
+    assert not checks(doctor.run_doctor(adapted, nvml=FakeNVML(init_error=True)), "lora targets")

@@ -430,8 +430,9 @@ def layer_activation_bytes(layer: Any, text_config: Any, config: Config, act_byt
     """Bytes one decoder layer saves for backward, per token (sdpa/flash attention: no L x L matrix).
 
     Counted from the layer's own modules: each norm's fp32 input copy; the inputs of the linear layers that train
-    (a LoRA target keeps its input for lora_A: one copy per group of targets reading the same tensor, or with LoRA
-    dropout a dropout output and mask per target; full fine-tuning keeps every linear's input); attention's q, k, v
+    (a LoRA target keeps its fp32-cast input for lora_A: one copy per group of targets reading the same tensor, or
+    with LoRA dropout a dropout output and mask per target; full fine-tuning keeps every linear's input in the
+    weights' dtype); attention's q, k, v
     (k and v repeated to all query heads) and output; the MLP's gate, up and product inputs. Frozen linear layers
     save nothing: their input gradient needs only the weight. Qwen3.5's linear-attention layers: their
     convolution input and output and the gated output, not the delta rule's chunk states.
@@ -449,10 +450,13 @@ def layer_activation_bytes(layer: Any, text_config: Any, config: Config, act_byt
                 total += 3 * module.out_features * act_bytes  # gate (silu input), silu output and up
             if targets is not None and leaf not in targets:
                 continue
-            if targets is not None and lora.dropout > 0:
-                total += module.in_features * (act_bytes + 1)  # dropout output and its mask
-            else:
+            if targets is None:
                 shared[SHARED_INPUT_GROUPS.get(leaf, name)] = module.in_features * act_bytes
+            elif lora.dropout > 0:
+                # PEFT casts a LoRA input to the adapter's fp32 before its dropout: fp32 output and a byte mask.
+                total += module.in_features * (4 + 1)
+            else:
+                shared[SHARED_INPUT_GROUPS.get(leaf, name)] = module.in_features * 4
         elif "norm" in leaf.lower() and getattr(module, "weight", None) is not None and module.weight.dim() == 1:
             total += 4 * module.weight.shape[0]  # an RMSNorm computes in fp32 and keeps that copy of its input
     total += sum(shared.values())
@@ -480,7 +484,7 @@ def estimate_training_memory(model_config: Any, config: Config) -> MemoryEstimat
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from surgvqa.modeling import max_image_tokens
+    from surgvqa.modeling import family_of, max_image_tokens
     from surgvqa.training import lora_target_regex
 
     with torch.device("meta"):
@@ -490,7 +494,8 @@ def estimate_training_memory(model_config: Any, config: Config) -> MemoryEstimat
     settings = config.model
     visual = getattr(getattr(model, "model", model), "visual", None)
     vision_names = {id(p) for p in visual.parameters()} if visual is not None else set()
-    merger_names = {id(p) for name, p in visual.named_parameters() if name.startswith(("merger.", "deepstack"))} \
+    mergers = family_of(model_config.model_type).merger_prefixes
+    merger_names = {id(p) for name, p in visual.named_parameters() if name.startswith(mergers)} \
         if visual is not None else set()
     trainable_vision = (0 if settings.freeze_vision and not settings.train_merger else
                         sum(p.numel() for p in visual.parameters() if not settings.freeze_vision or id(p) in
@@ -569,6 +574,11 @@ def check_architecture(report: DoctorReport, config: Config, model_ok: bool, gpu
                f"{low_tokens} to {max_image_tokens(settings)} (model.min_pixels/max_pixels count 28x28-px areas; "
                f"{family.name} gets {low_pixels} to {high_pixels} px)")
 
+    if config.lora is not None and family.extra_lora_targets and \
+            not set(family.extra_lora_targets) & set(config.lora.target_modules):
+        report.add("lora targets", "warn", f"lora.target_modules has none of {', '.join(family.extra_lora_targets)}: "
+                   f"{family.name}'s linear-attention layers would be adapted in their MLPs only",
+                   "add them to lora.target_modules (as configs/qwen3.5-2b.yaml does)")
     estimate = estimate_training_memory(model_config, config)
     lora = "LoRA" if config.lora is not None else "full fine-tuning"
     on = "with" if estimate.gradient_checkpointing else "without"
