@@ -75,7 +75,8 @@ def small_run_command(session_cache):
         settings = [f"output_dir={output_dir}", "run_name=small", f"cache_dir={session_cache}",
                     "data.synthetic.images=20", f"train.max_steps={run.steps}",
                     f"train.save_steps={run.save_steps}", "train.logging_steps=1",
-                    "train.per_device_batch_size=8", "predict.batch_size=8", "evaluate.bootstrap_samples=200"]
+                    "train.per_device_batch_size=8", "predict.batch_size=8", "evaluate.bootstrap_samples=200",
+                    *run.calibration]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
                "PYTHONPATH": str(repo / "src")}
         env.pop(ENVIRONMENT_VARIABLE, None)
@@ -86,8 +87,10 @@ def small_run_command(session_cache):
         return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
 
     run.steps, run.save_steps = 6, 2
+    # Calibrated on the validation split's predictions: confidences, conformal answer sets.
+    run.calibration = ["predict.calibration=overall", "predict.conformal_alpha=0.1"]
     run.overrides = lambda output_dir: [f"output_dir={output_dir}", "run_name=small", f"cache_dir={session_cache}",
-                                        "data.synthetic.images=20", "predict.batch_size=8"]
+                                        "data.synthetic.images=20", "predict.batch_size=8", *run.calibration]
     return run
 
 

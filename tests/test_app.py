@@ -76,6 +76,9 @@ def test_the_app_answers_in_the_browser_with_confidence_and_candidates(served, s
         chart = page.locator("#candidates")
         expect(chart).to_contain_text("yes")
         expect(chart).to_contain_text("no")
+        expect(answer).to_contain_text("answer set (conformal, guaranteed coverage)")
+        shown_confidence = answer.inner_text().split("confidence")[1].split("%")[0].strip()
+        expect(chart).to_contain_text(f"{round(float(shown_confidence))}%")  # the chart at the same temperature
         page.screenshot(path=str(shots / "app-ask.png"), full_page=True)
 
         page.locator("#free-question textarea").fill(FREE_QUESTION)

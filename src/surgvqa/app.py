@@ -24,13 +24,21 @@ from typing import Any
 
 from PIL import Image
 
+from surgvqa.confidence import apply_calibration, candidate_confidence
 from surgvqa.config import Config
 from surgvqa.data.images import open_rgb
 from surgvqa.data.records import Record, read_records
 from surgvqa.dataset import encode_prompt
 from surgvqa.decoding import is_closed
 from surgvqa.io import atomic_write_text
-from surgvqa.predict import Outcome, Predictor, default_model_path, load_for_prediction
+from surgvqa.predict import (
+    Outcome,
+    Predictor,
+    calibration_files,
+    default_model_path,
+    load_for_prediction,
+    prediction_row,
+)
 from surgvqa.tasks import get_task
 
 MENU_SIZE = 40  # questions offered in the menu: the task's most frequent training questions
@@ -61,6 +69,7 @@ class Answer:
     confidence: float | None  # probability of the answer given, where the model's scores define one
     candidate_probabilities: dict[str, float] = field(default_factory=dict)  # closed questions
     answer_set: list[str] | None = None  # the conformal answer set, where the run is calibrated
+    abstained: bool = False  # below the confidence the run answers at (predict.abstain)
     reference: str | None = None  # when the image and question come from the test split
     correct: bool | None = None
     base_answer: str | None = None  # the untrained model's answer, when it is loaded beside
@@ -99,6 +108,8 @@ class AnswerService:
         prepared = config.run_dir / "prepared"
         self.prepared = prepared
         self.vocabulary = _read_vocabulary(prepared / "vocabulary.json")
+        # The temperature, conformal quantile and abstention threshold `surgvqa predict` fitted for this run.
+        self.calibration = _read_calibration(calibration_files(config.run_dir / "predictions.jsonl")[1])
         self.predictor = self._load(self.model_path, quiet)
         self.base = None
         if compare_base:
@@ -159,12 +170,18 @@ class AnswerService:
         answers = []
         for index, (record, outcome) in enumerate(zip(records, outcomes)):
             probabilities = _probabilities(outcome)
-            confidence = _confidence(outcome, probabilities)
+            calibrated = apply_calibration(prediction_row(record, "", outcome, self.mode), self.calibration,
+                                           self.config.predict.abstain)
+            if calibrated["temperature"] is not None:  # the chart at the temperature the confidence is given at
+                labels, scaled, _ = candidate_confidence(calibrated, calibrated["temperature"])
+                probabilities = dict(sorted(zip(labels, map(float, scaled)), key=lambda item: -item[1]))
+            confidence = calibrated["confidence"] if calibrated["confidence"] is not None \
+                else _confidence(outcome, probabilities)
             reference = self._reference(img_id, record.question)
             answers.append(Answer(
                 question=record.question, question_type=record.question_type, answer=outcome.prediction or "",
                 mode=outcome.method or self.mode, confidence=confidence, candidate_probabilities=probabilities,
-                answer_set=_answer_set(outcome),
+                answer_set=calibrated["answer_set"], abstained=bool(calibrated["abstained"]),
                 reference=reference,
                 correct=None if reference is None or outcome.error else self.task.matches_reference(
                     Record(id=record.id, img_id="", image="", question=record.question, answer=reference,
@@ -244,10 +261,8 @@ def _probabilities(outcome: Outcome) -> dict[str, float]:
     return dict(sorted(values.items(), key=lambda item: -item[1]))
 
 
-def _answer_set(outcome: Outcome) -> list[str] | None:
-    fields = outcome.confidence or {}
-    answer_set = fields.get("answer_set", fields.get("conformal_set"))
-    return list(answer_set) if answer_set is not None else None
+def _read_calibration(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def _read_vocabulary(path: Path) -> dict[Any, list[str]]:
@@ -271,8 +286,10 @@ def _verdict(answer: Answer) -> str:
         return f"**Error:** {answer.error}"
     lines = [f"### {answer.answer or '(empty)'}",
              f"confidence **{_format_confidence(answer.confidence)}** · {answer.question_type} · {answer.mode}"]
+    if answer.abstained:
+        lines.append("**not sure enough to answer**: below the confidence this run answers at")
     if answer.answer_set is not None:
-        lines.append(f"answer set (guaranteed coverage): {', '.join(answer.answer_set) or '(empty)'}")
+        lines.append(f"answer set (conformal, guaranteed coverage): {', '.join(answer.answer_set) or '(empty)'}")
     if answer.reference is not None:
         verdict = "matches" if answer.correct else "differs from"
         lines.append(f"the answer **{verdict}** the reference: **{answer.reference}**")
@@ -371,7 +388,7 @@ def build_interface(service: AnswerService) -> Any:
             answer = service.ask(read_image(path), [question])[0]
             return {"answer": answer.answer, "confidence": answer.confidence, "error": answer.error,
                     "question_type": answer.question_type, "candidates": answer.candidate_probabilities,
-                    "answer_set": answer.answer_set}
+                    "answer_set": answer.answer_set, "abstained": answer.abstained}
 
         api_image, api_question, api_out = gr.File(visible=False), gr.Textbox(visible=False), gr.JSON(visible=False)
         gr.Button(visible=False).click(ask_api, [api_image, api_question], api_out, api_name="answer")
@@ -389,6 +406,15 @@ def serve(config: Config, model_path: str | None = None, *, compare_base: bool =
     service = AnswerService(config, model_path, compare_base=compare_base)
     page = build_interface(service)
     page.queue(default_concurrency_limit=8)
-    _, url, _ = page.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=not block,
-                            allowed_paths=[str(config.run_dir.resolve())], footer_links=["api"])
+    launch = {"server_name": host, "server_port": port, "prevent_thread_lock": not block, "quiet": not block,
+              "allowed_paths": [str(config.run_dir.resolve())], "footer_links": ["api"]}
+    for attempt in range(3):
+        try:
+            _, url, _ = page.launch(**launch)
+            break
+        except ValueError as exc:
+            # Gradio checks its own server with one 3-second request and gives up on a busy machine: try again.
+            if "localhost is not accessible" not in str(exc) or attempt == 2:
+                raise
+            page.close()
     return page, service, url
