@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from surgvqa.config import Config, ConfigError, load_config, write_resolved_config
+from surgvqa.config import PREDICT_MODES, Config, ConfigError, load_config, write_resolved_config
 from surgvqa.io import WriteError
 from surgvqa.runlock import RunDirectoryBusy, run_directory_lock
 
@@ -351,9 +351,9 @@ def run(
 
     if from_stage is not None and from_stage not in STAGE_NAMES:
         fail(f"--from {from_stage!r}: choose one of {', '.join(STAGE_NAMES)}")
+    cfg = _config(config, set_)  # the run directory's lock first: a second writer is refused before slow imports
     from surgvqa.training import PREEMPTED_EXIT_CODE, Preempted
 
-    cfg = _config(config, set_)
     try:
         outcome = run_pipeline(cfg, from_stage=from_stage, force=force, skip_sanity=skip_sanity)
     except PipelineStop as exc:
@@ -382,11 +382,11 @@ def predict(
     as_json: JsonOption = False,
 ) -> None:
     """Batched, resumable inference to predictions.jsonl (one process, or one shard per rank under torchrun)."""
-    from surgvqa.predict import MODES, run_predict, summarise_errors
+    if mode is not None and mode not in PREDICT_MODES:
+        fail(f"--mode {mode!r}: choose one of {', '.join(PREDICT_MODES)}")
+    cfg = _config(config, set_)  # the run directory's lock first: a second writer is refused before slow imports
+    from surgvqa.predict import run_predict, summarise_errors
 
-    if mode is not None and mode not in MODES:
-        fail(f"--mode {mode!r}: choose one of {', '.join(MODES)}")
-    cfg = _config(config, set_)
     path = _prepared_file(cfg, data, cfg.predict.split)
     try:
         written = run_predict(cfg, mode=mode, data=path, out=out, model_path=model, quiet=as_json)

@@ -15,7 +15,7 @@ import re
 import string
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -253,6 +253,10 @@ class PredictConfig(_Section):
     conformal_alpha: float | None = Field(None, gt=0, lt=1)
     abstain: bool = False
     target_risk: float = Field(0.05, gt=0, lt=1)
+
+
+# The prediction modes, as the config accepts them (the command line checks --mode against the same list).
+PREDICT_MODES: tuple[str, ...] = get_args(PredictConfig.model_fields["mode"].annotation)
 
 
 class EvaluateConfig(_Section):

@@ -53,7 +53,7 @@ from surgvqa.confidence import (
     trie_log_probabilities,
     wants_calibration,
 )
-from surgvqa.config import Config
+from surgvqa.config import PREDICT_MODES, Config
 from surgvqa.data.images import allowed_image_roots
 from surgvqa.data.records import Record, image_path, read_records
 from surgvqa.data.schema import label_set, normalize_answer
@@ -77,7 +77,7 @@ from surgvqa.tasks import get_task
 
 log = logging.getLogger(__name__)
 
-MODES = ("generate", "constrained", "rank")
+MODES = PREDICT_MODES
 THRESHOLD_FILE = "rank_threshold.json"
 
 
