@@ -416,6 +416,15 @@ def test_embedded_images_with_a_reused_img_id_are_conflicts_every_time(tmp_path,
     assert [item["origin"] for item in conflicts] == ["reused.parquet row 12", "reused.parquet row 13"]
     assert "first read at reused.parquet row 0" in conflicts[0]["detail"]
     assert sum(result.counts.values()) == GOOD_IMAGES + 1
+    # The rejected rows' bytes never replace the kept image's file.
+    kept = next(r for r in read_records_of(result.prepared_dir) if r.img_id == "p0")
+    assert (result.prepared_dir / kept.image).read_bytes() == images[0]
+
+
+def read_records_of(prepared: Path) -> list:
+    from surgvqa.data.records import read_records
+
+    return [record for split in ("train", "val", "test") for record in read_records(prepared / f"{split}.jsonl")]
 
 
 @pytest.mark.parametrize("strategy", ["span", "sentinel"])

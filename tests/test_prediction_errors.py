@@ -46,3 +46,18 @@ def test_evaluate_puts_a_banner_with_the_error_count_in_its_output_and_report(tm
     assert banner in (tmp_path / "report.html").read_text()
     assert 'id="error-banner"' in (tmp_path / "report.html").read_text()
     assert f"**Warning:** {banner}" in (tmp_path / "metrics.md").read_text()
+
+
+def test_a_changed_key_discards_the_predictions_and_the_shards_of_an_interrupted_multi_process_run(
+        tmp_path, monkeypatch):
+    import surgvqa.predict
+
+    out = tmp_path / "predictions.jsonl"
+    _write_predictions(out, 4, 0)
+    _write_predictions(tmp_path / "predictions.rank1.jsonl", 4, 0)  # left by a killed 2-process run
+    seen = []
+    monkeypatch.setattr(surgvqa.predict, "run_predict",
+                        lambda config, out, **_: seen.append(sorted(p.name for p in tmp_path.iterdir())) or
+                        _write_predictions(out, 10, 0))
+    pipeline._predictions(load_config(None, [f"output_dir={tmp_path}"]), out, "model", True, resume=False)
+    assert seen == [[]]  # nothing of the old key was left to be merged back

@@ -102,7 +102,7 @@ class AnswerService:
     def __init__(self, config: Config, model_path: str | None = None, *, compare_base: bool = False,
                  quiet: bool = True):
         self.config = config
-        self.task = get_task(getattr(config, "task", None))
+        self.task = get_task(config.task)
         self.mode = config.predict.mode
         self.model_path = model_path or default_model_path(config)
         prepared = config.run_dir / "prepared"
@@ -157,7 +157,7 @@ class AnswerService:
     # -- answering ------------------------------------------------------------------------------------------------
 
     def typed_record(self, question: str, key: str) -> Record:
-        record = Record(id=key, img_id=key, image="", question=question.strip(), answer="")
+        record = Record(id=key, img_id=key, image="", question=question.strip(), answer="", task=self.task.name)
         self.task.type_record(record, self.vocabulary)
         return record
 

@@ -219,15 +219,15 @@ def train(
     as_json: JsonOption = False,
 ) -> None:
     """Fine-tune (LoRA, or every weight when lora is null) with answer-only supervision."""
-    from surgvqa.training import PREEMPTED_EXIT_CODE, Preempted
+    cfg = _config(config, set_)  # the run directory's lock first: a second writer is refused before slow imports
+    from surgvqa.training import Preempted
     from surgvqa.training import train as run_train
 
-    cfg = _config(config, set_)
     try:
         result = run_train(cfg, resume=resume)
     except Preempted as exc:
         typer.echo(f"stopped: {exc}", err=True)
-        raise typer.Exit(PREEMPTED_EXIT_CODE) from None
+        raise typer.Exit(exc.exit_code) from None
     except FileNotFoundError as exc:
         fail(str(exc))
     payload = {"model_dir": str(result.model_dir), "global_step": result.global_step,
@@ -352,7 +352,7 @@ def run(
     if from_stage is not None and from_stage not in STAGE_NAMES:
         fail(f"--from {from_stage!r}: choose one of {', '.join(STAGE_NAMES)}")
     cfg = _config(config, set_)  # the run directory's lock first: a second writer is refused before slow imports
-    from surgvqa.training import PREEMPTED_EXIT_CODE, Preempted
+    from surgvqa.training import Preempted
 
     try:
         outcome = run_pipeline(cfg, from_stage=from_stage, force=force, skip_sanity=skip_sanity)
@@ -360,7 +360,7 @@ def run(
         fail(f"stopped: {exc}", code=1)
     except Preempted as exc:
         typer.echo(f"stopped: {exc}", err=True)
-        raise typer.Exit(130 if str(exc).startswith("SIGINT") else PREEMPTED_EXIT_CODE) from None
+        raise typer.Exit(exc.exit_code) from None
     except (SourceError, FileNotFoundError) as exc:
         fail(str(exc))
     if outcome.metrics is not None:

@@ -156,7 +156,10 @@ def recover_directory(target: str | Path) -> bool:
 def remove_stale_temporaries(folder: str | Path) -> int:
     """Delete the temporary files that writes killed before their rename left in ``folder`` (recursively); only
     call it while holding the folder's lock, so that no live writer's file is taken. Returns how many."""
-    stale = [path for path in Path(folder).rglob(".*.tmp") if path.is_file()]
+    folder = Path(folder)
+    # `surgvqa app` writes under <run>/app/ without the run's lock: its files are its own to finish.
+    stale = [path for path in folder.rglob(".*.tmp")
+             if path.is_file() and path.relative_to(folder).parts[0] != "app"]
     for path in stale:
         path.unlink(missing_ok=True)
     return len(stale)

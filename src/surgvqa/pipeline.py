@@ -150,10 +150,10 @@ def _run_train(config: Config, quiet: bool, resume: bool) -> None:
 
 
 def _predictions(config: Config, out: Path, model_path: str, quiet: bool, resume: bool) -> None:
-    from surgvqa.predict import PredictionErrors, check_error_rate, run_predict
+    from surgvqa.predict import PredictionErrors, check_error_rate, discard_predictions, run_predict
 
     if not resume:
-        out.unlink(missing_ok=True)  # predictions made under another key must not be resumed
+        discard_predictions(out)  # predictions made under another key must not be resumed
     run_predict(config, out=out, model_path=model_path, quiet=quiet)
     try:
         summary = check_error_rate(out, config.predict.max_error_rate)

@@ -446,7 +446,7 @@ def calibrate_predictions(config: Config, mode: str, data: Path, out: Path, mode
         if rank == 0:
             saved = json.loads(calibration_path.read_text(encoding="utf-8")) if calibration_path.is_file() else {}
             if saved.get("key") != key:  # predictions of another model or split must not be resumed
-                val_out.unlink(missing_ok=True)
+                discard_predictions(val_out)
                 atomic_write_json(calibration_path, {"key": key})
         _barrier(world)
         plain = config.predict.model_copy(update={"calibration": "none", "conformal_alpha": None, "abstain": False})
@@ -529,6 +529,13 @@ def _image_reference(record: Record, base_dir: Path, out_dir: Path) -> str:
         return os.path.relpath(path, out_dir.absolute())
     except ValueError:  # another drive (Windows)
         return str(path)
+
+
+def discard_predictions(out: Path) -> None:
+    """Delete a predictions file and the per-rank shards an interrupted multi-process run left beside it, so that
+    nothing of it is resumed (a rerun merges leftover shards into the file)."""
+    for path in [out, *out.parent.glob(f"{out.stem}.rank*{out.suffix}")]:
+        path.unlink(missing_ok=True)
 
 
 def rank_file(out: Path, rank: int) -> Path:

@@ -190,7 +190,8 @@ class _ImageStore:
                 return known
             if raw.image_bytes is not None and self._previous == (img_id, raw.image_bytes):
                 return known
-        image = self._load(raw)
+        # A second image under a known img_id is only compared: writing it would replace the first one's file.
+        image = self._load(raw, write=known is None)
         image.origin, image.path = raw.origin, raw.image_file
         if known is None:
             self.by_id[img_id] = image
@@ -205,7 +206,7 @@ class _ImageStore:
             self._previous = (img_id, raw.image_bytes)
         return image
 
-    def _load(self, raw: RawRow) -> _StoredImage:
+    def _load(self, raw: RawRow, *, write: bool) -> _StoredImage:
         if raw.image_bytes is not None:
             data = raw.image_bytes
         elif raw.image_file is not None:
@@ -237,7 +238,8 @@ class _ImageStore:
             reference = str(raw.image_file)
         else:
             reference = f"images/{_safe_name(raw.img_id)}.{image_format.replace('jpeg', 'jpg')}"
-            (self.images_dir.parent / reference).write_bytes(data)
+            if write:
+                (self.images_dir.parent / reference).write_bytes(data)
         return _StoredImage(None, reference=reference, digest=digest, image_tokens=tokens)
 
 

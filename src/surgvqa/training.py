@@ -56,7 +56,16 @@ PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: a checkpoint was saved; rerun with --re
 
 
 class Preempted(RuntimeError):
-    """Training stopped on SIGTERM/SIGUSR1 after saving a checkpoint."""
+    """Training stopped on SIGTERM/SIGUSR1 or Ctrl-C after saving a checkpoint."""
+
+    def __init__(self, message: str, signal_name: str):
+        super().__init__(message)
+        self.signal_name = signal_name
+
+    @property
+    def exit_code(self) -> int:
+        """130 for Ctrl-C as a shell reports it; 75 (EX_TEMPFAIL) for pre-emption, which SLURM scripts requeue."""
+        return 128 + signal.SIGINT if self.signal_name == "SIGINT" else PREEMPTED_EXIT_CODE
 
 
 def supervised_only_loss(model: Any, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
@@ -206,6 +215,10 @@ class PreemptionCallback(TrainerCallback):
     def __init__(self) -> None:
         self.signal_name: str | None = None
         self._previous: dict[int, Any] = {}
+
+    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **_: Any) -> None:
+        # Installed as the loop starts (and restored by train() however it ends), not while the model loads, when
+        # Ctrl-C must stop the command at once.
         if threading.current_thread() is threading.main_thread():  # signal handlers belong to the main thread
             self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
 
@@ -397,7 +410,8 @@ def train(config: Config, *, resume: bool = False, callbacks: list[TrainerCallba
         preemption.restore()
     if preemption.signal_name:
         raise Preempted(f"{preemption.signal_name}: checkpoint saved in {checkpoints} at step "
-                        f"{trainer.state.global_step}; rerun the same command (`surgvqa run`, or `surgvqa train --resume`) to continue")
+                        f"{trainer.state.global_step}; rerun the same command (`surgvqa run`, or `surgvqa train --resume`) to continue",
+                        preemption.signal_name)
     model_dir = run_dir / "model"
     if trainer.is_world_process_zero():
         save_trained(trainer.model, processor, model_dir)

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from surgvqa.data.images import resolve_within
+
 # Column aliases seen in exported copies and in the seed's JSONL format.
 IMAGE_KEYS = ("image", "image_path", "img_path", "file", "filename")
 QUESTION_KEYS = ("question", "query")
@@ -72,13 +74,6 @@ def _first(row: dict[str, Any], keys: tuple[str, ...]) -> Any:
     return None
 
 
-def resolve_inside(root: Path, reference: str) -> Path | None:
-    """Resolve an image path against the dataset root; None when it escapes the root."""
-    root = root.resolve()
-    candidate = (root / reference).resolve()
-    return candidate if candidate.is_relative_to(root) else None
-
-
 _KNOWN_KEYS = frozenset((*IMAGE_KEYS, *QUESTION_KEYS, *ANSWER_KEYS, *IMG_ID_KEYS, *SOURCE_KEYS, "split"))
 
 
@@ -104,7 +99,7 @@ def _row_from_mapping(row: dict[str, Any], origin: str, root: Path, split: str |
     if isinstance(image, (bytes, bytearray, memoryview)):
         raw.image_bytes = bytes(image)
     elif isinstance(image, str) and image.strip():
-        resolved = resolve_inside(root, image.strip())
+        resolved = resolve_within(root / image.strip(), [root])  # None also for a NUL byte or a link loop
         if resolved is None:
             raw.problem, raw.detail = "image_outside_root", f"image path {image!r} escapes the dataset root {root}"
         else:
