@@ -227,7 +227,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(demo_config_overrides, pre
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == PREEMPTED_EXIT_CODE, stderr[-2000:]
     assert "Traceback" not in stderr
-    assert "rerun with --resume" in stderr
+    assert "`surgvqa train --resume`) to continue" in stderr
     checkpoints = list((run_dir / "checkpoints").glob("checkpoint-*"))
     assert len(checkpoints) == 1 and int(checkpoints[0].name.split("-")[1]) < 200
 

@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 # Qwen2-VL / Qwen2.5-VL keep the vision tower and its merger under `visual`, whatever wraps the model.
 VISION_PARAMETER = re.compile(r"(?:^|\.)visual\.")
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: a checkpoint was saved; rerun with --resume
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: a checkpoint was saved; rerunning the command continues from it
 
 
 class Preempted(RuntimeError):
