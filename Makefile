@@ -23,17 +23,20 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## The main job on the embedded default config (tiny offline model + synthetic data, CPU).
+## The main job on the embedded default config (tiny offline model + synthetic data, CPU; WordNet 3.0 for METEOR).
 demo: $(STAMP)
+	bash scripts/ensure-wordnet.sh
 	$(BIN)/surgvqa run
 
-## The test suite (installs Debian's chromium for the report's browser test when it is missing).
+## The test suite (installs Debian's chromium for the report's browser test and WordNet 3.0 for METEOR when missing).
 test: $(STAMP)
 	bash scripts/ensure-chromium.sh
+	bash scripts/ensure-wordnet.sh
 	$(BIN)/python -m pytest -q
 
 ## The web app on the demo's trained model (runs the demo first when it has not run yet).
 app: $(STAMP)
+	bash scripts/ensure-wordnet.sh
 	$(BIN)/surgvqa run
 	$(BIN)/surgvqa app
 

@@ -208,10 +208,10 @@ def test_corpus_bleu_from_distinct_pairs_equals_sacrebleu():
 def test_meteor_runs_offline_or_says_why():
     result = text_metrics(["red", "pink; red"], ["red", "red; pink"])
     if meteor_jar() is None:
-        assert "unavailable" in result["meteor"]
+        assert "unavailable" in result["meteor_1_5"]
     else:
         # identical one-word answer: 1.0 (capped by fragmentation only for longer ones); mean over two rows
-        assert isinstance(result["meteor"], float) and 0.5 < result["meteor"] < 1.0
+        assert isinstance(result["meteor_1_5"], float) and 0.5 < result["meteor_1_5"] < 1.0
 
 
 def test_bootstrap_contains_estimate_and_is_deterministic(predictions_file):

@@ -306,8 +306,8 @@ class MeteorRun:
     The jar needs no network: its English stemmer, synonyms and paraphrase table are inside the package.
     It is started early and read late, because loading the paraphrase table takes seconds that the other
     metrics can use. Unique (hypothesis, reference) pairs are scored once and weighted by their multiplicity.
-    Reported value: the mean of segment scores, as the challenge averages per-sample METEOR (its NLTK-based
-    scorer gives slightly different values: other parameters and WordNet synonyms).
+    Reported value (``meteor_1_5``): the mean of segment scores. The challenges score NLTK's METEOR instead
+    (`challenge_meteor`, the headline ``meteor``): other parameters, WordNet synonyms, no paraphrases.
     """
 
     def __init__(self, hypotheses: Sequence[str], references: Sequence[str]):
@@ -394,6 +394,30 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     return score.score / 100.0
 
 
+# NLTK's METEOR parameters in the HF ``meteor`` metric the challenges call (its defaults).
+METEOR_ALPHA, METEOR_BETA, METEOR_GAMMA = 0.9, 3.0, 0.5
+
+
+def challenge_meteor(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """METEOR as the challenges score it: mean over samples of NLTK's ``meteor_score`` (alpha 0.9, beta 3,
+    gamma 0.5: exact, Porter-stem and WordNet 3.0 synonym matches, fragmentation penalty) over ``word_tokenize``
+    tokens, one reference per hypothesis. A one-word exact answer scores 0.5 (one chunk of one word: penalty
+    0.5 x 1^3). Distinct pairs are scored once and weighted by their count."""
+    from nltk import word_tokenize
+    from nltk.translate.meteor_score import meteor_score
+
+    from surgvqa.nltk_data import ensure_nltk_data
+
+    if not hypotheses:
+        return 0.0
+    ensure_nltk_data()
+    total = 0.0
+    for (hypothesis, reference), count in Counter(zip(hypotheses, references)).items():
+        total += count * meteor_score([word_tokenize(reference)], word_tokenize(hypothesis),
+                                      alpha=METEOR_ALPHA, beta=METEOR_BETA, gamma=METEOR_GAMMA)
+    return total / len(hypotheses)
+
+
 def text_metrics(
     hypotheses: Sequence[str],
     references: Sequence[str],
@@ -401,26 +425,31 @@ def text_metrics(
     meteor: bool = True,
     meteor_run: MeteorRun | None = None,
 ) -> dict[str, Any]:
-    """BLEU, ROUGE-1/2/L and METEOR of generated strings against one reference each, all on a 0-1 scale.
+    """BLEU, ROUGE-1/2/L and METEOR of generated strings against one reference each, all on a 0-1 scale, by the
+    definitions of the HF ``bleu``, ``rouge`` and ``meteor`` metrics the MEDVQA-GI and Medico organizers run.
 
     - bleu: corpus BLEU-4 (sacrebleu, 13a tokenisation, no smoothing, brevity penalty), divided by 100: the
       same definition as the HF ``bleu`` metric the challenge calls with one-element reference lists. With
       one- to three-word answers it is 0 unless some 4-gram matches somewhere in the corpus.
     - rouge1 / rouge2 / rougeL: mean over samples of the F-measure (Google's ``rouge-score``, no stemming);
       the HF ``rouge`` metric reports a bootstrap median of the same per-sample values.
-    - meteor: see `MeteorRun`; ``{"unavailable": reason}`` when it cannot run here.
-    A metric whose library is missing is reported as ``{"unavailable": reason}``, never as a number.
+    - meteor: `challenge_meteor` (NLTK with WordNet 3.0).
+    - meteor_1_5: the METEOR 1.5 jar (`MeteorRun`), kept beside it for comparison with earlier runs;
+      ``{"unavailable": reason}`` when it cannot run here.
+    ``meteor=False`` leaves out both METEORs (reported as ``{"unavailable": "disabled"}``). A metric whose
+    library is missing is reported as ``{"unavailable": reason}``, never as a number.
     """
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
     run = meteor_run if meteor_run is not None else (MeteorRun(hypotheses, references) if meteor else None)
     try:
         result = _bleu_rouge(hypotheses, references)
+        result["meteor"] = challenge_meteor(hypotheses, references) if meteor else {"unavailable": "disabled"}
     except BaseException:
         if run is not None:
             run.close()
         raise
-    result["meteor"] = run.result() if run is not None else {"unavailable": "disabled"}
+    result["meteor_1_5"] = run.result() if run is not None else {"unavailable": "disabled"}
     return result
 
 

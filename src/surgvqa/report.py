@@ -77,7 +77,8 @@ def _text_metric_items(metrics: dict) -> list[tuple[str, Any]]:
     text = metrics.get("text_metrics") or {}
     if "unavailable" in text and len(text) == 1:
         return [("text metrics", text)]
-    return [(name, text.get(name)) for name in ("bleu", "rouge1", "rouge2", "rougeL", "meteor")]
+    names = ["bleu", "rouge1", "rouge2", "rougeL", "meteor"] + (["meteor_1_5"] if "meteor_1_5" in text else [])
+    return [(name, text.get(name)) for name in names]
 
 
 # Table contents as (header, rows) of strings, built once for the terminal, Markdown and HTML renderers;
