@@ -399,23 +399,28 @@ METEOR_ALPHA, METEOR_BETA, METEOR_GAMMA = 0.9, 3.0, 0.5
 
 
 def challenge_meteor(hypotheses: Sequence[str], references: Sequence[str]) -> float:
-    """METEOR as the challenges score it: mean over samples of NLTK's ``meteor_score`` (alpha 0.9, beta 3,
-    gamma 0.5: exact, Porter-stem and WordNet 3.0 synonym matches, fragmentation penalty) over ``word_tokenize``
-    tokens, one reference per hypothesis. A one-word exact answer scores 0.5 (one chunk of one word: penalty
-    0.5 x 1^3). Distinct pairs are scored once and weighted by their count."""
-    from nltk import word_tokenize
-    from nltk.translate.meteor_score import meteor_score
-
+    """METEOR as the challenges score it (`nltk_meteor`), with NLTK's WordNet and tokenizer data built offline."""
     from surgvqa.nltk_data import ensure_nltk_data
 
     if not hypotheses:
         return 0.0
     ensure_nltk_data()
+    return nltk_meteor(hypotheses, references)
+
+
+def nltk_meteor(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Mean over samples of NLTK's ``meteor_score`` (alpha 0.9, beta 3, gamma 0.5: exact, Porter-stem and WordNet
+    3.0 synonym matches, fragmentation penalty) over ``word_tokenize`` tokens, one reference per hypothesis: the HF
+    ``meteor`` metric. A one-word exact answer scores 0.5 (one chunk of one word: penalty 0.5 x 1^3). Distinct
+    pairs are scored once and weighted by their count. NLTK's data must be found (see `challenge_meteor`)."""
+    from nltk import word_tokenize
+    from nltk.translate.meteor_score import meteor_score
+
     total = 0.0
     for (hypothesis, reference), count in Counter(zip(hypotheses, references)).items():
         total += count * meteor_score([word_tokenize(reference)], word_tokenize(hypothesis),
                                       alpha=METEOR_ALPHA, beta=METEOR_BETA, gamma=METEOR_GAMMA)
-    return total / len(hypotheses)
+    return total / len(hypotheses) if hypotheses else 0.0
 
 
 def text_metrics(
@@ -460,21 +465,27 @@ def _bleu_rouge(hypotheses: Sequence[str], references: Sequence[str]) -> dict[st
     except ImportError as exc:
         result["bleu"] = {"unavailable": f"sacrebleu is not installed ({exc})"}
     try:
-        from rouge_score import rouge_scorer
-
-        scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
-        totals = dict.fromkeys(("rouge1", "rouge2", "rougeL"), 0.0)
-        pairs = Counter(zip(references, hypotheses))
-        for (reference, hypothesis), count in pairs.items():
-            scores = scorer.score(reference, hypothesis)
-            for key in totals:
-                totals[key] += count * scores[key].fmeasure
-        for key, total in totals.items():
-            result[key] = total / len(hypotheses) if hypotheses else 0.0
+        result.update(mean_rouge(hypotheses, references))
     except ImportError as exc:
-        for key in ("rouge1", "rouge2", "rougeL"):
+        for key in ROUGE_KEYS:
             result[key] = {"unavailable": f"rouge-score is not installed ({exc})"}
     return result
+
+
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
+
+
+def mean_rouge(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Mean over samples of the ROUGE-1/2/L F-measure (``rouge-score``, no stemming), distinct pairs scored once."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=False)
+    totals = dict.fromkeys(ROUGE_KEYS, 0.0)
+    for (reference, hypothesis), count in Counter(zip(references, hypotheses)).items():
+        scores = scorer.score(reference, hypothesis)
+        for key in ROUGE_KEYS:
+            totals[key] += count * scores[key].fmeasure
+    return {key: total / len(hypotheses) if hypotheses else 0.0 for key, total in totals.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -97,9 +97,13 @@ class Task:
         """The system prompt ("" for none)."""
         return prompt.system
 
+    def user_template(self, prompt: PromptConfig) -> str:
+        """The user turn's format template (fields ``{question_type}``, ``{question}``, ``{source}``)."""
+        return prompt.user_template
+
     def user_text(self, record: Record, prompt: PromptConfig) -> str:
-        text = prompt.user_template.format(question_type=record.question_type, question=record.question,
-                                           source=record.source)
+        text = self.user_template(prompt).format(question_type=record.question_type, question=record.question,
+                                                 source=record.source)
         if prompt.list_candidates and record.candidates:
             text += prompt.candidates_template.format(candidates=", ".join(record.candidates))
         return text

@@ -207,9 +207,8 @@ class KvasirVQAx1(Task):
     def system_text(self, prompt: PromptConfig) -> str:
         return X1_SYSTEM_PROMPT if prompt.system == DEFAULT_SYSTEM_PROMPT else prompt.system
 
-    def user_text(self, record: Record, prompt: PromptConfig) -> str:
-        template = X1_USER_TEMPLATE if prompt.user_template == DEFAULT_USER_TEMPLATE else prompt.user_template
-        return template.format(question_type=record.question_type, question=record.question, source=record.source)
+    def user_template(self, prompt: PromptConfig) -> str:
+        return X1_USER_TEMPLATE if prompt.user_template == DEFAULT_USER_TEMPLATE else prompt.user_template
 
     def training_target(self, record: Record, prompt: PromptConfig) -> str:
         """The sentence as written: lower-casing or reordering "labels" would garble free text."""
