@@ -318,14 +318,31 @@ def evaluate(
     baseline: Annotated[Path | None, typer.Option(help="a baseline run's predictions.jsonl to compare with")] = None,
     out: Annotated[Path | None, typer.Option(help="output folder (default: the run directory)")] = None,
     report: Annotated[bool, typer.Option(help="write plots and report.html")] = True,
+    challenge: Annotated[str | None, typer.Option(help="score a challenge's predictions_1.json (gi-2025, gi-2026, "
+                                                       "medico-2025, medico-2026)")] = None,
+    references: Annotated[Path | None, typer.Option(help="with --challenge: a local copy of the challenge's split "
+                                                         "(default: export.validation_data)")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Per-type metrics with tolerance and bootstrap CIs, text metrics, baseline deltas, plots, report.html."""
+    """Per-type metrics with tolerance and bootstrap CIs, text metrics, baseline deltas, plots, report.html.
+    With --challenge, scores a submission's predictions_1.json against a local copy of the challenge's split."""
     from surgvqa.evaluate import EvaluateError, print_metrics_table, run_evaluate
 
     cfg = _config(config, set_)
+    predictions = predictions or cfg.run_dir / "predictions.jsonl"
+    if challenge is not None:
+        from surgvqa.challenge import write_challenge_predictions
+
+        local_copy = references or cfg.export.validation_data
+        if local_copy is None:
+            fail("--challenge needs --references (or export.validation_data): a local copy of the challenge's split")
+        out = out or predictions.parent
+        try:
+            predictions = write_challenge_predictions(predictions, challenge, str(local_copy), out)
+        except ValueError as exc:
+            fail(str(exc))
     try:
-        metrics = run_evaluate(predictions or cfg.run_dir / "predictions.jsonl", out or cfg.run_dir, cfg.evaluate,
+        metrics = run_evaluate(predictions, out or cfg.run_dir, cfg.evaluate,
                                baseline=baseline, run_dir=cfg.run_dir, with_report=report)
     except EvaluateError as exc:
         fail(str(exc))
@@ -333,6 +350,32 @@ def evaluate(
         _print_json(metrics)
     else:
         print_metrics_table(metrics)
+
+
+@app.command()
+def export(
+    out: Annotated[Path, typer.Argument(help="the submission folder to write (replaced whole)")],
+    challenge: Annotated[str, typer.Option(help="gi-2025, gi-2026, medico-2025 or medico-2026")],
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    validate: Annotated[bool, typer.Option(help="run the script here on export.validation_data and keep its "
+                                                "predictions_1.json")] = True,
+    as_json: JsonOption = False,
+) -> None:
+    """A ready challenge submission from a trained run: submission_task1.py, requirements.txt, README.md and a
+    local validation run's predictions_1.json (docs/challenge.md)."""
+    from surgvqa.challenge import export_submission
+
+    cfg = _config(config, set_, write=False)  # reads the run; writes only OUT
+    try:
+        path = export_submission(cfg, challenge, out, validate=validate, quiet=as_json)
+    except RuntimeError as exc:
+        fail(str(exc), 1)
+    files = sorted(p.name for p in path.iterdir())
+    if as_json:
+        _print_json({"submission": str(path), "files": files})
+    else:
+        typer.echo(f"submission for {challenge} written to {path}: {', '.join(files)}")
 
 
 @app.command()

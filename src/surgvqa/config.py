@@ -268,6 +268,24 @@ class EvaluateConfig(_Section):
     failure_examples: int = Field(6, ge=0)
 
 
+# What `surgvqa export` writes into predictions_1.json's submission_info (the organizers' keys, all required).
+SUBMISSION_INFO_FIELDS: tuple[str, ...] = ("Participant_Names", "Affiliations", "Contact_emails", "Team_Name",
+                                           "Country", "Notes_to_organizers")
+
+
+class ExportConfig(_Section):
+    """`surgvqa export --challenge NAME OUT`: where the submission script loads the model from, who submits, and
+    the local copies of the challenge's data for the validation run (docs/challenge.md)."""
+
+    base_model: str | None = None  # hub id of the base model (e.g. Qwen/Qwen2-VL-2B-Instruct), or a folder
+    adapter: str | None = None  # hub id of the uploaded trained adapter / model (the run's model/ folder)
+    submission_info: dict[str, Any] = {}  # SUBMISSION_INFO_FIELDS
+    # A local copy of the challenge's split (save_to_disk folder or parquet), read where the script loads the hub's.
+    validation_data: str | None = None
+    # Medico: a local copy of Kvasir-VQA (the images Kvasir-VQA-x1 rows name by img_id).
+    validation_images: str | None = None
+
+
 class SlurmConfig(_Section):
     partition: str = "gpu"
     account: str | None = None
@@ -336,6 +354,7 @@ class Config(_Section):
     predict: PredictConfig = PredictConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     slurm: SlurmConfig = SlurmConfig()
+    export: ExportConfig = ExportConfig()
 
     @field_validator("run_name")
     @classmethod
