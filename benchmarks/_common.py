@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +22,18 @@ def load_average() -> list[float]:
     return [round(value, 2) for value in os.getloadavg()]
 
 
+def gpu_names() -> list[str] | None:
+    """The NVIDIA GPUs nvidia-smi lists, or None on a machine without one."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    done = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                          text=True, check=False)
+    names = [line.strip() for line in done.stdout.splitlines() if line.strip()]
+    return names if done.returncode == 0 and names else None
+
+
 def machine_info(*, with_python: bool = False) -> dict:
-    """CPU model (``model name`` in /proc/cpuinfo), core count, no GPU; the Python version if asked."""
+    """CPU model (``model name`` in /proc/cpuinfo), core count, GPU names (nvidia-smi); the Python version if asked."""
     model = next(
         (
             line.split(":", 1)[1].strip()
@@ -30,7 +42,7 @@ def machine_info(*, with_python: bool = False) -> dict:
         ),
         platform.processor() or "unknown",
     )
-    info: dict[str, Any] = {"cpu": model, "cores": os.cpu_count(), "gpu": None}
+    info: dict[str, Any] = {"cpu": model, "cores": os.cpu_count(), "gpu": gpu_names()}
     if with_python:
         info["python"] = platform.python_version()
     return info
