@@ -5,7 +5,7 @@ import gzip
 
 import pytest
 
-from surgvqa.metrics import challenge_meteor, text_metrics
+from surgvqa.metrics import MeteorRun, challenge_meteor, text_metrics
 from surgvqa.nltk_data import LEXNAMES_MAN_PAGE, NltkDataMissing, ensure_nltk_data, lexnames_table
 
 
@@ -104,3 +104,13 @@ def test_the_data_folder_is_built_whole_from_the_installed_files(tmp_path, monke
     assert sorted(p.name for p in punkt.iterdir()) == ["abbrev_types.txt", "collocations.tab",
                                                        "ortho_context.tab", "sent_starters.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["nltk_data"]  # no staging folder left behind
+
+
+def test_without_wordnet_meteor_is_reported_unavailable_and_the_other_metrics_still_count(tmp_path, monkeypatch):
+    # A cluster node without root cannot install Debian's WordNet: evaluate must still give BLEU and ROUGE.
+    monkeypatch.setenv("SURGVQA_NLTK_DATA", str(tmp_path / "nltk_data"))
+    monkeypatch.setenv("SURGVQA_WORDNET_DIR", str(tmp_path / "no-wordnet"))
+    scores = text_metrics(["a red polyp", "no"], ["a red polyp", "yes"], meteor=True,
+                          meteor_run=MeteorRun([], []))
+    assert "scripts/ensure-wordnet.sh" in scores["meteor"]["unavailable"]
+    assert scores["rouge1"] == pytest.approx(0.5) and scores["rougeL"] == pytest.approx(0.5)

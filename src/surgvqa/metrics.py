@@ -408,6 +408,16 @@ def challenge_meteor(hypotheses: Sequence[str], references: Sequence[str]) -> fl
     return nltk_meteor(hypotheses, references)
 
 
+def _challenge_meteor_or_reason(hypotheses: Sequence[str], references: Sequence[str]) -> float | dict:
+    # A GPU node or cluster without root cannot always install Debian's WordNet: the other metrics still count.
+    from surgvqa.nltk_data import NltkDataMissing
+
+    try:
+        return challenge_meteor(hypotheses, references)
+    except NltkDataMissing as exc:
+        return {"unavailable": str(exc)}
+
+
 def nltk_meteor(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     """Mean over samples of NLTK's ``meteor_score`` (alpha 0.9, beta 3, gamma 0.5: exact, Porter-stem and WordNet
     3.0 synonym matches, fragmentation penalty) over ``word_tokenize`` tokens, one reference per hypothesis: the HF
@@ -438,7 +448,7 @@ def text_metrics(
       one- to three-word answers it is 0 unless some 4-gram matches somewhere in the corpus.
     - rouge1 / rouge2 / rougeL: mean over samples of the F-measure (Google's ``rouge-score``, no stemming);
       the HF ``rouge`` metric reports a bootstrap median of the same per-sample values.
-    - meteor: `challenge_meteor` (NLTK with WordNet 3.0).
+    - meteor: `challenge_meteor` (NLTK with WordNet 3.0); ``{"unavailable": reason}`` without WordNet 3.0.
     - meteor_1_5: the METEOR 1.5 jar (`MeteorRun`), kept beside it for comparison with earlier runs;
       ``{"unavailable": reason}`` when it cannot run here.
     ``meteor=False`` leaves out both METEORs (reported as ``{"unavailable": "disabled"}``). A metric whose
@@ -449,7 +459,8 @@ def text_metrics(
     run = meteor_run if meteor_run is not None else (MeteorRun(hypotheses, references) if meteor else None)
     try:
         result = _bleu_rouge(hypotheses, references)
-        result["meteor"] = challenge_meteor(hypotheses, references) if meteor else {"unavailable": "disabled"}
+        result["meteor"] = _challenge_meteor_or_reason(hypotheses, references) if meteor \
+            else {"unavailable": "disabled"}
     except BaseException:
         if run is not None:
             run.close()
