@@ -7,6 +7,7 @@ checkpoint's own ``config.json`` ``model_type``: no setting chooses it.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -189,16 +190,46 @@ def register_sentinel_tokens(tokenizer: Any) -> tuple[int, int]:
 
 
 def load_processor(path: str, model: ModelConfig, strategy: str = "span") -> Any:
+    """The checkpoint's processor with the config's pixel limits; loaded once per process for the same files.
+
+    The config's pixel limits override the checkpoint's, so training and inference always agree on them; they are
+    converted to the family's pixels, so that a budget means the same number of image tokens on each.
+    """
+    min_pixels, max_pixels = family_pixel_budget(model.min_pixels, model.max_pixels, processor_token_side(path))
+    return _load_processor(path, _processor_files_signature(path), min_pixels, max_pixels, strategy)
+
+
+# The stages of one `surgvqa run` load the same processor up to five times, and transformers parses an 18 MB
+# tokenizer.json three times per load (seconds each). The files' identity is part of the key, so a checkpoint
+# written again in place (a new run, a retrained model) is read again.
+@functools.lru_cache(maxsize=4)
+def _load_processor(path: str, _files: tuple, min_pixels: int, max_pixels: int, strategy: str) -> Any:
     from transformers import AutoProcessor
 
-    # The config's pixel limits override the checkpoint's, so training and inference always agree on them; they
-    # are converted to the family's pixels, so that a budget means the same number of image tokens on each.
-    min_pixels, max_pixels = family_pixel_budget(model.min_pixels, model.max_pixels, processor_token_side(path))
     processor = AutoProcessor.from_pretrained(
         path, size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, trust_remote_code=False)
     if strategy == "sentinel":
         register_sentinel_tokens(processor.tokenizer)
     return processor
+
+
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "processor_config.json",
+                   "preprocessor_config.json", "chat_template.jinja", "chat_template.json", "special_tokens_map.json")
+
+
+def _processor_files_signature(path: str) -> tuple:
+    """(name, inode, size, mtime) of the processor's files in a local checkpoint; () for a hub id."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return ()
+    signature = []
+    for name in PROCESSOR_FILES:
+        try:
+            stat = (folder / name).stat()
+        except FileNotFoundError:
+            continue
+        signature.append((name, stat.st_ino, stat.st_size, stat.st_mtime_ns))
+    return (str(folder.resolve()), *signature)
 
 
 def torch_dtype(model: ModelConfig) -> torch.dtype:
