@@ -12,7 +12,7 @@ from surgvqa.data.images import allowed_image_roots, resolve_within
 from surgvqa.data.records import Record, read_records
 from surgvqa.dataset import load_image
 from surgvqa.prepare import prepare
-from surgvqa.report import report_image_roots, thumbnail_data_uri
+from surgvqa.report.run_files import report_image_roots, thumbnail_data_uri
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

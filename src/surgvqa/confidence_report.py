@@ -1,6 +1,4 @@
-"""The evaluate stage's view of confidence: calibration before and after temperature scaling, selective
-prediction, conformal answer sets and abstentions per question type (metrics.json's ``confidence``), and the
-report's "Confidence" section (reliability diagrams, risk-coverage plot, tables, most confident errors).
+"""metrics.json's ``confidence`` section: calibration, selective prediction, conformal sets and abstention per type.
 
 Computed from the predictions file itself: every number can be recomputed from its rows (``confidence_raw``,
 ``confidence``, ``answer_set``, ``abstained``); the metric definitions are in :mod:`surgvqa.calibration`.
@@ -24,6 +22,7 @@ from surgvqa.calibration import (
     selective_summary,
 )
 from surgvqa.confidence import strict_correct
+from surgvqa.io import iter_jsonl
 
 ALL = "all"
 CURVE_POINTS = 200  # risk-coverage points kept per group in metrics.json
@@ -34,12 +33,8 @@ def read_confidence_rows(path: Path) -> list[dict[str, Any]]:
     """The rows of a predictions file that carry a confidence (no error, a prediction, a number in [0, 1]);
     lines that are not JSON objects are the evaluate stage's to report, and skipped here."""
     rows, seen = [], set()
-    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(row, dict) or row.get("id") in seen or row.get("error") is not None:
+    for _, row in iter_jsonl(path, skip_bad=True):
+        if row.get("id") in seen or row.get("error") is not None:
             continue
         value = row.get("confidence")
         if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1:
@@ -124,146 +119,3 @@ def confidence_metrics(predictions: Path, settings: Any, type_order: Sequence[st
                                                "confidence", "confidence_raw", "answer_set", "image")}
             for i in errors[:CONFIDENT_ERRORS]],
     }
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Plots and the HTML section
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def plot_reliability(section: dict[str, Any]) -> bytes:
-    """Reliability diagrams per type: accuracy against mean confidence per bin, before and after temperature
-    scaling; the diagonal is perfect calibration, the marker size the bin's share of rows."""
-    from surgvqa.report import _figure, _png
-
-    groups = list(section["per_type"])
-    columns = min(4, len(groups))
-    rows = math.ceil(len(groups) / columns)
-    figure = _figure(3.2 * columns, 3.0 * rows)
-    for number, name in enumerate(groups):
-        axes = figure.add_subplot(rows, columns, number + 1)
-        axes.plot([0, 1], [0, 1], color="#999", linewidth=1, linestyle="--")
-        for key, color, label in (("reliability_before", "#c0504d", "before"), ("reliability_after", "#1f77b4",
-                                                                                "after")):
-            bins = section["per_type"][name][key]
-            axes.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", color=color,
-                      label=label, linewidth=1)
-            axes.scatter([b["confidence"] for b in bins], [b["accuracy"] for b in bins],
-                         s=[10 + 200 * b["share"] for b in bins], color=color, alpha=0.4)
-        group = section["per_type"][name]
-        axes.set_title(f"{name} (n={group['n']}): ECE {group['before']['ece']:.3f} → {group['after']['ece']:.3f}",
-                       fontsize=9)
-        axes.set_xlim(0, 1)
-        axes.set_ylim(0, 1)
-        axes.set_xlabel("confidence", fontsize=8)
-        axes.set_ylabel("accuracy", fontsize=8)
-        if number == 0:
-            axes.legend(fontsize=8, loc="upper left")
-    return _png(figure)
-
-
-def plot_risk_coverage(section: dict[str, Any]) -> bytes:
-    """Selective risk (errors among the answered) against coverage, answering the most confident first."""
-    from surgvqa.report import _figure, _png
-
-    figure = _figure(6.5, 4.0)
-    axes = figure.add_subplot(1, 1, 1)
-    for name, group in section["per_type"].items():
-        curve = group["risk_coverage"]
-        axes.plot(curve["coverage"], curve["risk"], label=f"{name} (AURC {group['aurc']:.3f})",
-                  linewidth=2.5 if name == ALL else 1.2, color="black" if name == ALL else None)
-    axes.set_xlabel("coverage (share of questions answered)")
-    axes.set_ylabel("risk (error rate among answered)")
-    axes.set_xlim(0, 1)
-    axes.set_ylim(0, 1)
-    axes.legend(fontsize=8)
-    return _png(figure)
-
-
-def confidence_plots(section: dict[str, Any] | None) -> dict[str, bytes]:
-    if not section:
-        return {}
-    return {"reliability": plot_reliability(section), "risk_coverage": plot_risk_coverage(section)}
-
-
-def _pct(value: float | None) -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
-
-
-def _num(value: float | None, ci: Sequence[float] | None = None) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    interval = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and not any(math.isnan(c) for c in ci) else ""
-    return f"{value:.3f}{interval}"
-
-
-def confidence_table(section: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """(header, rows) of the calibration and selective-prediction table: one row per type, then all rows."""
-    header = ["type", "n", "accuracy %", "ECE before", "ECE after", "ECE mass after", "MCE after", "Brier after",
-              "NLL after", "AURC", *[f"acc@{round(c * 100)} %" for c in section["coverages"]]]
-    rows = []
-    for name, group in section["per_type"].items():
-        before, after = group["before"], group["after"]
-        rows.append([name, str(group["n"]), _pct(after["accuracy"]), _num(before["ece"], before["ece_ci"]),
-                     _num(after["ece"], after["ece_ci"]), _num(after["ece_equal_mass"]), _num(after["mce"]),
-                     _num(after["brier"], after["brier_ci"]), _num(after["nll"], after["nll_ci"]),
-                     _num(group["aurc"]),
-                     *[_pct(group[f"accuracy_at_{round(c * 100)}"]) for c in section["coverages"]]])
-    return header, rows
-
-
-def confidence_html(section: dict[str, Any] | None, plots: dict[str, bytes], image_roots: Sequence[Any]) -> str:
-    """The report's "Confidence" section (empty when no row carries a confidence)."""
-    if not section:
-        return ""
-    from surgvqa.report import _e, _html_table, _png_uri, thumbnail_data_uri
-
-    calibration = section.get("calibration") or {}
-    temperature = calibration.get("temperature")
-    fitted = (f"temperature scaling fitted on the validation split ({_e(calibration.get('scope'))}): "
-              + ", ".join(f"{_e(k)} T={v:.2f}" for k, v in temperature.items())) if temperature \
-        else "no calibration file beside the predictions: before = after (the model's own probabilities)"
-    out = ['<h2 id="confidence">Confidence</h2>',
-           (f'<p class="meta">{section["n"]} rows with a confidence; {fitted}. ECE with 15 equal-width bins '
-           "(and equal-mass), MCE, Brier and NLL of the confidence as a forecast that the answer is right, with "
-           "bootstrap intervals; AURC and accuracy at coverage rank by the calibrated confidence. "
-           f"{section['n_abstained']} abstention(s), scored as wrong.</p>")]
-    header, rows = confidence_table(section)
-    out.append(_html_table(header, rows, table_id="confidence-table", aggregate_rows=[len(rows) - 1]))
-    if "reliability" in plots:
-        out.append(f'<img class="plot" id="plot-reliability" alt="reliability diagrams" '
-                   f'src="{_png_uri(plots["reliability"])}">')
-    if "risk_coverage" in plots:
-        out.append(f'<img class="plot" id="plot-risk-coverage" alt="risk-coverage curves" '
-                   f'src="{_png_uri(plots["risk_coverage"])}">')
-    conformal = [(name, group) for name, group in section["per_type"].items() if "conformal" in group]
-    if conformal:
-        alpha = calibration.get("conformal_alpha")
-        out.append(f'<h3>Conformal answer sets</h3><p class="meta">Closed single-label questions; target coverage '
-                   f'{_pct(1 - alpha) if alpha else "?"} %. A set of one candidate is a confident answer; a large '
-                   "set says: look again.</p>")
-        out.append(_html_table(["type", "n", "coverage %", "mean set size", "single-candidate sets"],
-                               [[name, g["conformal"]["n"], _pct(g["conformal"]["coverage"]),
-                                 f'{g["conformal"]["mean_set_size"]:.2f}', g["conformal"]["singletons"]]
-                                for name, g in conformal], table_id="conformal-table"))
-    if calibration.get("target_risk") is not None:
-        out.append(f'<h3>Abstention</h3><p class="meta">Target risk {_pct(calibration["target_risk"])} % '
-                   "(threshold chosen on the validation split).</p>")
-        out.append(_html_table(["type", "answered", "abstained", "accuracy on answered %"],
-                               [[name, g["answered"], g["abstained"], _pct(g["accuracy_answered"])]
-                                for name, g in section["per_type"].items()], table_id="abstention-table"))
-    errors = section.get("most_confident_errors") or []
-    if errors:
-        out.append('<h3>Most confident errors</h3><div class="gallery" id="confident-errors">')
-        for case in errors:
-            uri = thumbnail_data_uri(case.get("image"), roots=image_roots)
-            picture = f'<img alt="{_e(case.get("id"))}" src="{uri}">' if uri else '<div class="noimg">no image</div>'
-            answer_set = case.get("answer_set")
-            out.append(f'<div class="case">{picture}<div>{_e(case.get("question"))}</div>'
-                       f'<div class="ref">reference: <b>{_e(case.get("answer"))}</b></div>'
-                       f'<div class="pred">prediction: <b>{_e(case.get("prediction"))}</b> '
-                       f'({_pct(case.get("confidence"))} % sure)</div>'
-                       + (f'<div class="meta">answer set: {_e("; ".join(answer_set))}</div>' if answer_set else "")
-                       + f'<div class="meta">{_e(case.get("id"))}</div></div>')
-        out.append("</div>")
-    return "".join(out)
