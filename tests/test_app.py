@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from test_report_browser import CHROMIUM_ARGS, chromium_path
 
+import surgvqa.answer_service
 import surgvqa.app
 from surgvqa.config import load_config
 from surgvqa.data.records import read_records, write_records
@@ -34,17 +35,17 @@ def served(small_run, small_run_command):
     """The app on the small run's trained model, started once, with its model loads counted."""
     config = load_config(None, small_run_command.overrides(small_run.parent))
     loads = []
-    original = surgvqa.app.load_for_prediction
+    original = surgvqa.answer_service.load_for_prediction
 
     def counted(*args, **kwargs):
         loads.append(args[1])
         return original(*args, **kwargs)
 
-    surgvqa.app.load_for_prediction = counted
+    surgvqa.answer_service.load_for_prediction = counted
     try:
         page, service, url = surgvqa.app.serve(config, block=False, port=_free_port())
     finally:
-        surgvqa.app.load_for_prediction = original
+        surgvqa.answer_service.load_for_prediction = original
     assert url.startswith("http://127.0.0.1:")  # on this machine only, unless --host says otherwise
     yield config, service, url, loads
     page.close()
@@ -157,10 +158,10 @@ def test_the_batch_tab_writes_every_answer_under_the_run_and_names_files_that_ar
 
 def test_the_untrained_base_model_answers_beside_the_trained_one(small_run, small_run_command):
     config = load_config(None, small_run_command.overrides(small_run.parent))
-    service = surgvqa.app.AnswerService(config, compare_base=True)
+    service = surgvqa.answer_service.AnswerService(config, compare_base=True)
     assert service.model_loads == 2
     record = read_records(small_run / "prepared" / "test.jsonl")[0]
-    image = surgvqa.app.read_image(small_run / "prepared" / record.image)
+    image = surgvqa.answer_service.read_image(small_run / "prepared" / record.image)
     answer = service.ask(image, [record.question], record.img_id)[0]
     assert answer.base_answer and answer.answer and answer.reference == record.answer
     assert answer.base_answer in record.candidates or record.multi_label

@@ -21,7 +21,6 @@ from surgvqa.calibration import (
     risk_coverage_curve,
     selective_summary,
 )
-from surgvqa.confidence import strict_correct
 from surgvqa.io import iter_jsonl
 
 ALL = "all"
@@ -90,6 +89,8 @@ def _covers(row: dict[str, Any]) -> bool:
 
 def confidence_metrics(predictions: Path, settings: Any, type_order: Sequence[str] = ()) -> dict[str, Any] | None:
     """metrics.json's ``confidence`` section, or None when no row carries a confidence."""
+    from surgvqa.confidence import strict_correct  # loads torch: here, not when the report imports ALL
+
     rows = read_confidence_rows(predictions)
     if not rows:
         return None
