@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import html
 from collections.abc import Sequence
 from importlib import resources
@@ -53,6 +54,7 @@ def _escape(value: Any) -> Any:
     return Markup(html.escape("" if value is None else str(value)))
 
 
+@functools.cache
 def _environment() -> Environment:
     environment = Environment(loader=_AssetLoader(), autoescape=True, finalize=_escape, keep_trailing_newline=True)
     environment.filters.update(percent=percent, percent_interval=percent_interval,
@@ -81,6 +83,8 @@ def render_html(
     metrics: dict, plots: dict[str, bytes], *, config_text: str | None = None, curve_source: str | None = None,
     image_roots: Sequence[str | Path] = (),
 ) -> str:
+    """The page's text: every table, figure (``plots``: PNG bytes by name) and image embedded; images only from
+    ``image_roots``."""
     ci = confidence_label(metrics)
     overall = metrics["overall"]
     closed = metrics["per_type"].get(CLOSED_ALL, {})
