@@ -6,22 +6,13 @@ import math
 import numpy as np
 import pytest
 
+from surgvqa.bootstrap import bootstrap_mean_ci
 from surgvqa.config import EvaluateConfig
+from surgvqa.confusion import confusion_matrix
 from surgvqa.evaluate import EvaluateError, load_predictions, print_metrics_table, run_evaluate
-from surgvqa.metrics import (
-    PredictionRow,
-    bootstrap_mean_ci,
-    confusion_matrix,
-    corpus_bleu,
-    count_match,
-    evaluate_predictions,
-    meteor_jar,
-    score_answer,
-    set_f1,
-    set_jaccard,
-    size_match,
-    text_metrics,
-)
+from surgvqa.metrics import evaluate_predictions
+from surgvqa.scoring import PredictionRow, count_match, score_answer, set_f1, set_jaccard, size_match
+from surgvqa.text_metrics import corpus_bleu, meteor_jar, text_metrics
 
 # (question_type, template, answer, prediction, extra fields); expectations below are worked out by hand.
 GOOD_ROWS = [

@@ -12,8 +12,9 @@ from surgvqa.cli import app
 from surgvqa.config import EvaluateConfig, load_config
 from surgvqa.data.records import Record, read_records
 from surgvqa.data.synthetic_x1 import make_synthetic_x1
-from surgvqa.metrics import PredictionRow, evaluate_predictions
+from surgvqa.metrics import evaluate_predictions
 from surgvqa.prepare import prepare
+from surgvqa.scoring import PredictionRow
 from surgvqa.tasks import get_task
 from surgvqa.tasks.atomic_facts import check_facts, facts_of
 from surgvqa.tasks.base import official_split_outcome

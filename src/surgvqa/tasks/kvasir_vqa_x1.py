@@ -30,16 +30,18 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from surgvqa.bootstrap import bootstrap_mean_ci, percentile_ci, stratified_bootstrap_sums
 from surgvqa.config import DEFAULT_SYSTEM_PROMPT
 from surgvqa.data.answers import OPEN_ENDED
 from surgvqa.data.records import Record
 from surgvqa.data.sources import ANSWER_KEYS, QUESTION_KEYS, RawRow, SourceError, iter_raw_rows
 from surgvqa.tasks.atomic_facts import ATOM_TYPES, Fact, check_facts, facts_of
 from surgvqa.tasks.base import SplitOutcome, Task, official_split_outcome
+from surgvqa.text_metrics import bleu_rouge
 
 if TYPE_CHECKING:
     from surgvqa.config import Config, EvaluateConfig, PromptConfig
-    from surgvqa.metrics import PredictionRow
+    from surgvqa.scoring import PredictionRow
 
 X1_SYSTEM_PROMPT = (
     "You are a medical visual question answering assistant for gastrointestinal endoscopy. "
@@ -225,17 +227,10 @@ class KvasirVQAx1(Task):
 
     # -- evaluation -------------------------------------------------------------------------------------------
 
-    def evaluate(self, rows: Sequence[PredictionRow], settings: EvaluateConfig, *,
-                 baseline: Sequence[PredictionRow] | None, skipped: Sequence[dict[str, Any]],
-                 notes: Sequence[dict[str, Any]], with_text_metrics: bool, with_meteor: bool) -> dict[str, Any]:
-        from surgvqa.metrics import evaluate_by_type
-
-        metrics = evaluate_by_type(rows, settings, baseline=baseline, skipped=skipped, notes=notes,
-                                   with_text_metrics=with_text_metrics, with_meteor=with_meteor)
-        metrics["task"] = self.name
-        metrics["x1"] = x1_metrics(rows, settings, baseline)
-        metrics["task_tables"] = x1_tables(metrics["x1"])
-        return metrics
+    def task_metrics(self, rows: Sequence[PredictionRow], settings: EvaluateConfig, *,
+                     baseline: Sequence[PredictionRow] | None, with_text_metrics: bool) -> dict[str, Any]:
+        x1 = x1_metrics(rows, settings, baseline)
+        return {"x1": x1, "task_tables": x1_tables(x1)}
 
 
 # ------------------------------------------------------------------------------------------------ the metrics
@@ -290,8 +285,6 @@ class _RowScores:
 
 def _ratio_ci(numerator: np.ndarray, denominator: np.ndarray, settings: EvaluateConfig) -> dict[str, Any]:
     """sum(numerator) / sum(denominator) with a percentile bootstrap CI over rows (resampled with replacement)."""
-    from surgvqa.metrics import percentile_ci, stratified_bootstrap_sums
-
     total = float(denominator.sum())
     if total == 0:
         return {"value": None, "ci": None, "n": 0}
@@ -304,12 +297,10 @@ def _ratio_ci(numerator: np.ndarray, denominator: np.ndarray, settings: Evaluate
 
 
 def _group_metrics(scores: _RowScores, indices: list[int], settings: EvaluateConfig) -> dict[str, Any]:
-    from surgvqa.metrics import _bleu_rouge
-
     hypotheses = [scores.hypotheses[i] for i in indices]
     references = [scores.rows[i].reference for i in indices]
     stated, total = scores.fact_counts()
-    text = _bleu_rouge(hypotheses, references)
+    text = bleu_rouge(hypotheses, references)
     return {"n": len(indices), "exact_match": float(scores.exact[indices].mean()) if indices else None,
             "bleu": text.get("bleu"), "rouge1": text.get("rouge1"), "rouge2": text.get("rouge2"),
             "rougeL": text.get("rougeL"),
@@ -339,8 +330,6 @@ def _misses(scores: _RowScores, settings: EvaluateConfig) -> dict[str, list[dict
 
 def _paired(run: _RowScores, base: _RowScores, settings: EvaluateConfig) -> dict[str, Any]:
     """Run minus baseline on the rows both scored: atomic-fact recall and ROUGE-L, paired bootstrap CIs."""
-    from surgvqa.metrics import percentile_ci, stratified_bootstrap_sums
-
     run_stated, facts = run.fact_counts()
     base_stated, _ = base.fact_counts()
     n = len(run.rows)
@@ -368,8 +357,6 @@ def x1_metrics(rows: Sequence[PredictionRow], settings: EvaluateConfig,
                baseline: Sequence[PredictionRow] | None = None) -> dict[str, Any]:
     """Exact match, atomic-fact recall (overall and per atom type, with CIs), text metrics per complexity and per
     question class, the misses gallery, and the paired comparison with ``baseline`` when given."""
-    from surgvqa.metrics import bootstrap_mean_ci
-
     scores = _RowScores(rows)
     stated, total = scores.fact_counts()
     result: dict[str, Any] = {
