@@ -18,7 +18,8 @@ from surgvqa.scoring import PredictionRow
 from surgvqa.tasks import get_task
 from surgvqa.tasks.atomic_facts import check_facts, facts_of
 from surgvqa.tasks.base import official_split_outcome
-from surgvqa.tasks.kvasir_vqa_x1 import normalise_text, x1_metrics
+from surgvqa.tasks.kvasir_vqa_x1 import normalise_text
+from surgvqa.tasks.x1_metrics import x1_metrics
 
 IMAGES = 16
 
