@@ -35,10 +35,10 @@ from _common import write_result
 from surgvqa.config import load_config
 from surgvqa.data.records import read_records
 from surgvqa.decoding import is_closed
-from surgvqa.metrics import score_answer
 from surgvqa.modeling import resolve_model_path
 from surgvqa.predict import Predictor, load_for_prediction
 from surgvqa.prepare import prepare
+from surgvqa.scoring import score_answer
 
 
 def _batches(items: list, size: int) -> list[list]:

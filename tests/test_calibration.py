@@ -15,7 +15,6 @@ from surgvqa.calibration import (
     accuracy_at_coverage,
     area_under_risk_coverage,
     binary_nll,
-    bootstrap_ci,
     brier_score,
     calibration_bins,
     calibration_summary,
@@ -160,19 +159,19 @@ def test_conformal_quantile_edges():
         conformal_quantile([0.5], 1.5)
 
 
-def test_bootstrap_interval_brackets_the_point_estimate():
+def test_bootstrap_intervals_equal_percentiles_of_the_definitions_on_each_resample():
     rng = np.random.default_rng(3)
-    confidence = rng.uniform(0, 1, 300)
-    correct = rng.uniform(0, 1, 300) < confidence
-    summary = calibration_summary(confidence, correct, samples=200)
-    for name in ("ece", "ece_equal_mass", "mce", "brier", "nll"):
-        low, high = summary[f"{name}_ci"]
-        assert 0 <= low < high
-    for name in ("brier", "nll"):  # means of per-row losses: the point estimate lies inside (binned ones need not)
-        low, high = summary[f"{name}_ci"]
-        assert low <= summary[name] <= high
-    low, high = bootstrap_ci(brier_score, confidence, correct, samples=200)
-    assert low < brier_score(confidence, correct) < high
+    confidence = rng.uniform(0, 1, 60)
+    correct = (rng.uniform(0, 1, 60) < confidence).astype(float)
+    summary = calibration_summary(confidence, correct, samples=200, seed=5)
+    index = np.random.default_rng(5).integers(0, 60, (200, 60))  # 200 resamples of the 60 rows
+    definitions = {"ece": expected_calibration_error, "mce": maximum_calibration_error, "brier": brier_score,
+                   "nll": binary_nll,
+                   "ece_equal_mass": lambda conf, hits: expected_calibration_error(conf, hits, scheme="mass")}
+    for name, definition in definitions.items():
+        values = [definition(confidence[rows], correct[rows]) for rows in index]
+        assert summary[f"{name}_ci"] == pytest.approx(list(np.quantile(values, [0.025, 0.975])), abs=1e-12), name
+        assert summary[name] == definition(confidence, correct)
 
 
 @pytest.mark.parametrize("rows", [7, 40, 300])

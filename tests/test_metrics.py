@@ -2,26 +2,18 @@
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 
+from surgvqa.bootstrap import bootstrap_mean_ci, percentile_ci, stratified_bootstrap_sums
 from surgvqa.config import EvaluateConfig
+from surgvqa.confusion import confusion_matrix
 from surgvqa.evaluate import EvaluateError, load_predictions, print_metrics_table, run_evaluate
-from surgvqa.metrics import (
-    PredictionRow,
-    bootstrap_mean_ci,
-    confusion_matrix,
-    corpus_bleu,
-    count_match,
-    evaluate_predictions,
-    meteor_jar,
-    score_answer,
-    set_f1,
-    set_jaccard,
-    size_match,
-    text_metrics,
-)
+from surgvqa.metrics import evaluate_predictions
+from surgvqa.scoring import PredictionRow, count_match, score_answer, set_f1, set_jaccard, size_match
+from surgvqa.text_metrics import corpus_bleu, meteor_jar, text_metrics
 
 # (question_type, template, answer, prediction, extra fields); expectations below are worked out by hand.
 GOOD_ROWS = [
@@ -205,37 +197,65 @@ def test_corpus_bleu_from_distinct_pairs_equals_sacrebleu():
     assert expected > 0
 
 
-def test_meteor_runs_offline_or_says_why():
-    result = text_metrics(["red", "pink; red"], ["red", "red; pink"])
-    if meteor_jar() is None:
+def test_meteor_1_5_hand_computed_or_says_why():
+    result = text_metrics(["red", "red", "pink; red"], ["red", "red", "red; pink"])
+    if meteor_jar() is None or shutil.which("java") is None:
         assert "unavailable" in result["meteor_1_5"]
     else:
-        # identical one-word answer: 1.0 (capped by fragmentation only for longer ones); mean over two rows
-        assert isinstance(result["meteor_1_5"], float) and 0.5 < result["meteor_1_5"] < 1.0
+        # An identical answer scores 1 (a whole match has no fragmentation penalty). "pink; red" against
+        # "red; pink": -norm drops the ";", 2 matches in 2 chunks: penalty 0.6 (2/2)^0.2, score 1 - 0.6 = 0.4.
+        # The repeated pair counts twice: (1 + 1 + 0.4) / 3.
+        assert result["meteor_1_5"] == pytest.approx(0.8)
 
 
-def test_bootstrap_contains_estimate_and_is_deterministic(predictions_file):
-    loaded = load_predictions(predictions_file)
-    first = evaluate_predictions(loaded.rows, SETTINGS, with_text_metrics=False)
-    again = evaluate_predictions(loaded.rows, SETTINGS, with_text_metrics=False)
-    assert first["per_type"] == again["per_type"] and first["overall"] == again["overall"]
-    for entry in [*first["per_type"].values(), *first["per_template"].values()]:
-        for name in ("strict", "tolerant", "set_f1", "jaccard"):
-            if entry.get(name) is not None:
-                low, high = entry[f"{name}_ci"]
-                assert low <= entry[name] <= high, (entry, name)
-    for name in ("micro_strict", "micro_tolerant", "macro_strict", "macro_tolerant"):
-        low, high = first["overall"][f"{name}_ci"]
-        assert low <= first["overall"][name] <= high
+def _reference_sums(strata_values, samples, seed):
+    """Resampled sums per stratum, written out plainly: one seeded generator, the strata in order, each drawing a
+    (samples, n) matrix of row indices with replacement."""
+    rng = np.random.default_rng(seed)
+    sums = []
+    for values in strata_values:
+        values = np.asarray(values, dtype=np.float64)
+        index = rng.integers(0, values.size, size=(samples, values.size), dtype=np.int32)
+        sums.append(values[index].sum(axis=1))
+    return sums
 
-    rng = np.random.default_rng(3)
-    values = rng.random(500) < 0.3
-    ci = bootstrap_mean_ci(values, samples=1000, seed=7)
-    assert ci == bootstrap_mean_ci(values, samples=1000, seed=7)
-    scores = rng.random(500)  # continuous values: another seed gives other draws, hence another interval
-    assert bootstrap_mean_ci(scores, seed=7) != bootstrap_mean_ci(scores, seed=8)
-    assert ci[0] <= values.mean() <= ci[1]
-    assert 0.03 < ci[1] - ci[0] < 0.12  # about 2 x 1.96 x sqrt(0.3 x 0.7 / 500) = 0.08
+
+def test_stratified_bootstrap_equals_a_plain_numpy_computation():
+    # two strata, interleaved in the input: rows are resampled within their stratum, in input order
+    strata = np.array([1, 0, 1, 1, 0, 0, 1, 0, 1])
+    column = np.array([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0])
+    fraction = np.array([0.5, 0.25, 1.0, 0.0, 0.75, 0.5, 0.2, 0.1, 0.9])
+    draws = stratified_bootstrap_sums(np.stack([column, fraction], axis=1), strata, 2, 50, seed=11)
+    for col, values in enumerate((column, fraction)):
+        expected = _reference_sums([values[strata == 0], values[strata == 1]], 50, seed=11)
+        np.testing.assert_allclose(draws[0, :, col], expected[0], rtol=1e-12)
+        np.testing.assert_allclose(draws[1, :, col], expected[1], rtol=1e-12)
+    assert percentile_ci(np.arange(101.0), 0.9) == pytest.approx([5.0, 95.0])
+
+
+def test_evaluate_intervals_equal_percentiles_of_stratified_resamples():
+    # one type, two templates (two strata): 3 of 4 right in template 1, 1 of 3 in template 2
+    outcomes = {1: [True, True, False, True], 2: [False, True, False]}
+    rows = [PredictionRow(id=f"t{template}-{i}", question_type="yes_no", template=template, reference="yes",
+                          prediction="yes" if ok else "no")
+            for template, oks in outcomes.items() for i, ok in enumerate(oks)]
+    settings = EvaluateConfig(bootstrap_samples=400, seed=5, confidence=0.9)
+    metrics = evaluate_predictions(rows, settings, with_text_metrics=False)
+    first, second = _reference_sums([outcomes[1], outcomes[2]], 400, seed=5)
+    overall = list(np.quantile((first + second) / 7, [0.05, 0.95]))
+    assert metrics["per_type"]["yes_no"]["strict"] == pytest.approx(4 / 7)
+    assert metrics["per_type"]["yes_no"]["strict_ci"] == pytest.approx(overall, abs=1e-12)
+    assert metrics["per_type"]["yes_no"]["tolerant_ci"] == pytest.approx(overall, abs=1e-12)
+    assert metrics["overall"]["micro_strict_ci"] == pytest.approx(overall, abs=1e-12)
+    assert metrics["overall"]["macro_strict_ci"] == pytest.approx(overall, abs=1e-12)  # one type present
+    assert metrics["per_template"]["1"]["strict_ci"] == pytest.approx(list(np.quantile(first / 4, [0.05, 0.95])))
+    assert metrics["per_template"]["2"]["strict_ci"] == pytest.approx(list(np.quantile(second / 3, [0.05, 0.95])))
+    assert evaluate_predictions(rows, settings, with_text_metrics=False)["per_type"] == metrics["per_type"]
+
+    values = np.random.default_rng(3).random(40)
+    (sums,) = _reference_sums([values], 300, seed=7)
+    assert bootstrap_mean_ci(values, samples=300, seed=7) == pytest.approx(
+        list(np.quantile(sums / 40, [0.025, 0.975])), abs=1e-12)
 
 
 def test_baseline_deltas_are_paired_by_id(tmp_path):
@@ -262,8 +282,9 @@ def test_baseline_deltas_are_paired_by_id(tmp_path):
     entry = comparison["per_type"]["yes_no"]
     assert entry["run_strict"] == 0.8 and entry["baseline_strict"] == 0.3
     assert entry["delta_strict"] == pytest.approx(0.5)
-    low, high = entry["delta_strict_ci"]
-    assert low <= 0.5 <= high and low > 0  # every row the baseline gets right the run gets right too
+    # one stratum; per row run - baseline in run order (the baseline holds q0, q1, q2)
+    (sums,) = _reference_sums([[0, 0, 0, 1, 1, 1, 1, 1, 0, 0]], 300, seed=0)
+    assert entry["delta_strict_ci"] == pytest.approx(list(np.quantile(sums / 10, [0.025, 0.975])), abs=1e-12)
     assert comparison["per_type"]["closed_all"]["delta_strict"] == pytest.approx(0.5)
 
 

@@ -9,7 +9,8 @@ from PIL import Image
 
 from surgvqa.config import EvaluateConfig, load_config
 from surgvqa.data.records import Record
-from surgvqa.metrics import PredictionRow, evaluate_predictions
+from surgvqa.metrics import evaluate_predictions
+from surgvqa.scoring import PredictionRow
 from surgvqa.tasks import TASK_NAMES, get_task
 from surgvqa.tasks.vqa_jsonl import answer_type_of, open_recall, vqa_metrics
 

@@ -12,12 +12,14 @@ from surgvqa.cli import app
 from surgvqa.config import EvaluateConfig, load_config
 from surgvqa.data.records import Record, read_records
 from surgvqa.data.synthetic_x1 import make_synthetic_x1
-from surgvqa.metrics import PredictionRow, evaluate_predictions
+from surgvqa.metrics import evaluate_predictions
 from surgvqa.prepare import prepare
+from surgvqa.scoring import PredictionRow
 from surgvqa.tasks import get_task
 from surgvqa.tasks.atomic_facts import check_facts, facts_of
 from surgvqa.tasks.base import official_split_outcome
-from surgvqa.tasks.kvasir_vqa_x1 import normalise_text, x1_metrics
+from surgvqa.tasks.kvasir_vqa_x1 import normalise_text
+from surgvqa.tasks.x1_metrics import x1_metrics
 
 IMAGES = 16
 

@@ -1,13 +1,11 @@
-"""Calibration, conformal answer sets and selective prediction: plain functions over arrays.
+"""What a confidence is worth, from arrays of confidences and outcomes: calibration, conformal sets, selective risk.
 
-Every metric is defined where it is computed. Conventions shared by all of them:
+Conventions shared by every function:
 
 - ``confidence[i]`` is the probability the model gives its own answer to row i (in [0, 1]);
 - ``correct[i]`` is 1 when that answer is right (strict match), else 0;
 - ``logits`` of one row are log-probabilities (any additive constant) over that row's candidates; rows may have
   different numbers of candidates, so a batch of them is a matrix padded with ``-inf``.
-
-numpy only: scipy is not a dependency of this project, and each computation here is a few array operations.
 """
 
 from __future__ import annotations
@@ -16,6 +14,8 @@ import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
+
+from surgvqa.bootstrap import MAX_DRAWS_PER_CHUNK, percentile_ci
 
 ECE_BINS = 15
 COVERAGE_POINTS = (0.8, 0.9, 0.95)
@@ -104,24 +104,6 @@ CALIBRATION_METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
 }
 
 
-def bootstrap_ci(statistic: Callable[[np.ndarray, np.ndarray], float], confidence: Sequence[float],
-                 correct: Sequence[float], samples: int = 1000, level: float = 0.95, seed: int = 0) -> list[float]:
-    """Percentile bootstrap interval of ``statistic(confidence, correct)``: rows resampled with replacement.
-
-    A loop over resamples, not a vectorised draw: ECE and MCE bin each resample anew."""
-    conf, hits = _arrays(confidence, correct)
-    if conf.size == 0:
-        return [math.nan, math.nan]
-    rng = np.random.default_rng(seed)
-    draws = np.array([statistic(conf[index], hits[index])
-                      for index in (rng.integers(0, conf.size, conf.size) for _ in range(samples))])
-    low, high = np.quantile(draws, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return [float(low), float(high)]
-
-
-_MAX_DRAWS_PER_CHUNK = 1 << 21  # resampled row indices held at once (8 bytes each)
-
-
 def resampled_metrics(confidence: Sequence[float], correct: Sequence[float], index: np.ndarray,
                       n_bins: int = ECE_BINS) -> dict[str, np.ndarray]:
     """Every metric of :data:`CALIBRATION_METRICS` on each resample ``confidence[index[b]]`` at once.
@@ -166,7 +148,7 @@ def calibration_summary(confidence: Sequence[float], correct: Sequence[float], s
     draws: dict[str, list[np.ndarray]] = {name: [] for name in CALIBRATION_METRICS}
     if conf.size:
         rng = np.random.default_rng(seed)
-        step = max(1, min(samples, _MAX_DRAWS_PER_CHUNK // conf.size))
+        step = max(1, min(samples, MAX_DRAWS_PER_CHUNK // conf.size))
         for start in range(0, samples, step):
             index = rng.integers(0, conf.size, (min(step, samples - start), conf.size))
             for name, values in resampled_metrics(conf, hits, index).items():
@@ -174,8 +156,7 @@ def calibration_summary(confidence: Sequence[float], correct: Sequence[float], s
     for name, statistic in CALIBRATION_METRICS.items():
         out[name] = statistic(conf, hits) if conf.size else math.nan
         values = np.concatenate(draws[name]) if draws[name] else np.array([])
-        out[f"{name}_ci"] = [float(v) for v in np.quantile(values, [(1 - level) / 2, 1 - (1 - level) / 2])] \
-            if values.size else [math.nan, math.nan]
+        out[f"{name}_ci"] = percentile_ci(values, level) if values.size else [math.nan, math.nan]
     return out
 
 

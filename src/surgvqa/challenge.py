@@ -72,9 +72,9 @@ INLINED = (
     ("surgvqa.decoding", "max_new_tokens"),
     ("surgvqa.decoding", "CandidateLogitsProcessor"),
     ("surgvqa.modeling", "chat_template_kwargs"),
-    ("surgvqa.metrics", "corpus_bleu"),
-    ("surgvqa.metrics", "mean_rouge"),
-    ("surgvqa.metrics", "nltk_meteor"),
+    ("surgvqa.text_metrics", "corpus_bleu"),
+    ("surgvqa.text_metrics", "mean_rouge"),
+    ("surgvqa.text_metrics", "nltk_meteor"),
 )
 # The script's imports: transformers and peft pinned (they decide tokenisation and decoding), the rest at least as
 # tested here.

@@ -1,33 +1,4 @@
-"""How sure each prediction is: the per-row confidence, its calibration on the validation split, and its use.
-
-What a row of ``predictions.jsonl`` carries (``confidence_kind`` says which definition applies):
-
-- ``candidates`` (single-label closed question): ``candidate_logprobs`` maps every candidate to log q(candidate),
-  a distribution over the candidates (it sums to 1):
-
-  * ``constrained``: the trie-restricted decoding distribution. At each node of the candidate trie the model's
-    next-token probabilities are renormalised over the tokens the trie allows there, and q(candidate) is the
-    product of those renormalised probabilities along the candidate's path (end token included). Greedy
-    constrained decoding walks the most probable branch at every node; q sums to 1 over the candidates by
-    construction, because the renormalised branch probabilities at every node sum to 1.
-  * ``rank``: softmax over the candidates of their log-likelihoods log P(label tokens + end token | prompt).
-
-  Candidates of one meaning (``">20mm"`` and ``">20"``) are one answer: the confidence is the summed
-  probability of the meaning of the chosen candidate, and temperature scaling, conformal sets and the
-  calibration metrics work on meanings.
-- ``label_set`` (multi-label closed question): ``label_probabilities`` maps every candidate label to
-  p(label) = exp(mean log-probability per token of "label + end token"): the geometric-mean token probability
-  of the label written as a complete answer — the score ``multi_label_rank: threshold`` compares, a ranking of
-  labels rather than a calibrated membership probability. The confidence is the probability of the emitted
-  set: ``constrained``: the trie-restricted probability of the emitted answer, exactly as written (this order
-  of its labels; a lower bound of the set's probability); ``rank`` with a threshold: the product over labels of
-  p(label) for the labels in the set and 1 - p(label) for the others (labels taken as independent).
-- ``sequence`` (open question, or free generation): exp(mean log-probability per generated token, end token
-  included): the length-normalised sequence probability of the greedy answer.
-
-``confidence_raw`` is the model's number; ``confidence`` is it after temperature scaling (the same when there is
-no calibration or the row's kind is not scaled: only ``candidates`` rows are).
-"""
+"""Each prediction's confidence: from the model's scores to calibrated per-row fields (docs/confidence.md)."""
 
 from __future__ import annotations
 
@@ -47,8 +18,10 @@ from surgvqa.calibration import (
     log_softmax,
     pad_logits,
 )
+from surgvqa.config import EvaluateConfig
 from surgvqa.data.schema import normalize_answer
 from surgvqa.decoding import CandidateScore, answer_meaning, score_candidates
+from surgvqa.scoring import PredictionRow, score_row
 
 CANDIDATES, LABEL_SET, SEQUENCE = "candidates", "label_set", "sequence"
 OVERALL = "overall"
@@ -337,16 +310,15 @@ def wants_calibration(settings: Any) -> bool:
     return settings.calibration != "none" or settings.conformal_alpha is not None or settings.abstain
 
 
-def strict_correct(rows: Sequence[dict[str, Any]], evaluate: Any) -> list[bool]:
-    """Whether each row's prediction matches its reference strictly, as the evaluate stage scores it."""
-    from surgvqa.metrics import score_answer
+def strict_correct(rows: Sequence[dict[str, Any]], evaluate: EvaluateConfig) -> list[bool]:
+    """Whether each predictions.jsonl row's prediction matches its reference strictly, as the evaluate stage
+    scores it; an empty prediction never does."""
+    return [bool(row.get("prediction")) and score_row(PredictionRow(
+        id="", question_type=row.get("question_type", ""), reference=str(row.get("answer", "")),
+        prediction=str(row.get("prediction")), error=row.get("error")), evaluate).strict for row in rows]
 
-    return [row.get("error") is None and bool(row.get("prediction")) and score_answer(
-        row.get("question_type", ""), str(row.get("answer", "")), str(row.get("prediction")),
-        evaluate.size_tolerance_mm, evaluate.count_tolerance).strict for row in rows]
 
-
-def fit_on_rows(rows: Sequence[dict[str, Any]], settings: Any, evaluate: Any) -> dict[str, Any]:
+def fit_on_rows(rows: Sequence[dict[str, Any]], settings: Any, evaluate: EvaluateConfig) -> dict[str, Any]:
     """:func:`fit_calibration` as ``predict`` settings configure it."""
     scope = "per_type" if settings.calibration == "per_type" else OVERALL
     return fit_calibration(rows, strict_correct(rows, evaluate), scope, settings.conformal_alpha,

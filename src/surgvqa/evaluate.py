@@ -23,7 +23,8 @@ from surgvqa.data.schema import (
     normalize_answer,
 )
 from surgvqa.io import atomic_write_json, atomic_write_text
-from surgvqa.metrics import PredictionRow, evaluate_predictions
+from surgvqa.metrics import evaluate_predictions
+from surgvqa.scoring import PredictionRow
 
 ABSTAINED = "(abstained)"
 

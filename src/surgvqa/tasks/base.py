@@ -20,7 +20,7 @@ from surgvqa.data.split import split_images
 
 if TYPE_CHECKING:
     from surgvqa.config import Config, EvaluateConfig, PromptConfig
-    from surgvqa.metrics import PredictionRow
+    from surgvqa.scoring import PredictionRow
 
 # Split names as datasets spell them, mapped to the three a run uses.
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
@@ -48,6 +48,8 @@ class Task:
     required_columns: ClassVar[Mapping[str, tuple[str, ...]]] = REQUIRED_COLUMNS
     # True when the dataset ships its own train/test split (kept as shipped); False: split by image here.
     official_splits: ClassVar[bool] = False
+    # The question templates by id, for the per-template table of metrics.json ({}: no such table).
+    templates_by_id: ClassVar[Mapping[int, Any]] = {}
 
     # -- reading and preparing ------------------------------------------------------------------------------
 
@@ -141,11 +143,23 @@ class Task:
     def evaluate(self, rows: Sequence[PredictionRow], settings: EvaluateConfig, *,
                  baseline: Sequence[PredictionRow] | None, skipped: Sequence[dict[str, Any]],
                  notes: Sequence[dict[str, Any]], with_text_metrics: bool, with_meteor: bool) -> dict[str, Any]:
-        """metrics.json for these rows: by default exact match per question type, the text metrics, baseline."""
+        """metrics.json for these rows: exact match per question type (and template), the text metrics and the
+        baseline comparison, then the task's own section (`task_metrics`) when it has one."""
         from surgvqa.metrics import evaluate_by_type
 
-        return evaluate_by_type(rows, settings, baseline=baseline, skipped=skipped, notes=notes,
-                                with_text_metrics=with_text_metrics, with_meteor=with_meteor)
+        metrics = evaluate_by_type(rows, settings, baseline=baseline, skipped=skipped, notes=notes,
+                                   with_text_metrics=with_text_metrics, with_meteor=with_meteor,
+                                   templates_by_id=self.templates_by_id)
+        section = self.task_metrics(rows, settings, baseline=baseline, with_text_metrics=with_text_metrics)
+        if section:
+            metrics["task"] = self.name
+            metrics.update(section)
+        return metrics
+
+    def task_metrics(self, rows: Sequence[PredictionRow], settings: EvaluateConfig, *,
+                     baseline: Sequence[PredictionRow] | None, with_text_metrics: bool) -> dict[str, Any]:
+        """The task's own entries of metrics.json (its metrics, then ``task_tables`` for the report); {} for none."""
+        return {}
 
 
 def official_split_outcome(records: list[Record], source_by_image: Mapping[str, str], config: Config,

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from surgvqa.data.answers import (
     COLOR,
@@ -30,10 +30,6 @@ from surgvqa.data.answers import (
 )
 from surgvqa.data.records import Record
 from surgvqa.tasks.base import Task
-
-if TYPE_CHECKING:
-    from surgvqa.config import EvaluateConfig
-    from surgvqa.metrics import PredictionRow
 
 # --------------------------------------------------------------------------------------------------------------
 # Documented answer vocabularies (kvasir-vqa.md)
@@ -371,6 +367,7 @@ class KvasirVQA(Task):
 
     name = "kvasir-vqa"
     question_types = QUESTION_TYPES
+    templates_by_id = TEMPLATE_BY_ID
 
     def initial_type(self, question: str) -> str:
         return infer_question_type(question).question_type
@@ -387,13 +384,3 @@ class KvasirVQA(Task):
 
     def group_key(self, record: Record) -> str:
         return f"{record.template:02d}" if record.template else "none"
-
-    def evaluate(self, rows: Sequence[PredictionRow], settings: EvaluateConfig, *,
-                 baseline: Sequence[PredictionRow] | None, skipped: Sequence[dict[str, Any]],
-                 notes: Sequence[dict[str, Any]], with_text_metrics: bool, with_meteor: bool) -> dict[str, Any]:
-        """Exact match (strict and tolerant) per type and per template, with CIs; the challenge's text metrics."""
-        from surgvqa.metrics import evaluate_by_type
-
-        return evaluate_by_type(rows, settings, baseline=baseline, skipped=skipped, notes=notes,
-                                with_text_metrics=with_text_metrics, with_meteor=with_meteor,
-                                templates_by_id=TEMPLATE_BY_ID)

@@ -19,15 +19,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from surgvqa.bootstrap import bootstrap_mean_ci
 from surgvqa.data.answers import MCQ, OPEN_ENDED, YES_NO, is_bad_answer, normalize_answer
 from surgvqa.data.records import Record
 from surgvqa.data.sources import RawRow
 from surgvqa.tasks.base import SplitOutcome, Task, official_split_outcome
 from surgvqa.tasks.kvasir_vqa import infer_question_type
+from surgvqa.text_metrics import bleu_rouge
 
 if TYPE_CHECKING:
     from surgvqa.config import Config, EvaluateConfig
-    from surgvqa.metrics import PredictionRow
+    from surgvqa.scoring import PredictionRow
 
 CLOSED = "closed"
 OPEN = "open"
@@ -110,17 +112,10 @@ class VQAJsonl(Task):
     def group_key(self, record: Record) -> str:
         return CLOSED if is_closed_row(record.question_type, record.meta) else OPEN
 
-    def evaluate(self, rows: Sequence[PredictionRow], settings: EvaluateConfig, *,
-                 baseline: Sequence[PredictionRow] | None, skipped: Sequence[dict[str, Any]],
-                 notes: Sequence[dict[str, Any]], with_text_metrics: bool, with_meteor: bool) -> dict[str, Any]:
-        from surgvqa.metrics import evaluate_by_type
-
-        metrics = evaluate_by_type(rows, settings, baseline=baseline, skipped=skipped, notes=notes,
-                                   with_text_metrics=with_text_metrics, with_meteor=with_meteor)
-        metrics["task"] = self.name
-        metrics["vqa"] = vqa_metrics(rows, settings, with_text_metrics=with_text_metrics)
-        metrics["task_tables"] = vqa_tables(metrics["vqa"])
-        return metrics
+    def task_metrics(self, rows: Sequence[PredictionRow], settings: EvaluateConfig, *,
+                     baseline: Sequence[PredictionRow] | None, with_text_metrics: bool) -> dict[str, Any]:
+        vqa = vqa_metrics(rows, settings, with_text_metrics=with_text_metrics)
+        return {"vqa": vqa, "task_tables": vqa_tables(vqa)}
 
 
 def _hypothesis(row: PredictionRow) -> str:
@@ -132,8 +127,6 @@ def _hypothesis(row: PredictionRow) -> str:
 def vqa_metrics(rows: Sequence[PredictionRow], settings: EvaluateConfig, *, with_text_metrics: bool = True
                 ) -> dict[str, Any]:
     """Closed accuracy and open recall (with CIs), and BLEU/ROUGE per answer type."""
-    from surgvqa.metrics import _bleu_rouge, bootstrap_mean_ci
-
     result: dict[str, Any] = {}
     for answer_type in (CLOSED, OPEN):
         chosen = [row for row in rows if is_closed_row(row.question_type, row.meta) == (answer_type == CLOSED)]
@@ -150,7 +143,7 @@ def vqa_metrics(rows: Sequence[PredictionRow], settings: EvaluateConfig, *, with
                                  "ci": bootstrap_mean_ci(values, settings.bootstrap_samples, settings.confidence,
                                                          settings.seed) if values else None}
         if with_text_metrics and chosen:
-            entry["text"] = _bleu_rouge(hypotheses, [row.reference for row in chosen])
+            entry["text"] = bleu_rouge(hypotheses, [row.reference for row in chosen])
         result[answer_type] = entry
     return result
 
