@@ -7,9 +7,9 @@ from collections.abc import Sequence
 NOT_AVAILABLE = "—"
 
 
-def percent(value: float | None, missing: str = NOT_AVAILABLE) -> str:
-    """``0.123`` reads ``12.3``; None reads ``missing``."""
-    return missing if value is None else f"{100.0 * value:.1f}"
+def percent(value: object, missing: str = NOT_AVAILABLE) -> str:
+    """``0.123`` reads ``12.3``; anything but a number (None, an ``{"unavailable": ...}`` entry) reads ``missing``."""
+    return f"{100.0 * value:.1f}" if isinstance(value, (int, float)) else missing
 
 
 def percent_interval(interval: Sequence[float] | None, missing: str = NOT_AVAILABLE) -> str:

@@ -23,6 +23,7 @@ from surgvqa.bootstrap import bootstrap_mean_ci
 from surgvqa.data.answers import MCQ, OPEN_ENDED, YES_NO, is_bad_answer, normalize_answer
 from surgvqa.data.records import Record
 from surgvqa.data.sources import RawRow
+from surgvqa.formatting import percent, percent_interval
 from surgvqa.tasks.base import SplitOutcome, Task, official_split_outcome
 from surgvqa.tasks.kvasir_vqa import infer_question_type
 from surgvqa.text_metrics import bleu_rouge
@@ -150,10 +151,10 @@ def vqa_metrics(rows: Sequence[PredictionRow], settings: EvaluateConfig, *, with
 
 def vqa_tables(vqa: dict[str, Any]) -> list[dict[str, Any]]:
     def pct(value: Any) -> str:
-        return "-" if not isinstance(value, (int, float)) else f"{100 * value:.1f}"
+        return percent(value, missing="-")
 
     def ci(value: Any) -> str:
-        return "-" if not value else f"[{100 * value[0]:.1f}, {100 * value[1]:.1f}]"
+        return percent_interval(value, missing="-")
 
     rows = []
     for answer_type, entry in vqa.items():

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from surgvqa.bootstrap import bootstrap_mean_ci, percentile_ci, stratified_bootstrap_sums
+from surgvqa.formatting import percent, percent_interval
 from surgvqa.tasks.atomic_facts import ATOM_TYPES, Fact, check_facts, facts_of
 from surgvqa.tasks.kvasir_vqa_x1 import normalise_text, question_classes
 from surgvqa.text_metrics import bleu_rouge
@@ -176,11 +177,11 @@ def x1_metrics(rows: Sequence[PredictionRow], settings: EvaluateConfig,
 
 
 def _pct(value: Any) -> str:
-    return "-" if not isinstance(value, (int, float)) else f"{100 * value:.1f}"
+    return percent(value, missing="-")
 
 
 def _ci(ci: Any) -> str:
-    return "-" if not ci else f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+    return percent_interval(ci, missing="-")
 
 
 def x1_tables(x1: dict[str, Any]) -> list[dict[str, Any]]:
