@@ -47,7 +47,7 @@ from surgvqa.calibration import (
     log_softmax,
     pad_logits,
 )
-from surgvqa.data.schema import normalize_answer
+from surgvqa.data.answers import normalize_answer
 from surgvqa.decoding import CandidateScore, answer_meaning, score_candidates
 
 CANDIDATES, LABEL_SET, SEQUENCE = "candidates", "label_set", "sequence"

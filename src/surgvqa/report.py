@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from surgvqa.data.schema import CLOSED_TYPES, QUESTION_TYPES
+from surgvqa.data.answers import CLOSED_TYPES, QUESTION_TYPES
 from surgvqa.io import atomic_write_bytes, atomic_write_text
 from surgvqa.metrics import CLOSED_ALL
 

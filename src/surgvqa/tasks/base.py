@@ -195,8 +195,3 @@ def official_split_outcome(records: list[Record], source_by_image: Mapping[str, 
         },
     }
     return SplitOutcome(records, summary)
-
-
-def split_counts(records: Sequence[Record]) -> dict[str, int]:
-    counts = Counter(record.split for record in records)
-    return {name: counts.get(name, 0) for name in SPLITS}
