@@ -8,7 +8,6 @@ generic and ask the record's task, named in every record, so no stage needs the 
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
