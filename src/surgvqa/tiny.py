@@ -107,10 +107,9 @@ def vocab_size(arch: str) -> int:
 def qwen_tiktoken_path() -> Path:
     try:
         import dashscope
-    except ImportError as exc:  # pragma: no cover - dependency of the package
-        raise RuntimeError(
-            "the tiny model needs the Qwen2 vocabulary shipped by `pip install dashscope`"
-        ) from exc
+        import tiktoken  # noqa: F401  (TikTokenConverter reads the vocabulary with it)
+    except ImportError:
+        raise RuntimeError("the tiny demo model needs the Qwen2 vocabulary: pip install 'surgvqa[demo]'") from None
     path = Path(dashscope.__file__).parent / "resources" / "qwen.tiktoken"
     if not path.is_file():
         raise RuntimeError(f"dashscope is installed but {path} is missing; reinstall dashscope")
