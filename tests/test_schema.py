@@ -4,7 +4,6 @@ import math
 
 import pytest
 
-from surgvqa.tasks import kvasir_vqa
 from surgvqa.data.answers import (
     CLOSED_TYPES,
     COLOR,
@@ -25,6 +24,7 @@ from surgvqa.data.answers import (
     parse_size_mm,
     split_labels,
 )
+from surgvqa.tasks import kvasir_vqa
 from surgvqa.tasks.kvasir_vqa import (
     TEMPLATES,
     TypeInfo,
