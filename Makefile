@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[dev,app]"
+	$(BIN)/pip install -q -e ".[dev,app,demo]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -20,8 +20,8 @@ from pathlib import Path
 from _common import write_result
 
 from surgvqa.config import EvaluateConfig
-from surgvqa.data.schema import TEMPLATES
 from surgvqa.evaluate import run_evaluate
+from surgvqa.tasks.kvasir_vqa import TEMPLATES
 
 ROWS = 60_000
 OPEN_ANSWERS = ["a small sessile polyp", "an inflamed mucosa with ulcers", "a normal cecum", "a metal clip"]

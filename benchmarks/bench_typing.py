@@ -10,7 +10,7 @@ import time
 
 from _common import write_result
 
-from surgvqa.data.schema import TEMPLATES, infer_question_type
+from surgvqa.tasks.kvasir_vqa import TEMPLATES, infer_question_type
 
 ROWS = 60_000
 UNSEEN = [

@@ -23,8 +23,8 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from surgvqa.config import load_config
+from surgvqa.data.answers import normalize_answer
 from surgvqa.data.records import read_records
-from surgvqa.data.schema import normalize_answer
 from surgvqa.evaluate import run_evaluate
 from surgvqa.io import atomic_write_json, write_jsonl
 from surgvqa.modeling import resolve_model_path

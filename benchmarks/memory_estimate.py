@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from _common import load_average, machine_info, write_result
-from real_dims_logits import DIMS, encoded_batch
+from real_dims_logits import DIMS, build_model, encoded_batch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -45,26 +45,6 @@ def peak_resident_bytes() -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def build_model(dims: str, device: str):
-    import torch
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
-    from surgvqa import tiny
-
-    shape = DIMS[dims]
-    text = {key: value for key, value in shape["text"].items() if key != "mrope_section"}
-    text.update(max_position_embeddings=32768, tie_word_embeddings=True, bos_token_id=tiny.ENDOFTEXT_ID,
-                eos_token_id=tiny.IM_END_ID, pad_token_id=tiny.ENDOFTEXT_ID,
-                rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0,
-                                 "mrope_section": shape["text"]["mrope_section"]})
-    config = Qwen2VLConfig(text_config=text, vision_config=shape["vision"], tie_word_embeddings=True,
-                           image_token_id=tiny.IMAGE_PAD_ID, video_token_id=tiny.VIDEO_PAD_ID,
-                           vision_start_token_id=tiny.VISION_START_ID, vision_end_token_id=tiny.VISION_END_ID)
-    torch.manual_seed(0)
-    with torch.device(device):  # bf16 weights created where they train: no fp32 copy first
-        return Qwen2VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
 
 
 def main() -> dict:
@@ -94,7 +74,7 @@ def main() -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     batch, labels = encoded_batch(workdir, args.batch, args.image_size)
     baseline = resident_bytes()
-    model = build_model(args.dims, device)
+    model = build_model(args.dims, device, torch.bfloat16)  # bf16 weights created where they train
     if device == "cpu":
         # Forget the peak so far (writing 5 to clear_refs resets VmHWM): random initialisation makes fp32
         # temporaries that are no part of a training step's peak.

@@ -49,7 +49,8 @@ DIMS = {
 KINDS = ("supervised", "full")
 
 
-def build_model(dims: str, device: str):
+def build_model(dims: str, device: str, dtype):
+    """A random-weight Qwen2-VL of these dimensions (seed 0) with the tiny model's special token ids."""
     import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
@@ -64,10 +65,16 @@ def build_model(dims: str, device: str):
     config = Qwen2VLConfig(text_config=text, vision_config=shape["vision"], tie_word_embeddings=True,
                            image_token_id=tiny.IMAGE_PAD_ID, video_token_id=tiny.VIDEO_PAD_ID,
                            vision_start_token_id=tiny.VISION_START_ID, vision_end_token_id=tiny.VISION_END_ID)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
     with torch.device(device):  # weights are created where they train: no 9 GB fp32 copy on the host first
-        model = Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype)
+        return Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype)
+
+
+def build_training_model(dims: str, device: str):
+    """:func:`build_model` in bf16 on CUDA (fp32 on CPU), with gradient checkpointing, in training mode."""
+    import torch
+
+    model = build_model(dims, device, torch.bfloat16 if device == "cuda" else torch.float32)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return model.train()
@@ -98,7 +105,7 @@ def run_child(kind: str, args: argparse.Namespace) -> dict:
 
     device = "cuda" if torch.cuda.is_available() and args.dims == "2b" else "cpu"
     batch, labels = encoded_batch(args.workdir, args.batch, args.image_size)
-    model = build_model(args.dims, device)
+    model = build_training_model(args.dims, device)
     dtype = next(model.parameters()).dtype
     batch = {key: value.to(device, dtype=dtype) if value.is_floating_point() else value.to(device)
              for key, value in batch.items()}

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from _common import load_average, machine_info, write_result
-from real_dims_logits import build_model
+from real_dims_logits import build_training_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -39,7 +39,7 @@ def write_checkpoint(dims: str, out_dir: Path, pixels: int) -> int:
     from surgvqa import tiny
 
     device = "cuda" if torch.cuda.is_available() and dims == "2b" else "cpu"
-    model = build_model(dims, device)
+    model = build_training_model(dims, device)
     parameters = sum(p.numel() for p in model.parameters())
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer = tiny.build_tokenizer("qwen2_vl")

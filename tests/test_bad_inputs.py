@@ -18,7 +18,8 @@ from surgvqa.data.records import read_records
 from surgvqa.data.sources import SourceError
 from surgvqa.data.split import split_images
 from surgvqa.dataset import encode_example, load_image
-from surgvqa.prepare import SampleLengths, prepare
+from surgvqa.prepare import prepare
+from surgvqa.sample_length import SampleLengths
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

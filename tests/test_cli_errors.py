@@ -77,12 +77,12 @@ def test_hub_id_missing_from_the_offline_cache_says_how_to_get_it(tmp_path):
 
 
 def test_unexpected_error_is_one_line_unless_debugging(tmp_path, monkeypatch):
-    import surgvqa.slurm
+    import surgvqa.cli
 
     def broken_render(*args, **kwargs):
         raise RuntimeError("scheduler template\nlost")
 
-    monkeypatch.setattr(surgvqa.slurm, "render_slurm", broken_render)
+    monkeypatch.setattr(surgvqa.cli, "render_slurm", broken_render)
     monkeypatch.delenv("SURGVQA_DEBUG", raising=False)
     result = CliRunner().invoke(app, ["slurm", "--set", f"output_dir={tmp_path}"])
     assert result.exit_code == 1
@@ -99,9 +99,9 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path):
     # A real SIGINT inside a command of the console entry point, not a simulated exception.
     script = f"""
 import os, signal, sys
-import surgvqa.slurm
+import surgvqa.cli
 from surgvqa.cli import main
-surgvqa.slurm.render_slurm = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGINT)
+surgvqa.cli.render_slurm = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGINT)
 sys.argv = ["surgvqa", "slurm", "--set", "output_dir={tmp_path}"]
 main()
 """

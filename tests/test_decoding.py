@@ -14,7 +14,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from surgvqa.data.schema import GRID_CELLS, SIZE_BINS, TEMPLATE_BY_ID
 from surgvqa.decoding import (
     CandidateLogitsProcessor,
     CandidateMatcher,
@@ -28,6 +27,7 @@ from surgvqa.decoding import (
     select_labels,
 )
 from surgvqa.modeling import register_sentinel_tokens
+from surgvqa.tasks.kvasir_vqa import GRID_CELLS, SIZE_BINS, TEMPLATE_BY_ID
 from surgvqa.tiny import IM_END_ID, build_tokenizer
 
 TRICKY = ["short-segment barretts", "11-20mm", "<5mm", ">20mm", "5-10mm", "lower-rigth", "upper-left", "none",

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -145,13 +146,22 @@ def test_cli_cpu_mode_exits_zero(overrides, monkeypatch):
 
 
 def test_cli_on_this_machine(overrides):
-    """The real pynvml: on a machine without a GPU the report is CPU mode and passes."""
+    """The real pynvml and torch: a machine without a GPU passes in CPU mode; on a GPU machine every GPU is listed
+    with its memory, torch sees them, and only another process holding GPU memory can fail the run."""
     result = CliRunner().invoke(app, ["doctor", "--json", *[part for item in overrides for part in ("--set", item)]])
     payload = json.loads(result.stdout)
     assert result.exit_code == (0 if payload["ok"] else 1)
-    gpu_checks = [check for check in payload["checks"] if check["name"].startswith("gpu")]
-    if gpu_checks[0]["name"] == "gpu":  # no GPU here
-        assert gpu_checks[0]["detail"].startswith("CPU mode") and result.exit_code == 0
+    by_name = {check["name"]: check for check in payload["checks"]}
+    if "gpu" in by_name:  # no GPU here
+        assert by_name["gpu"]["detail"].startswith("CPU mode") and result.exit_code == 0
+        assert by_name["cuda"]["status"] == "ok" and by_name["cuda"]["detail"].startswith("CPU mode")
+    else:
+        gpus = [check for check in payload["checks"] if re.fullmatch(r"gpu \d+", check["name"])]
+        assert gpus and by_name["driver"]["detail"].endswith(f", {len(gpus)} GPU(s)")
+        assert all(" GiB total, " in gpu["detail"] or gpu["detail"].startswith("not used") for gpu in gpus)
+        assert by_name["cuda"]["status"] == "ok" and by_name["cuda"]["detail"].startswith("torch built for CUDA")
+        failing = [check["name"] for check in payload["checks"] if check["status"] == "fail"]
+        assert all(name.endswith(" process") for name in failing), failing
 
 
 def test_model_paths(overrides, tmp_path, monkeypatch):

@@ -8,10 +8,10 @@ from PIL import Image
 from surgvqa.chat import ANSWER_CLOSE, render_prompt, render_training
 from surgvqa.config import load_config
 from surgvqa.data.records import Record, read_records
-from surgvqa.data.schema import TEMPLATES
 from surgvqa.dataset import SampleTooLong, TrainingCollator, encode_example, encode_prompt, load_image
 from surgvqa.masking import IGNORE_INDEX, labels_from_offsets
 from surgvqa.modeling import load_processor, register_sentinel_tokens
+from surgvqa.tasks.kvasir_vqa import TEMPLATES
 
 STRATEGIES = ("span", "sentinel")
 

@@ -3,16 +3,15 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from surgvqa.data.schema import (
+from surgvqa.data.answers import (
     QUESTION_TYPES,
-    TypeInfo,
-    infer_question_type,
     normalize_answer,
     parse_count,
     parse_size_labels,
     parse_size_mm,
     split_labels,
 )
+from surgvqa.tasks.kvasir_vqa import TypeInfo, infer_question_type
 
 EXAMPLES = settings(max_examples=300, deadline=None)
 label_text = st.text(alphabet=st.characters(blacklist_characters=";"), max_size=20)

@@ -19,9 +19,9 @@ from PIL import Image
 from surgvqa.confidence import EMPTY_FIELDS
 from surgvqa.config import load_config
 from surgvqa.data.records import Record, write_records
-from surgvqa.data.schema import COLOR_LABELS, GRID_CELLS, SIZE_BINS, TEMPLATE_BY_ID
 from surgvqa.decoding import is_closed
 from surgvqa.predict import Predictor, load_for_prediction, read_done, run_predict
+from surgvqa.tasks.kvasir_vqa import COLOR_LABELS, GRID_CELLS, SIZE_BINS, TEMPLATE_BY_ID
 from surgvqa.tiny import build_tiny_model
 
 PIXELS = 56 * 56  # 4 image tokens per prompt: small and fast

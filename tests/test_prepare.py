@@ -53,7 +53,8 @@ def test_prepare_on_synthetic_writes_typed_splits(tmp_path, synthetic_parquet):
     assert not images["train"] & images["val"] and not images["train"] & images["test"]
     assert not images["val"] & images["test"]
     record = splits["train"][0]
-    assert (result.prepared_dir / record.image).is_file()
+    source_images = {row.img_id: row.image_bytes for row in iter_raw_rows(str(synthetic_parquet))}
+    assert (result.prepared_dir / record.image).read_bytes() == source_images[record.img_id]
     assert record.question_type in {"yes_no", "color", "size_numeric", "count_numeric", "mcq"}
     closed = [r for records in splits.values() for r in records if r.question_type != "open_ended"]
     assert all(r.candidates for r in closed)
@@ -61,7 +62,10 @@ def test_prepare_on_synthetic_writes_typed_splits(tmp_path, synthetic_parquet):
     assert {item["reason"] for item in rejects} <= {"bad_answer"}
     summary = json.loads((result.prepared_dir / "summary.json").read_text())
     assert summary["rows_kept"] == sum(len(r) for r in splits.values())
-    assert (tmp_path / "runs" / "demo" / "prepared" / "vocabulary.json").is_file()
+    # Every templated record's candidates are its template's entry of the vocabulary (computed once, in prepare).
+    vocabulary = json.loads((tmp_path / "runs" / "demo" / "prepared" / "vocabulary.json").read_text())
+    templated = [r for records in splits.values() for r in records if r.template is not None]
+    assert templated and all(r.candidates == vocabulary[str(r.template)] for r in templated)
 
 
 def test_save_to_disk_copy_gives_the_same_rows(tmp_path, synthetic_parquet):
@@ -156,4 +160,5 @@ def test_prepare_cli_prints_reject_summary(tmp_path):
     assert result.exit_code == 0, result.output
     assert "rejected 1 row(s): file is not an image (PIL cannot identify its format) [not_an_image]" in result.output
     assert "rows per question type" in result.output
-    assert (tmp_path / "runs" / "demo" / "config.resolved.yaml").is_file()
+    resolved = load_config(tmp_path / "runs" / "demo" / "config.resolved.yaml")
+    assert resolved.data.source == str(path) and resolved.model.name_or_path == str(TINY_MODEL)

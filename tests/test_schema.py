@@ -4,8 +4,7 @@ import math
 
 import pytest
 
-from surgvqa.data import schema
-from surgvqa.data.schema import (
+from surgvqa.data.answers import (
     CLOSED_TYPES,
     COLOR,
     COUNT_NUMERIC,
@@ -14,14 +13,8 @@ from surgvqa.data.schema import (
     QUESTION_TYPES,
     SIZE_NONE,
     SIZE_NUMERIC,
-    TEMPLATES,
     YES_NO,
     SizeInterval,
-    TypeInfo,
-    build_candidate_vocabulary,
-    build_candidate_vocabulary_for_split,
-    candidates_for,
-    infer_question_type,
     interval_distance_mm,
     is_bad_answer,
     label_set,
@@ -30,6 +23,15 @@ from surgvqa.data.schema import (
     parse_size_labels,
     parse_size_mm,
     split_labels,
+)
+from surgvqa.tasks import kvasir_vqa
+from surgvqa.tasks.kvasir_vqa import (
+    TEMPLATES,
+    TypeInfo,
+    build_candidate_vocabulary,
+    build_candidate_vocabulary_for_split,
+    candidates_for,
+    infer_question_type,
     typed_record_fields,
 )
 
@@ -97,7 +99,7 @@ def test_every_template_types_to_its_row(template_id, question, question_type, m
     ],
 )
 def test_variants_map_to_the_same_template(variant, template_id):
-    assert infer_question_type(variant) == infer_question_type(schema.TEMPLATE_BY_ID[template_id].question)
+    assert infer_question_type(variant) == infer_question_type(kvasir_vqa.TEMPLATE_BY_ID[template_id].question)
 
 
 @pytest.mark.parametrize(
@@ -196,8 +198,8 @@ def test_candidates_merge_documented_vocabulary_with_training_labels():
     ]
     vocab = build_candidate_vocabulary(train)
     assert sorted(vocab) == list(range(1, 20))
-    assert vocab[10] == [*schema.GRID_CELLS, "lower-rigth"]
-    assert vocab[13] == [*schema.COLOR_LABELS, "teal"]
+    assert vocab[10] == [*kvasir_vqa.GRID_CELLS, "lower-rigth"]
+    assert vocab[13] == [*kvasir_vqa.COLOR_LABELS, "teal"]
     assert vocab[9] == ["none", "<5mm", "5-10mm", "11-20mm", ">20mm", ">20"]  # single labels, no "5-10mm; <5mm"
     assert vocab[1] == ["yes", "no", "maybe"]
     assert "nan" not in vocab[1]
@@ -219,8 +221,8 @@ def test_candidates_come_from_the_training_split_only():
 
 def test_candidates_for_untemplated_types():
     assert candidates_for(infer_question_type("Is the mucosa inflamed?"), {}) == ["yes", "no"]
-    assert candidates_for(infer_question_type("What colour is the polyp?"), {}) == list(schema.COLOR_LABELS)
-    assert candidates_for(infer_question_type("How big is the polyp?"), {}) == list(schema.SIZE_BINS)
+    assert candidates_for(infer_question_type("What colour is the polyp?"), {}) == list(kvasir_vqa.COLOR_LABELS)
+    assert candidates_for(infer_question_type("How big is the polyp?"), {}) == list(kvasir_vqa.SIZE_BINS)
     assert candidates_for(infer_question_type("How many ulcers?"), {}) == [str(n) for n in range(11)]
     assert candidates_for(infer_question_type("Describe the image."), {}) == []
 
@@ -234,7 +236,7 @@ def test_candidates_for_templates_use_the_vocabulary_given():
 def test_typed_record_fields():
     vocab = build_candidate_vocabulary([])
     fields = typed_record_fields(Q_INSTR_LOC, vocab)
-    assert fields == {"question_type": MCQ, "template": 10, "multi_label": True, "candidates": list(schema.GRID_CELLS)}
+    assert fields == {"question_type": MCQ, "template": 10, "multi_label": True, "candidates": list(kvasir_vqa.GRID_CELLS)}
     assert typed_record_fields("Describe the image.", vocab) == {
         "question_type": OPEN_ENDED, "template": None, "multi_label": False, "candidates": []}
 

@@ -15,9 +15,18 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
+from surgvqa.challenge import export_submission, write_challenge_predictions
 from surgvqa.config import PREDICT_MODES, Config, ConfigError, load_config, write_resolved_config
+from surgvqa.doctor import print_report, run_doctor
 from surgvqa.io import WriteError
+from surgvqa.pipeline import STAGE_NAMES, PipelineStop, run_pipeline
 from surgvqa.runlock import RunDirectoryBusy, run_directory_lock
+from surgvqa.slurm import render_slurm
+from surgvqa.slurm import submit as submit_all
+from surgvqa.tiny import ARCHS, build_tiny_model
+
+# The other stages are imported inside their commands: torch and transformers take seconds to import, must not
+# load before the run directory's lock is taken (a second writer is refused first), and `--help` stays fast.
 
 DEBUG_ENV = "SURGVQA_DEBUG"  # set to 1 to see the traceback of an unexpected error
 INTERRUPTED_EXIT_CODE = 130  # the shell's code for a process stopped by Ctrl-C (128 + SIGINT)
@@ -129,8 +138,6 @@ def make_tiny_model(
     max_pixels: int = 112 * 112,
 ) -> None:
     """Write an offline tiny Qwen-VL model (real Qwen vocabulary and chat template, random weights)."""
-    from surgvqa.tiny import ARCHS, build_tiny_model
-
     if arch not in ARCHS:
         fail(f"--arch must be one of {', '.join(ARCHS)}, not {arch!r}")
     path = build_tiny_model(out, arch=arch, seed=seed, min_pixels=min_pixels, max_pixels=max_pixels)
@@ -164,15 +171,11 @@ def make_synthetic(
 @app.command()
 def prepare(config: ConfigOption = None, set_: SetOption = None, as_json: JsonOption = False) -> None:
     """Read the raw source, validate, split by image, type the questions, write prepared JSONL."""
-    from surgvqa.data.sources import SourceError
+    cfg = _config(config, set_)
     from surgvqa.prepare import prepare as run_prepare
     from surgvqa.prepare import print_prepare_summary
 
-    cfg = _config(config, set_)
-    try:
-        result = run_prepare(cfg, quiet=as_json)
-    except (SourceError, ValueError) as exc:
-        fail(str(exc))
+    result = run_prepare(cfg, quiet=as_json)
     if as_json:
         _print_json(json.loads((result.prepared_dir / "summary.json").read_text()))
     else:
@@ -196,10 +199,10 @@ def diagnose(
     as_json: JsonOption = False,
 ) -> None:
     """The masking diagnostic: supervised tokens, decoded text, mask ratio, shapes, image tokens per sample."""
+    cfg = _config(config, set_)
     from surgvqa.diagnostics import print_diagnostic, run_diagnostic
     from surgvqa.modeling import load_processor, resolve_model_path
 
-    cfg = _config(config, set_)
     path = _prepared_file(cfg, data, "train")
     processor = load_processor(resolve_model_path(cfg), cfg.model, cfg.masking.strategy)
     report = run_diagnostic(cfg, processor, path, per_type=n, full_summary=whole_file, quiet=as_json)
@@ -219,7 +222,7 @@ def train(
     as_json: JsonOption = False,
 ) -> None:
     """Fine-tune (LoRA, or every weight when lora is null) with answer-only supervision."""
-    cfg = _config(config, set_)  # the run directory's lock first: a second writer is refused before slow imports
+    cfg = _config(config, set_)
     from surgvqa.training import Preempted
     from surgvqa.training import train as run_train
 
@@ -228,8 +231,6 @@ def train(
     except Preempted as exc:
         typer.echo(f"stopped: {exc}", err=True)
         raise typer.Exit(exc.exit_code) from None
-    except FileNotFoundError as exc:
-        fail(str(exc))
     payload = {"model_dir": str(result.model_dir), "global_step": result.global_step,
                "final_loss": result.final_loss, "resumed_from": result.resumed_from}
     if as_json:
@@ -242,13 +243,10 @@ def train(
 @app.command()
 def overfit(config: ConfigOption = None, set_: SetOption = None, as_json: JsonOption = False) -> None:
     """The sanity gate: memorise the first training samples; exit 1 unless loss and greedy answers pass."""
+    cfg = _config(config, set_)
     from surgvqa.sanity import print_sanity, sanity_overfit
 
-    cfg = _config(config, set_)
-    try:
-        result = sanity_overfit(cfg, quiet=as_json)
-    except FileNotFoundError as exc:
-        fail(str(exc))
+    result = sanity_overfit(cfg, quiet=as_json)
     if as_json:
         _print_json(json.loads((cfg.run_dir / "sanity.json").read_text()))
     else:
@@ -265,13 +263,10 @@ def merge(
     set_: SetOption = None,
 ) -> None:
     """Fold a LoRA adapter into its base model and write a plain model directory."""
+    cfg = _config(config, set_, write=False)
     from surgvqa.training import merge_adapter
 
-    cfg = _config(config, set_, write=False)
-    try:
-        path = merge_adapter(cfg, adapter, out)
-    except FileNotFoundError as exc:
-        fail(str(exc))
+    path = merge_adapter(cfg, adapter, out)
     typer.echo(f"merged model written to {path}")
 
 
@@ -282,9 +277,6 @@ def slurm(
     submit: Annotated[bool, typer.Option("--submit", help="also run RUN_ALL.sh (sbatch chained with afterok)")] = False,
 ) -> None:
     """Write one sbatch script per stage and RUN_ALL.sh into the run's slurm/ folder (edit them, then submit)."""
-    from surgvqa.slurm import render_slurm
-    from surgvqa.slurm import submit as submit_all
-
     cfg = _config(config, set_)
     paths = render_slurm(cfg, config, set_ or [])
     for path in paths:
@@ -299,8 +291,6 @@ def slurm(
 @app.command()
 def doctor(config: ConfigOption = None, set_: SetOption = None, as_json: JsonOption = False) -> None:
     """Preflight: torch/CUDA, GPU memory held by other processes, model and data paths, disk, image tokens."""
-    from surgvqa.doctor import print_report, run_doctor
-
     report = run_doctor(_config(config, set_, write=False))
     if as_json:
         _print_json(report.to_json())
@@ -326,26 +316,18 @@ def evaluate(
 ) -> None:
     """Per-type metrics with tolerance and bootstrap CIs, text metrics, baseline deltas, plots, report.html.
     With --challenge, scores a submission's predictions_1.json against a local copy of the challenge's split."""
-    from surgvqa.evaluate import EvaluateError, print_metrics_table, run_evaluate
-
     cfg = _config(config, set_)
+    from surgvqa.evaluate import print_metrics_table, run_evaluate
+
     predictions = predictions or cfg.run_dir / "predictions.jsonl"
     if challenge is not None:
-        from surgvqa.challenge import write_challenge_predictions
-
         local_copy = references or cfg.export.validation_data
         if local_copy is None:
             fail("--challenge needs --references (or export.validation_data): a local copy of the challenge's split")
         out = out or predictions.parent
-        try:
-            predictions = write_challenge_predictions(predictions, challenge, str(local_copy), out)
-        except ValueError as exc:
-            fail(str(exc))
-    try:
-        metrics = run_evaluate(predictions, out or cfg.run_dir, cfg.evaluate,
-                               baseline=baseline, run_dir=cfg.run_dir, with_report=report)
-    except EvaluateError as exc:
-        fail(str(exc))
+        predictions = write_challenge_predictions(predictions, challenge, str(local_copy), out)
+    metrics = run_evaluate(predictions, out or cfg.run_dir, cfg.evaluate,
+                           baseline=baseline, run_dir=cfg.run_dir, with_report=report)
     if as_json:
         _print_json(metrics)
     else:
@@ -364,8 +346,6 @@ def export(
 ) -> None:
     """A ready challenge submission from a trained run: submission_task1.py, requirements.txt, README.md and a
     local validation run's predictions_1.json (docs/challenge.md)."""
-    from surgvqa.challenge import export_submission
-
     cfg = _config(config, set_, write=False)  # reads the run; writes only OUT
     try:
         path = export_submission(cfg, challenge, out, validate=validate, quiet=as_json)
@@ -388,13 +368,10 @@ def run(
 ) -> None:
     """Every stage in order (prepare, diagnose, overfit, train, baseline, predict, evaluate), skipping the
     stages whose inputs and config are unchanged."""
-    from surgvqa.data.sources import SourceError
-    from surgvqa.evaluate import print_metrics_table
-    from surgvqa.pipeline import STAGE_NAMES, PipelineStop, run_pipeline
-
     if from_stage is not None and from_stage not in STAGE_NAMES:
         fail(f"--from {from_stage!r}: choose one of {', '.join(STAGE_NAMES)}")
-    cfg = _config(config, set_)  # the run directory's lock first: a second writer is refused before slow imports
+    cfg = _config(config, set_)
+    from surgvqa.evaluate import print_metrics_table
     from surgvqa.training import Preempted
 
     try:
@@ -404,8 +381,6 @@ def run(
     except Preempted as exc:
         typer.echo(f"stopped: {exc}", err=True)
         raise typer.Exit(exc.exit_code) from None
-    except (SourceError, FileNotFoundError) as exc:
-        fail(str(exc))
     if outcome.metrics is not None:
         print_metrics_table(outcome.metrics)
     typer.echo(f"stages run: {', '.join(outcome.ran) or 'none'}; up to date: {', '.join(outcome.skipped) or 'none'}")
@@ -427,14 +402,11 @@ def predict(
     """Batched, resumable inference to predictions.jsonl (one process, or one shard per rank under torchrun)."""
     if mode is not None and mode not in PREDICT_MODES:
         fail(f"--mode {mode!r}: choose one of {', '.join(PREDICT_MODES)}")
-    cfg = _config(config, set_)  # the run directory's lock first: a second writer is refused before slow imports
+    cfg = _config(config, set_)
     from surgvqa.predict import run_predict, summarise_errors
 
     path = _prepared_file(cfg, data, cfg.predict.split)
-    try:
-        written = run_predict(cfg, mode=mode, data=path, out=out, model_path=model, quiet=as_json)
-    except (FileNotFoundError, ValueError) as exc:
-        fail(str(exc))
+    written = run_predict(cfg, mode=mode, data=path, out=out, model_path=model, quiet=as_json)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # rank 0 reports the merged file
     summary = summarise_errors(written)
@@ -479,16 +451,13 @@ def nearest_baseline(
 ) -> None:
     """Text-only baseline: each question of predict.split answered with the answer of the most similar training
     question (no image); compare with `surgvqa evaluate --baseline`."""
+    cfg = _config(config, set_)
     from surgvqa.baselines import nearest_question_predictions
 
-    cfg = _config(config, set_)
     prepared = cfg.run_dir / "prepared"
     _prepared_file(cfg, None, cfg.predict.split)
-    try:
-        written = nearest_question_predictions(prepared, cfg.predict.split,
-                                               out or cfg.run_dir / "predictions.nearest.jsonl")
-    except ValueError as exc:
-        fail(str(exc))
+    written = nearest_question_predictions(prepared, cfg.predict.split,
+                                           out or cfg.run_dir / "predictions.nearest.jsonl")
     typer.echo(f"text-only nearest-question answers in {written}")
 
 

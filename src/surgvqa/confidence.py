@@ -19,7 +19,7 @@ from surgvqa.calibration import (
     pad_logits,
 )
 from surgvqa.config import EvaluateConfig
-from surgvqa.data.schema import normalize_answer
+from surgvqa.data.answers import normalize_answer
 from surgvqa.decoding import CandidateScore, answer_meaning, score_candidates
 from surgvqa.scoring import PredictionRow, score_row
 

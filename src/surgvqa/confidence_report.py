@@ -79,7 +79,7 @@ def _group_metrics(rows: list[dict[str, Any]], correct: np.ndarray, settings: An
 
 def _covers(row: dict[str, Any]) -> bool:
     """Whether the conformal set holds the reference (compared by meaning, as the set was built)."""
-    from surgvqa.data.schema import normalize_answer
+    from surgvqa.data.answers import normalize_answer
     from surgvqa.decoding import answer_meaning
 
     question_type = row.get("question_type", "")

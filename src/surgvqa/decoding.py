@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor
 
+from surgvqa.data.answers import COUNT_NUMERIC, OPEN_ENDED, SIZE_NUMERIC, parse_count, parse_size_mm
 from surgvqa.data.records import Record
-from surgvqa.data.schema import COUNT_NUMERIC, OPEN_ENDED, SIZE_NUMERIC, parse_count, parse_size_mm
 
 LABEL_SEPARATOR = "; "
 

@@ -15,16 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from surgvqa.config import EvaluateConfig
-from surgvqa.data.schema import (
-    QUESTION_TYPES,
-    TEMPLATE_BY_ID,
-    infer_question_type,
-    is_bad_answer,
-    normalize_answer,
-)
+from surgvqa.data.answers import QUESTION_TYPES, is_bad_answer, normalize_answer
 from surgvqa.io import atomic_write_json, atomic_write_text
 from surgvqa.metrics import evaluate_predictions
 from surgvqa.scoring import PredictionRow
+from surgvqa.tasks.kvasir_vqa import TEMPLATE_BY_ID, infer_question_type
 
 ABSTAINED = "(abstained)"
 

@@ -54,9 +54,9 @@ from surgvqa.confidence import (
     wants_calibration,
 )
 from surgvqa.config import PREDICT_MODES, Config
+from surgvqa.data.answers import label_set, normalize_answer
 from surgvqa.data.images import allowed_image_roots
 from surgvqa.data.records import Record, image_path, read_records
-from surgvqa.data.schema import label_set, normalize_answer
 from surgvqa.dataset import collate, encode_prompt, load_image
 from surgvqa.decoding import (
     CandidateLogitsProcessor,

@@ -107,10 +107,9 @@ def vocab_size(arch: str) -> int:
 def qwen_tiktoken_path() -> Path:
     try:
         import dashscope
-    except ImportError as exc:  # pragma: no cover - dependency of the package
-        raise RuntimeError(
-            "the tiny model needs the Qwen2 vocabulary shipped by `pip install dashscope`"
-        ) from exc
+        import tiktoken  # noqa: F401  (TikTokenConverter reads the vocabulary with it)
+    except ImportError:
+        raise RuntimeError("the tiny demo model needs the Qwen2 vocabulary: pip install 'surgvqa[demo]'") from None
     path = Path(dashscope.__file__).parent / "resources" / "qwen.tiktoken"
     if not path.is_file():
         raise RuntimeError(f"dashscope is installed but {path} is missing; reinstall dashscope")
@@ -215,19 +214,37 @@ def _mrope_section(half: int, arch: str) -> list[int]:
     return [half - h_part - w_part, h_part, w_part]
 
 
-def build_config(arch: str, hidden_size: int = 64, num_layers: int = 2):
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3_5Config, Qwen3VLConfig
+_HEADS = 4  # attention heads of the tiny text and vision towers
 
-    _check_arch(arch)
-    heads = 4
-    head_dim = hidden_size // heads
+
+def _vision_config(arch: str, hidden_size: int, num_layers: int) -> dict:
+    """The vision tower at the text width (the merger projects straight into it), in each family's own keys."""
+    if arch == "qwen2_vl":
+        return {"depth": num_layers, "embed_dim": hidden_size, "hidden_size": hidden_size, "num_heads": _HEADS,
+                "mlp_ratio": 2}
+    vision = {"depth": num_layers, "hidden_size": hidden_size, "intermediate_size": 2 * hidden_size,
+              "num_heads": _HEADS, "out_hidden_size": hidden_size}
+    if arch == "qwen2_5_vl":
+        # As the real model: 112 px = 4x4 merged tokens per attention window; the last block sees the whole image.
+        return vision | {"window_size": 112, "fullatt_block_indexes": [num_layers - 1]}
+    # a 48 x 48 grid of learned positions, interpolated per image, as real
+    vision |= {"patch_size": 16, "spatial_merge_size": 2, "num_position_embeddings": 2304}
+    if arch == "qwen3_vl":
+        # DeepStack: the real 2B adds features of vision blocks [5, 11, 17] to its first 3 LM layers; here block 0
+        # feeds LM layer 0.
+        vision["deepstack_visual_indexes"] = [0]
+    return vision
+
+
+def _text_config(arch: str, hidden_size: int, num_layers: int) -> dict:
+    head_dim = hidden_size // _HEADS
     text_config = {
         "vocab_size": vocab_size(arch),
         "hidden_size": hidden_size,
         "intermediate_size": 2 * hidden_size,
         "num_hidden_layers": num_layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": heads // 2,
+        "num_attention_heads": _HEADS,
+        "num_key_value_heads": _HEADS // 2,
         "max_position_embeddings": 32768,
         "rope_parameters": {
             "rope_type": "default",
@@ -240,79 +257,49 @@ def build_config(arch: str, hidden_size: int = 64, num_layers: int = 2):
         # the 151,657 x hidden embedding is most of the model; tying halves it
         "tie_word_embeddings": True,
     }
-    special_ids = {
-        "image_token_id": IMAGE_PAD_ID,
-        "video_token_id": VIDEO_PAD_ID,
-        "vision_start_token_id": VISION_START_ID,
-        "vision_end_token_id": VISION_END_ID,
-    }
-    if arch == "qwen2_vl":
-        vision_config = {
-            "depth": num_layers,
-            "embed_dim": hidden_size,
-            "hidden_size": hidden_size,  # the merger projects straight into the text width
-            "num_heads": heads,
-            "mlp_ratio": 2,
-        }
-        return Qwen2VLConfig(
-            text_config=text_config, vision_config=vision_config, tie_word_embeddings=True, **special_ids
-        )
-    if arch == "qwen2_5_vl":
-        vision_config = {
-            "depth": num_layers,
-            "hidden_size": hidden_size,
-            "intermediate_size": 2 * hidden_size,
-            "num_heads": heads,
-            "out_hidden_size": hidden_size,  # the merger projects straight into the text width
-            "window_size": 112,  # as the real model: 112 px = 4x4 merged tokens per attention window
-            # the last block sees the whole image, as in the real model
-            "fullatt_block_indexes": [num_layers - 1],
-        }
-        return Qwen2_5_VLConfig(
-            text_config=text_config, vision_config=vision_config, tie_word_embeddings=True, **special_ids
-        )
-    vision_config = {
-        "depth": num_layers,
-        "hidden_size": hidden_size,
-        "intermediate_size": 2 * hidden_size,
-        "num_heads": heads,
-        "out_hidden_size": hidden_size,  # the merger projects straight into the text width
-        "patch_size": 16,
-        "spatial_merge_size": 2,
-        "num_position_embeddings": 2304,  # a 48 x 48 grid of learned positions, interpolated per image, as real
-    }
     if arch == "qwen3_vl":
-        # DeepStack: the real 2B adds features of vision blocks [5, 11, 17] to its first 3 LM layers; here block 0
-        # feeds LM layer 0.
-        vision_config["deepstack_visual_indexes"] = [0]
         text_config["head_dim"] = head_dim
         text_config["rope_parameters"] |= {"rope_theta": 5_000_000.0, "mrope_interleaved": True}
-        return Qwen3VLConfig(
-            text_config=text_config, vision_config=vision_config, tie_word_embeddings=True, **special_ids
-        )
-    # Qwen3.5: Gated DeltaNet (linear attention) layers with a full-attention layer every 4th; rotary on a quarter
-    # of each (gated) attention head. Two layers here: one of each kind.
-    text_config["head_dim"] = 2 * head_dim  # a rotary quarter of 2*16 = 8 dims leaves 4 frequencies to split
-    text_config["rope_parameters"] = {
-        "rope_type": "default",
-        "rope_theta": 10_000_000.0,
-        "partial_rotary_factor": 0.25,
-        "mrope_section": _mrope_section(2 * head_dim // 8, arch),
-        "mrope_interleaved": True,
-    }
-    text_config["layer_types"] = [
-        "full_attention" if (index + 1) % 4 == 0 or index == num_layers - 1 else "linear_attention"
-        for index in range(num_layers)
-    ]
-    text_config |= {
-        "linear_num_key_heads": heads // 2,
-        "linear_num_value_heads": heads,
-        "linear_key_head_dim": head_dim,
-        "linear_value_head_dim": head_dim,
-        "linear_conv_kernel_dim": 4,
-    }
-    return Qwen3_5Config(text_config=text_config, vision_config=vision_config, tie_word_embeddings=True,
-                         **special_ids)
+    elif arch == "qwen3_5":
+        # Gated DeltaNet (linear attention) layers with a full-attention layer every 4th; rotary on a quarter of
+        # each (gated) attention head. Two layers here: one of each kind.
+        text_config["head_dim"] = 2 * head_dim  # a rotary quarter of 2*16 = 8 dims leaves 4 frequencies to split
+        text_config["rope_parameters"] = {
+            "rope_type": "default",
+            "rope_theta": 10_000_000.0,
+            "partial_rotary_factor": 0.25,
+            "mrope_section": _mrope_section(2 * head_dim // 8, arch),
+            "mrope_interleaved": True,
+        }
+        text_config["layer_types"] = [
+            "full_attention" if (index + 1) % 4 == 0 or index == num_layers - 1 else "linear_attention"
+            for index in range(num_layers)
+        ]
+        text_config |= {
+            "linear_num_key_heads": _HEADS // 2,
+            "linear_num_value_heads": _HEADS,
+            "linear_key_head_dim": head_dim,
+            "linear_value_head_dim": head_dim,
+            "linear_conv_kernel_dim": 4,
+        }
+    return text_config
+
+
+def build_config(arch: str, hidden_size: int = 64, num_layers: int = 2):
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3_5Config, Qwen3VLConfig
+
+    _check_arch(arch)
+    config_class = {"qwen2_vl": Qwen2VLConfig, "qwen2_5_vl": Qwen2_5_VLConfig, "qwen3_vl": Qwen3VLConfig,
+                    "qwen3_5": Qwen3_5Config}[arch]
+    return config_class(
+        text_config=_text_config(arch, hidden_size, num_layers),
+        vision_config=_vision_config(arch, hidden_size, num_layers),
+        tie_word_embeddings=True,
+        image_token_id=IMAGE_PAD_ID,
+        video_token_id=VIDEO_PAD_ID,
+        vision_start_token_id=VISION_START_ID,
+        vision_end_token_id=VISION_END_ID,
+    )
 
 
 def build_model(arch: str, seed: int, hidden_size: int = 64, num_layers: int = 2):

@@ -7,11 +7,9 @@ Hugging Face publishes for ``SimulaMet-HOST/Kvasir-VQA`` (``image`` as the ``Ima
 and images are PNG, so the same seed gives the same bytes; any image's scene can be rebuilt alone with
 ``make_scene(seed, index)``.
 
-Why the pixels look like this: a tiny model trained from scratch on a CPU for minutes learned nothing on a
-per-pixel noise texture, but learned location and size perfectly on a flat background (project notes,
-"Learning from scratch"). So every answer is carried by a flat-coloured, non-antialiased shape on a flat
-background, each object alone in its 3x3 grid cell (at most one object per cell, centred in it), and
-the exact palette RGB value sits at the centre pixel of every abnormality.
+Every answer is carried by a flat-coloured, non-antialiased shape on a flat background, each object alone in its
+3x3 grid cell (centred in it), with the exact palette RGB value at the centre pixel of every abnormality
+(why: ``docs/benchmarks.md``, "Why the synthetic pixels are flat shapes").
 
 Visual code (S = image side, s = S/3 = one grid cell; sizes scale with S):
 
@@ -247,61 +245,75 @@ def image_id(index: int) -> str:
     return f"synth_{index:05d}"
 
 
-def make_scene(seed: int, index: int) -> Scene:
-    """The scene of image ``index`` for ``seed``; independent of every other image."""
-    rng = np.random.default_rng([seed, index, 0])
-    source = SOURCES[int(rng.choice(len(SOURCES), p=SOURCE_WEIGHTS))]
-    procedure = _pick(rng, {
+class _FreeCells:
+    """The grid cells no object holds yet, in the order objects claim them; one object per cell."""
+
+    def __init__(self, rng: np.random.Generator):
+        self.free = list(rng.permutation(9))
+
+    def claim(self, n: int) -> list[int]:
+        got = [int(c) for c in self.free[:n]]
+        del self.free[:n]
+        return got
+
+    def occupied(self) -> frozenset[int]:
+        return frozenset(set(range(9)) - {int(c) for c in self.free})
+
+
+def _sample_procedure(rng: np.random.Generator, source: str) -> str:
+    return _pick(rng, {
         "Polyps": {"colonoscopy": 90, "gastroscopy": 5, "capsule endoscopy": 5},
         "Instrument": {"colonoscopy": 90, "gastroscopy": 10},
         "Ulcerative Colitis": {"colonoscopy": 95, "capsule endoscopy": 5},
         "Esophagitis": {"gastroscopy": 97, "capsule endoscopy": 3},
         "Normal": {"colonoscopy": 45, "gastroscopy": 45, "capsule endoscopy": 10},
     }[source])
-    free = list(rng.permutation(9))  # cells in the order objects claim them; one object per cell
 
-    def claim(n: int) -> list[int]:
-        got = [int(c) for c in free[:n]]
-        del free[:n]
-        return got
 
+def _sample_patch_group(rng: np.random.Generator, cells: _FreeCells, abnormality: str, n_cells: int) -> list[Patch]:
+    """``n_cells`` patches of one abnormality in one or (30 % of groups over several cells) two colours."""
+    claimed = cells.claim(n_cells)
+    if not claimed:
+        return []
+    n_colours = 2 if (len(claimed) > 1 and rng.random() < 0.3) else 1
+    colours: list[str] = []
+    while len(colours) < n_colours:
+        c = _pick(rng, _PATCH_COLOURS[abnormality])
+        if c not in colours:
+            colours.append(c)
+    return [Patch(abnormality, cell, colours[i] if i < len(colours) else colours[int(rng.integers(len(colours)))])
+            for i, cell in enumerate(claimed)]
+
+
+def _sample_patches(rng: np.random.Generator, cells: _FreeCells, source: str) -> tuple[Patch, ...]:
     patches: list[Patch] = []
-
-    def add_patches(abnormality: str, n_cells: int) -> None:
-        cells = claim(n_cells)
-        if not cells:
-            return
-        n_colours = 2 if (len(cells) > 1 and rng.random() < 0.3) else 1
-        colours = []
-        while len(colours) < n_colours:
-            c = _pick(rng, _PATCH_COLOURS[abnormality])
-            if c not in colours:
-                colours.append(c)
-        for i, cell in enumerate(cells):
-            colour = colours[i] if i < len(colours) else colours[int(rng.integers(len(colours)))]
-            patches.append(Patch(abnormality, cell, colour))
-
     if source == "Ulcerative Colitis":
-        add_patches("ulcerative colitis", 9 if rng.random() < 0.35 else int(rng.integers(2, 7)))
+        patches += _sample_patch_group(rng, cells, "ulcerative colitis",
+                                       9 if rng.random() < 0.35 else int(rng.integers(2, 7)))
     elif source == "Esophagitis":
-        add_patches("oesophagitis", int(rng.integers(1, 4)))
+        patches += _sample_patch_group(rng, cells, "oesophagitis", int(rng.integers(1, 4)))
         if rng.random() < 0.10:
-            add_patches("barretts", int(rng.integers(1, 3)))
+            patches += _sample_patch_group(rng, cells, "barretts", int(rng.integers(1, 3)))
         if rng.random() < 0.10:
-            add_patches("short-segment barretts", 1)
+            patches += _sample_patch_group(rng, cells, "short-segment barretts", 1)
     if source in ("Polyps", "Ulcerative Colitis") and rng.random() < 0.03:
-        add_patches("hemorrhoids", 1)
+        patches += _sample_patch_group(rng, cells, "hemorrhoids", 1)
+    return tuple(patches)
 
+
+def _sample_polyps(rng: np.random.Generator, cells: _FreeCells, source: str) -> tuple[Polyp, ...]:
     n_polyps = _count(rng, {
         "Polyps": {1: 65, 2: 20, 3: 8, 4: 4, 5: 2, 6: 1},
         "Instrument": {0: 60, 1: 30, 2: 10},
         "Ulcerative Colitis": {0: 90, 1: 10},
     }.get(source, {0: 1}))
-    polyps = tuple(
+    return tuple(
         Polyp(cell, _pick(rng, _POLYP_COLOURS), _pick(rng, _SIZE_WEIGHTS), _pick(rng, _POLYP_TYPE_WEIGHTS))
-        for cell in claim(n_polyps)
+        for cell in cells.claim(n_polyps)
     )
 
+
+def _sample_instruments(rng: np.random.Generator, cells: _FreeCells, source: str) -> tuple[Instrument, ...]:
     n_instruments = _count(rng, {
         "Instrument": {1: 70, 2: 25, 3: 5},
         "Polyps": {0: 85, 1: 15},
@@ -309,8 +321,11 @@ def make_scene(seed: int, index: int) -> Scene:
     }.get(source, {0: 1}))
     weights = {"Polyps": {"polyp snare": 1}, "Esophagitis": {"biopsy forceps": 1}}.get(
         source, _INSTRUMENT_WEIGHTS)
-    instruments = tuple(Instrument(_pick(rng, weights), cell) for cell in claim(n_instruments))
+    return tuple(Instrument(_pick(rng, weights), cell) for cell in cells.claim(n_instruments))
 
+
+def _sample_landmarks(rng: np.random.Generator, cells: _FreeCells, source: str,
+                      procedure: str) -> tuple[Landmark, ...]:
     landmark_kinds = {"gastroscopy": ("z-line", "pylorus"), "colonoscopy": ("cecum", "ileum"),
                       "capsule endoscopy": LANDMARKS}[procedure]
     if source == "Normal":
@@ -319,28 +334,46 @@ def make_scene(seed: int, index: int) -> Scene:
         p_landmark = {"Esophagitis": 0.6, "Ulcerative Colitis": 0.15, "Polyps": 0.05, "Instrument": 0.05}
         n_landmarks = int(rng.random() < p_landmark[source])
     kinds = ["z-line"] if source == "Esophagitis" and procedure == "gastroscopy" else list(landmark_kinds)
-    landmarks = tuple(
+    return tuple(
         Landmark(kinds[int(rng.integers(len(kinds)))], cell, _pick(rng, _LANDMARK_COLOURS))
-        for cell in claim(n_landmarks)
+        for cell in cells.claim(n_landmarks)
     )
 
-    scar_cell = None
-    p_scar = {"Instrument": 0.35, "Ulcerative Colitis": 0.05}.get(source, 0.0)
-    if not polyps and rng.random() < p_scar:
-        scar_cell = (claim(1) or [None])[0]
 
+def _sample_scar_cell(rng: np.random.Generator, cells: _FreeCells, source: str, has_polyps: bool) -> int | None:
+    """The cell of a resection scar, drawn only where no polyp is (it answers "all polyps removed: yes")."""
+    p_scar = {"Instrument": 0.35, "Ulcerative Colitis": 0.05}.get(source, 0.0)
+    if not has_polyps and rng.random() < p_scar:
+        return (cells.claim(1) or [None])[0]
+    return None
+
+
+def _sample_overlays(rng: np.random.Generator, source: str, procedure: str) -> tuple[bool, str | None]:
+    """Whether the text box is drawn, and the artefact box's colour (None: no box)."""
     overlays_allowed = procedure != "capsule endoscopy"  # the capsule mask hides the corners
     text = overlays_allowed and rng.random() < 0.4
     box = None
     if overlays_allowed and rng.random() < (0.15 if source == "Instrument" else 0.35):
         box = "green" if rng.random() < 0.6 else "black"
+    return bool(text), box
 
-    return Scene(
-        img_id=image_id(index), source=source, procedure=procedure, text=bool(text), box=box,
-        polyps=polyps, patches=tuple(patches), instruments=instruments, landmarks=landmarks,
-        scar_cell=scar_cell,
-        occupied=frozenset(set(range(9)) - {int(c) for c in free}),
-    )
+
+def make_scene(seed: int, index: int) -> Scene:
+    """The scene of image ``index`` for ``seed``; independent of every other image."""
+    # One generator per image, drawn from in this order: reordering the steps changes every image.
+    rng = np.random.default_rng([seed, index, 0])
+    source = SOURCES[int(rng.choice(len(SOURCES), p=SOURCE_WEIGHTS))]
+    procedure = _sample_procedure(rng, source)
+    cells = _FreeCells(rng)
+    patches = _sample_patches(rng, cells, source)
+    polyps = _sample_polyps(rng, cells, source)
+    instruments = _sample_instruments(rng, cells, source)
+    landmarks = _sample_landmarks(rng, cells, source, procedure)
+    scar_cell = _sample_scar_cell(rng, cells, source, has_polyps=bool(polyps))
+    text, box = _sample_overlays(rng, source, procedure)
+    return Scene(img_id=image_id(index), source=source, procedure=procedure, text=text, box=box,
+                 polyps=polyps, patches=patches, instruments=instruments, landmarks=landmarks,
+                 scar_cell=scar_cell, occupied=cells.occupied())
 
 
 # ----------------------------------------------------------------------------------------------- drawing

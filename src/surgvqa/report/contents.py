@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from surgvqa.data.schema import QUESTION_TYPES
+from surgvqa.data.answers import QUESTION_TYPES
 from surgvqa.formatting import NOT_AVAILABLE, percent, percent_change, percent_interval
 from surgvqa.metrics import CLOSED_ALL
 

@@ -13,7 +13,7 @@ from typing import Any
 from jinja2 import BaseLoader, Environment
 from markupsafe import Markup
 
-from surgvqa.data.schema import CLOSED_TYPES
+from surgvqa.data.answers import CLOSED_TYPES
 from surgvqa.formatting import percent, percent_interval
 from surgvqa.metrics import CLOSED_ALL
 from surgvqa.report.contents import (

@@ -8,7 +8,6 @@ generic and ask the record's task, named in every record, so no stage needs the 
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -209,8 +208,3 @@ def official_split_outcome(records: list[Record], source_by_image: Mapping[str, 
         },
     }
     return SplitOutcome(records, summary)
-
-
-def split_counts(records: Sequence[Record]) -> dict[str, int]:
-    counts = Counter(record.split for record in records)
-    return {name: counts.get(name, 0) for name in SPLITS}
