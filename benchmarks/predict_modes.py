@@ -37,7 +37,7 @@ from surgvqa.data.records import read_records
 from surgvqa.decoding import is_closed
 from surgvqa.metrics import score_answer
 from surgvqa.modeling import resolve_model_path
-from surgvqa.predict import Predictor, load_for_prediction
+from surgvqa.predictor import Predictor, load_for_prediction
 from surgvqa.prepare import prepare
 
 

@@ -27,7 +27,8 @@ from surgvqa.config import load_config
 from surgvqa.data.records import Record, write_records
 from surgvqa.data.schema import SIZE_BINS, TEMPLATE_BY_ID
 from surgvqa.decoding import CandidateLogitsProcessor, score_candidates
-from surgvqa.predict import Predictor, calibration_files, load_for_prediction, run_predict
+from surgvqa.predict import calibration_files, run_predict
+from surgvqa.predictor import Predictor, load_for_prediction
 
 PIXELS = 56 * 56
 CASES = [  # (candidates, multi-label, type, answer)

@@ -31,14 +31,9 @@ from surgvqa.data.records import Record, read_records
 from surgvqa.dataset import encode_prompt
 from surgvqa.decoding import is_closed
 from surgvqa.io import atomic_write_text
-from surgvqa.predict import (
-    Outcome,
-    Predictor,
-    calibration_files,
-    default_model_path,
-    load_for_prediction,
-    prediction_row,
-)
+from surgvqa.predict import calibration_files
+from surgvqa.prediction_files import prediction_row
+from surgvqa.predictor import Outcome, Predictor, default_model_path, load_for_prediction
 from surgvqa.tasks import get_task
 
 MENU_SIZE = 40  # questions offered in the menu: the task's most frequent training questions

@@ -428,7 +428,8 @@ def predict(
     if mode is not None and mode not in PREDICT_MODES:
         fail(f"--mode {mode!r}: choose one of {', '.join(PREDICT_MODES)}")
     cfg = _config(config, set_)  # the run directory's lock first: a second writer is refused before slow imports
-    from surgvqa.predict import run_predict, summarise_errors
+    from surgvqa.predict import run_predict
+    from surgvqa.prediction_errors import summarise_errors
 
     path = _prepared_file(cfg, data, cfg.predict.split)
     try:
