@@ -1,9 +1,4 @@
-"""The sanity-overfit gate: before a long run, prove the model can memorise a handful of samples.
-
-Train a fresh model on the first N training samples (mixed types) for up to M steps; pass when the loss falls
-below the threshold AND greedy answers on those same samples match their references often enough. A pipeline
-whose masking, prompt or collator is broken fails here in minutes instead of after a day of GPU time.
-"""
+"""The sanity-overfit gate: before a long run, prove the model can memorise a handful of samples."""
 
 from __future__ import annotations
 
@@ -42,6 +37,8 @@ class SanityResult:
 
 
 def sanity_overfit(config: Config, *, quiet: bool = False) -> SanityResult:
+    """Train a fresh model on the first ``sanity.samples`` training samples for up to ``sanity.max_steps``; pass
+    when the loss falls below the threshold and greedy answers on those samples match their references often enough."""
     from surgvqa.predictor import Predictor
 
     settings = config.sanity
