@@ -36,7 +36,7 @@ from surgvqa.config import load_config
 from surgvqa.data.records import read_records
 from surgvqa.decoding import is_closed
 from surgvqa.modeling import resolve_model_path
-from surgvqa.predict import Predictor, load_for_prediction
+from surgvqa.predictor import Predictor, load_for_prediction
 from surgvqa.prepare import prepare
 from surgvqa.scoring import score_answer
 

@@ -16,7 +16,8 @@ import surgvqa.answer_service
 import surgvqa.app
 from surgvqa.config import load_config
 from surgvqa.data.records import read_records, write_records
-from surgvqa.predict import read_done, run_predict
+from surgvqa.predict import run_predict
+from surgvqa.prediction_files import read_done
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.usefixtures("one_torch_thread")]
 

@@ -16,7 +16,8 @@ from surgvqa.config import SUBMISSION_INFO_FIELDS, ConfigError, load_config
 from surgvqa.data.records import read_records, write_records
 from surgvqa.evaluate import run_evaluate
 from surgvqa.modeling import resolve_model_path
-from surgvqa.predict import read_done, run_predict
+from surgvqa.predict import run_predict
+from surgvqa.prediction_files import read_done
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("one_torch_thread")]
 

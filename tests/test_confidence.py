@@ -26,7 +26,8 @@ from surgvqa.confidence import (
 from surgvqa.config import load_config
 from surgvqa.data.records import Record, write_records
 from surgvqa.decoding import CandidateLogitsProcessor, score_candidates
-from surgvqa.predict import Predictor, calibration_files, load_for_prediction, run_predict
+from surgvqa.predict import calibration_files, run_predict
+from surgvqa.predictor import Predictor, load_for_prediction
 from surgvqa.tasks.kvasir_vqa import SIZE_BINS, TEMPLATE_BY_ID
 
 PIXELS = 56 * 56

@@ -23,7 +23,9 @@ from surgvqa.data.records import read_records, write_records
 from surgvqa.decoding import is_closed
 from surgvqa.diagnostics import diagnose_record
 from surgvqa.modeling import FAMILIES, load_model, load_processor, model_family, processor_token_side
-from surgvqa.predict import Predictor, read_done, run_predict
+from surgvqa.predict import run_predict
+from surgvqa.prediction_files import read_done
+from surgvqa.predictor import Predictor
 from surgvqa.tiny import ARCHS, ensure_tiny_model
 from surgvqa.training import TrainResult, supervised_only_loss, train
 

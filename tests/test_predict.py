@@ -20,7 +20,9 @@ from surgvqa.confidence import EMPTY_FIELDS
 from surgvqa.config import load_config
 from surgvqa.data.records import Record, write_records
 from surgvqa.decoding import is_closed
-from surgvqa.predict import Predictor, load_for_prediction, read_done, run_predict
+from surgvqa.predict import run_predict
+from surgvqa.prediction_files import read_done
+from surgvqa.predictor import Predictor, load_for_prediction
 from surgvqa.tasks.kvasir_vqa import COLOR_LABELS, GRID_CELLS, SIZE_BINS, TEMPLATE_BY_ID
 from surgvqa.tiny import build_tiny_model
 
@@ -365,7 +367,7 @@ def test_lora_adapter_directory_is_loaded_and_applied(tiny_dir, prepared, tmp_pa
 def test_rows_in_error_are_retried_on_rerun_and_replace_their_lines(tiny_dir, prepared, tmp_path):
     """Unreadable images: their rows are errors and the error rate is refused; once the images are back, the rerun
     predicts those rows only and leaves one row per id, in input order, none in error."""
-    from surgvqa.predict import PredictionErrors, check_error_rate
+    from surgvqa.prediction_errors import PredictionErrors, check_error_rate
 
     (tmp_path / "images").mkdir()
     for index in (0, 1):

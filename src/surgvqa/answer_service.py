@@ -1,7 +1,7 @@
 """The trained model behind ``surgvqa app``: answers about an image held in memory, with their confidence.
 
 The model answers exactly as ``surgvqa predict`` does (the run's config, prompt, pixel limits and prediction mode,
-through the same :class:`surgvqa.predict.Predictor`); one model instance serves every browser session, and a lock
+through the same :class:`surgvqa.predictor.Predictor`); one model instance serves every browser session, and a lock
 serialises the model calls. What it writes (batch results) stays under ``<run>/app/``.
 """
 
@@ -28,15 +28,10 @@ from surgvqa.data.images import open_rgb
 from surgvqa.data.records import Record, read_records
 from surgvqa.dataset import encode_prompt
 from surgvqa.decoding import is_closed
-from surgvqa.io import atomic_write_text
-from surgvqa.predict import (
-    Outcome,
-    Predictor,
-    calibration_files,
-    default_model_path,
-    load_for_prediction,
-    prediction_row,
-)
+from surgvqa.io import atomic_write_text, write_jsonl
+from surgvqa.predict import calibration_files
+from surgvqa.prediction_files import prediction_row
+from surgvqa.predictor import Outcome, Predictor, default_model_path, load_for_prediction
 from surgvqa.tasks import get_task
 
 MENU_SIZE = 40  # questions offered in the menu: the task's most frequent training questions
@@ -229,7 +224,7 @@ class AnswerService:
         writer.writeheader()
         writer.writerows(rows)
         atomic_write_text(csv_path, buffer.getvalue())
-        atomic_write_text(jsonl_path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        write_jsonl(jsonl_path, rows)
         return csv_path, jsonl_path
 
 

@@ -54,7 +54,8 @@ def nearest_training_rows(train: Sequence[Record], questions: Sequence[str]) -> 
 
 def nearest_question_predictions(prepared_dir: Path, split: str, out: Path) -> Path:
     """Write ``out``: one prediction row per record of ``split``, answered from the training split's answers."""
-    from surgvqa.predict import Outcome, prediction_row
+    from surgvqa.prediction_files import prediction_row
+    from surgvqa.predictor import Outcome
     from surgvqa.tasks import get_task
 
     train = read_records(prepared_dir / "train.jsonl")

@@ -402,8 +402,9 @@ def predict(
     """Batched, resumable inference to predictions.jsonl (one process, or one shard per rank under torchrun)."""
     if mode is not None and mode not in PREDICT_MODES:
         fail(f"--mode {mode!r}: choose one of {', '.join(PREDICT_MODES)}")
-    cfg = _config(config, set_)
-    from surgvqa.predict import run_predict, summarise_errors
+    cfg = _config(config, set_)  # the run directory's lock first: a second writer is refused before slow imports
+    from surgvqa.predict import run_predict
+    from surgvqa.prediction_errors import summarise_errors
 
     path = _prepared_file(cfg, data, cfg.predict.split)
     written = run_predict(cfg, mode=mode, data=path, out=out, model_path=model, quiet=as_json)

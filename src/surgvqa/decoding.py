@@ -1,27 +1,4 @@
-"""Closed-set decoding components: candidate tries, the constraining logits processor, candidate scoring.
-
-Why a token trie of our own and not xgrammar (which is installed, and whose HF ``LogitsProcessor`` does accept
-one compiled grammar per batch row):
-
-- **A repeat ends the answer.** A multi-label answer is a set. A small model that has listed every label it sees
-  tends to repeat one rather than close the list; forbidding the repeat would force a label it does not see
-  (measured on the learning benchmark: colour sets lost to free generation). So a label already used may be
-  written once more and then only the end token is allowed; the set is unchanged. An EBNF can only express "no
-  repeat except as the last item" by enumerating orderings (9 grid cells: ~10^6 of them); the trie state simply
-  remembers which labels are used.
-- **Canonical tokenisation only.** A grammar accepts every token path that spells a candidate (``"11-20mm"`` as
-  ``1|1|-|2|0|mm`` or any other split); the trie allows exactly the tokenisation the tokenizer produces — the
-  one training taught and the one ``rank`` scores — so constrained greedy search and ranking explore the same
-  hypotheses.
-- **Cheap and exact bookkeeping.** Rows with different candidate sets in one batch are just different tries; no
-  151k-entry ``TokenizerInfo`` to build and no grammar to compile per candidate set; and the longest valid output
-  (for ``max_new_tokens``) is read off the same token sequences the decoder walks.
-
-Labels never contain ``;`` (it is the label separator, see ``schema.split_labels``), and the Qwen2 pre-tokenizer
-splits ``;`` from a following space, so for labels ending in a letter or digit (every Kvasir label)
-``tokens("a; b") == tokens("a") + tokens("; b")``: the trie's pieces concatenate to the canonical tokenisation of
-the joined answer. (For any label the decoded text is exactly the joined labels: byte-level BPE pieces concatenate.)
-"""
+"""Closed-set decoding components: candidate tries that constrain generation, candidate log-likelihoods that rank."""
 
 from __future__ import annotations
 
@@ -275,10 +252,8 @@ def prompt_positions(decoder: Any, inputs: dict[str, torch.Tensor]) -> tuple[tor
 def token_logprobs(lm_head: Any, hidden: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
                    chunk: int | None = None) -> torch.Tensor:
     """``log P(targets[i] | hidden[rows[i]])`` for every i: the LM head and the vocabulary normaliser run once per
-    hidden row, in chunks of rows so that the (rows x vocabulary) logits never need to exist at once. On a CPU a
-    chunk of ~32 rows (~20 MB of logits) stays in cache between the matmul and the normaliser: 1.4x faster than
-    one big block on the tiny model."""
-    chunk = chunk or (32 if hidden.device.type == "cpu" else 1024)
+    hidden row, in chunks of rows so that the (rows x vocabulary) logits never need to exist at once."""
+    chunk = chunk or (32 if hidden.device.type == "cpu" else 1024)  # 32: cache-sized on a CPU (docs/decoding.md)
     values = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
     for start in range(0, len(hidden), chunk):
         logits = lm_head(hidden[start:start + chunk]).float()

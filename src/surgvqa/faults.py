@@ -1,10 +1,4 @@
-"""Failpoints: named places where a test can make this process die, to prove that a rerun recovers.
-
-``SURGVQA_FAILPOINT="<place>:<hit>[:<signal>]"`` sends the process ``signal`` (default KILL) the ``hit``-th time
-execution reaches ``place``. A place is ``<stage>/<name>`` inside ``surgvqa run`` (``train/train.checkpoint``) or
-the bare ``<name>``. Unset, which is every real run, a failpoint costs one dictionary lookup. Written here because
-the failpoint libraries (etcd's gofail, fail-rs) serve Go and Rust, not Python.
-"""
+"""Failpoints: named places where a test makes this process die, to prove that a rerun recovers."""
 
 from __future__ import annotations
 
@@ -14,6 +8,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable
 
+# Written here because the failpoint libraries (etcd's gofail, fail-rs) serve Go and Rust, not Python.
 ENVIRONMENT_VARIABLE = "SURGVQA_FAILPOINT"
 
 _hits: Counter = Counter()
@@ -34,6 +29,8 @@ def _armed() -> tuple[str, int, signal.Signals] | None:
 
 
 def failpoint(name: str, before_death: Callable[[], None] | None = None) -> None:
+    """``SURGVQA_FAILPOINT="<place>:<hit>[:<signal>]"``: send this process ``signal`` (default KILL) the ``hit``-th
+    time it reaches ``place``, ``<stage>/<name>`` inside ``surgvqa run`` or the bare ``<name>``; unset, a no-op."""
     armed = _armed()
     if armed is None:
         return

@@ -1,10 +1,4 @@
-"""Crash-safe file writing and JSON-lines reading shared by every stage.
-
-Every file the tool writes is written beside its target, flushed to disk and renamed over it, so a kill at any
-instant leaves either the old or the new complete version; a directory is swapped the same way (the old one is
-renamed aside first and deleted after). A full disk or a file-size limit while writing is one clear
-:class:`WriteError`, and the previous content stays as it was.
-"""
+"""The run's files on disk: written so that a kill or a full disk leaves the old or the new version, never half."""
 
 from __future__ import annotations
 
@@ -26,14 +20,17 @@ class WriteError(OSError):
     """A file could not be written (full disk, file-size limit, read-only folder); the old content is intact."""
 
 
-def describe_write_failure(path: Path, exc: OSError) -> str:
+def write_failure_reason(exc: OSError) -> str:
+    """Why a write failed, in the user's words."""
     if exc.errno in _NO_SPACE:
-        why = "no space left or file-size limit reached"
-    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        why = "permission denied (read-only folder?)"
-    else:
-        why = exc.strerror or str(exc)
-    return f"cannot write {path}: {why}; its previous content is unchanged"
+        return "no space left or file-size limit reached"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "permission denied (read-only folder?)"
+    return exc.strerror or str(exc)
+
+
+def describe_write_failure(path: Path, exc: OSError) -> str:
+    return f"cannot write {path}: {write_failure_reason(exc)}; its previous content is unchanged"
 
 
 def _fsync_directory(folder: Path) -> None:
@@ -81,18 +78,23 @@ def atomic_write_json(path: str | Path, payload: Any) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
 
 
+def jsonl_text(rows: Iterable[dict[str, Any]]) -> str:
+    """Rows as JSON lines: one object per line, each ended by a newline, non-ASCII text kept as is."""
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
     """Write rows as JSON lines atomically; returns the number of rows."""
-    lines = [json.dumps(row, ensure_ascii=False) for row in rows]
-    atomic_write_text(path, "".join(line + "\n" for line in lines))
-    return len(lines)
+    rows = list(rows)
+    atomic_write_text(path, jsonl_text(rows))
+    return len(rows)
 
 
 def append_lines(path: str | Path, lines: Iterable[str]) -> None:
     """Append whole lines to a file and force them to disk; a full disk is a :class:`WriteError`.
 
     A kill leaves at most one torn last line, which the reader of an append-only file drops (see
-    ``predict.read_done``); a write that fails part-way is cut back off, so the file ends on a whole line.
+    ``prediction_files.read_done``); a write that fails part-way is cut back off, so the file ends on a whole line.
     """
     path = Path(path)
     data = "".join(lines).encode("utf-8")
@@ -189,5 +191,12 @@ def iter_jsonl(path: str | Path, *, skip_bad: bool = False) -> Iterator[tuple[in
             yield number, obj
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    return [obj for _, obj in iter_jsonl(path)]
+def file_fingerprint(path: Path, *, recursive: bool = False, full_paths: bool = False) -> str | None:
+    """Names, sizes and modification times of a file or a folder's files (None: no file): changes when any of
+    them is rewritten, so a result computed from them is not reused."""
+    found = (path.rglob("*") if recursive else path.iterdir()) if path.is_dir() else [path]
+    files = [file for file in sorted(found) if file.is_file()]
+    if not files:
+        return None
+    return ";".join(f"{file if full_paths else file.name}:{file.stat().st_size}:{file.stat().st_mtime_ns}"
+                    for file in files)

@@ -1,14 +1,4 @@
-"""``surgvqa run``: every stage in order, in one run directory, skipping stages whose inputs are unchanged.
-
-prepare → diagnose → overfit (a gate) → train → predict with the untrained model (the baseline) → predict with
-the trained model → evaluate (trained against untrained). Each stage's key is a hash of the config sections it
-reads and of the keys of the stages it reads from; ``stages.json`` in the run directory records the key of each
-completed stage, so a rerun with the same config does nothing, and a change reruns exactly what depends on it.
-
-A stage that was interrupted (Ctrl-C, SIGKILL, a node failure) is recorded as started with its key: rerun with the
-same key, ``train`` continues from its latest complete checkpoint and the prediction stages from the rows already
-written; only a changed key starts a stage afresh.
-"""
+"""``surgvqa run``: every stage in order in one run directory, skipping the stages whose inputs are unchanged."""
 
 from __future__ import annotations
 
@@ -22,7 +12,7 @@ from pathlib import Path
 
 from surgvqa.config import Config
 from surgvqa.faults import enter_stage
-from surgvqa.io import atomic_write_json, recover_directory, remove_stale_temporaries
+from surgvqa.io import atomic_write_json, file_fingerprint, recover_directory, remove_stale_temporaries
 
 
 class PipelineStop(RuntimeError):
@@ -53,15 +43,16 @@ STAGE_NAMES = tuple(stage.name for stage in STAGES)
 
 
 def _source_fingerprint(config: Config) -> str:
-    """Size and modification time of a local data source, so that a changed file reruns ``prepare``."""
+    """The local data source's files with their sizes and modification times: a changed file reruns ``prepare``."""
     path = Path(config.data.source)
     if config.data.source == "synthetic" or not path.exists():
         return config.data.source
-    files = sorted(path.rglob("*")) if path.is_dir() else [path]
-    return ";".join(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file())
+    return file_fingerprint(path, recursive=True, full_paths=True) or ""
 
 
 def stage_keys(config: Config) -> dict[str, str]:
+    """Each stage's key: a hash of the config sections it reads, the seed and the keys of the stages it reads
+    from, so that a change reruns exactly what depends on it."""
     keys: dict[str, str] = {}
     for stage in STAGES:
         payload = {"sections": config.section_hash(*stage.sections), "seed": config.seed,
@@ -150,7 +141,9 @@ def _run_train(config: Config, quiet: bool, resume: bool) -> None:
 
 
 def _predictions(config: Config, out: Path, model_path: str, quiet: bool, resume: bool) -> None:
-    from surgvqa.predict import PredictionErrors, check_error_rate, discard_predictions, run_predict
+    from surgvqa.predict import run_predict
+    from surgvqa.prediction_errors import PredictionErrors, check_error_rate
+    from surgvqa.prediction_files import discard_predictions
 
     if not resume:
         discard_predictions(out)  # predictions made under another key must not be resumed

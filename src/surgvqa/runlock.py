@@ -1,15 +1,7 @@
-"""One writer per run directory: an advisory lock on ``<run_dir>/.lock`` held while a command writes there.
-
-Two processes writing the same run directory (a second ``surgvqa run`` started by mistake, a SLURM job requeued
-while the first still runs) interleave checkpoints, predictions and reports. ``fcntl.flock`` is the OS's own
-lock: the kernel drops it when the holder exits or is killed, so a lock left by a dead process never blocks,
-and no pid file has to be judged stale. The holder writes its pid and command into the file only so that the
-refusal can say who holds it.
-"""
+"""One writer per run directory: an OS lock on ``<run_dir>/.lock`` held while a command writes there."""
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
@@ -18,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from surgvqa.io import WriteError
+from surgvqa.io import WriteError, write_failure_reason
 
 LOCK_FILE = ".lock"
 
@@ -38,11 +30,7 @@ def _holder(handle) -> str:
 
 
 def _cannot_write(run_dir: Path, exc: OSError) -> WriteError:
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        why = "permission denied (read-only folder?)"
-    else:
-        why = exc.strerror or str(exc)
-    return WriteError(f"cannot write {run_dir}: {why}")
+    return WriteError(f"cannot write {run_dir}: {write_failure_reason(exc)}")
 
 
 def _command_line() -> str:
@@ -51,7 +39,10 @@ def _command_line() -> str:
 
 @contextmanager
 def run_directory_lock(run_dir: str | Path, command: str | None = None) -> Iterator[Path]:
-    """Hold ``run_dir``'s lock for the block; raise :class:`RunDirectoryBusy` at once if another process has it."""
+    """Hold ``run_dir``'s lock for the block; raise :class:`RunDirectoryBusy` at once if another process has it.
+
+    ``flock``: the kernel drops the lock when its holder dies, so no stale lock ever blocks; the pid and command
+    written into the file only let the refusal say who holds it."""
     run_dir = Path(run_dir)
     lock_path = run_dir / LOCK_FILE
     try:

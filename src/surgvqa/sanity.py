@@ -1,9 +1,4 @@
-"""The sanity-overfit gate: before a long run, prove the model can memorise a handful of samples.
-
-Train a fresh model on the first N training samples (mixed types) for up to M steps; pass when the loss falls
-below the threshold AND greedy answers on those same samples match their references often enough. A pipeline
-whose masking, prompt or collator is broken fails here in minutes instead of after a day of GPU time.
-"""
+"""The sanity-overfit gate: before a long run, prove the model can memorise a handful of samples."""
 
 from __future__ import annotations
 
@@ -12,16 +7,10 @@ from dataclasses import asdict, dataclass, field
 from surgvqa.config import Config
 from surgvqa.data.images import allowed_image_roots
 from surgvqa.data.records import read_records
-from surgvqa.dataset import TrainingCollator, VQADataset
+from surgvqa.dataset import VQADataset
 from surgvqa.io import atomic_write_json
-from surgvqa.modeling import load_processor, resolve_model_path
 from surgvqa.tasks import get_task
-from surgvqa.training import (
-    FileLogCallback,
-    SupervisedOnlyTrainer,
-    build_model_for_training,
-    training_arguments,
-)
+from surgvqa.training import build_trainer, load_for_training, training_arguments
 
 
 @dataclass
@@ -48,7 +37,9 @@ class SanityResult:
 
 
 def sanity_overfit(config: Config, *, quiet: bool = False) -> SanityResult:
-    from surgvqa.predict import Predictor
+    """Train a fresh model on the first ``sanity.samples`` training samples for up to ``sanity.max_steps``; pass
+    when the loss falls below the threshold and greedy answers on those samples match their references often enough."""
+    from surgvqa.predictor import Predictor
 
     settings = config.sanity
     run_dir = config.run_dir
@@ -56,9 +47,7 @@ def sanity_overfit(config: Config, *, quiet: bool = False) -> SanityResult:
     records = read_records(prepared / "train.jsonl")[: settings.samples]
     if not records:
         raise FileNotFoundError(f"{prepared / 'train.jsonl'} holds no records: run `surgvqa prepare` first")
-    base_path = resolve_model_path(config)
-    processor = load_processor(base_path, config.model, config.masking.strategy)
-    model = build_model_for_training(config, base_path, processor)
+    processor, model = load_for_training(config)
     dataset = VQADataset(records, prepared, processor, config.prompt, config.masking,
                          image_roots=allowed_image_roots(config, prepared))
     args = training_arguments(config, run_dir / "sanity", max_steps=settings.max_steps,
@@ -68,10 +57,7 @@ def sanity_overfit(config: Config, *, quiet: bool = False) -> SanityResult:
     args.disable_tqdm = quiet
     (run_dir / "sanity_log.jsonl").unlink(missing_ok=True)
     (run_dir / "sanity_log.csv").unlink(missing_ok=True)
-    trainer = SupervisedOnlyTrainer(model=model, args=args, train_dataset=dataset,
-                                    data_collator=TrainingCollator(processor.tokenizer.pad_token_id),
-                                    vision_lr=config.train.vision_lr,
-                                    callbacks=[FileLogCallback(run_dir, "sanity_log")])
+    trainer = build_trainer(config, model, processor, dataset, args, log_name="sanity_log")
     trainer.train()
     curve = [(row["step"], row["loss"]) for row in trainer.state.log_history if "loss" in row]
 

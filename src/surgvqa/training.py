@@ -1,13 +1,4 @@
-"""Fine-tuning: the HF ``Trainer`` extended at its seams.
-
-- the loss is computed on supervised positions only: the model's own forward is asked for the hidden states of
-  those positions alone (``logits_to_keep`` as a boolean mask), so the 151,657-wide logits are never built for
-  the 98 % of positions that are masked — on a small model that is most of a step's time and memory;
-- batches are grouped by an estimated length, with an order that depends only on (seed, epoch), so a resumed run
-  sees the same data order;
-- logs go to ``train_log.jsonl`` / ``train_log.csv`` always (TensorBoard too when installed);
-- SIGTERM / SIGUSR1 (SLURM pre-emption) save a checkpoint and stop cleanly.
-"""
+"""Fine-tuning: the HF ``Trainer`` extended at its seams (supervised-only loss, resumable order, logs, pre-emption)."""
 
 from __future__ import annotations
 
@@ -24,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +29,7 @@ from surgvqa.config import Config, LoraConfig
 from surgvqa.data.images import allowed_image_roots
 from surgvqa.dataset import TrainingCollator, VQADataset
 from surgvqa.faults import failpoint
-from surgvqa.io import append_lines, atomic_write_text, iter_jsonl, replace_directory
+from surgvqa.io import append_lines, atomic_write_text, iter_jsonl, jsonl_text, replace_directory
 from surgvqa.masking import IGNORE_INDEX
 from surgvqa.modeling import (
     load_adapter,
@@ -73,7 +65,8 @@ def supervised_only_loss(model: Any, inputs: dict[str, torch.Tensor], labels: to
     """Causal-LM cross-entropy over the positions whose next-token label is supervised.
 
     Equal to the model's own ``loss`` (shifted labels, mean over supervised tokens, or sum / num_items_in_batch
-    under gradient accumulation) but applies the LM head to the supervised positions only.
+    under gradient accumulation), but the LM head runs on the supervised positions only (``logits_to_keep`` as a
+    boolean mask): the vocabulary-wide logits of the masked positions are never built.
     """
     shifted = labels[:, 1:]
     keep = torch.zeros_like(labels, dtype=torch.bool)
@@ -195,7 +188,7 @@ class FileLogCallback(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         row = {"step": state.global_step, **logs}
-        append_lines(self.jsonl, [json.dumps(row) + "\n"])
+        append_lines(self.jsonl, [jsonl_text([row])])
         if "loss" in logs:
             new = not self.csv.exists()
             buffer = io.StringIO()
@@ -276,7 +269,7 @@ def truncate_logs(run_dir: Path, last_step: int) -> None:
     jsonl = run_dir / "train_log.jsonl"
     if jsonl.exists():
         kept = [row for _, row in iter_jsonl(jsonl, skip_bad=True) if row.get("step", 0) <= last_step]
-        atomic_write_text(jsonl, "".join(json.dumps(row) + "\n" for row in kept))
+        atomic_write_text(jsonl, jsonl_text(kept))
     table = run_dir / "train_log.csv"
     if table.exists():
         with table.open(newline="", encoding="utf-8") as handle:
@@ -353,6 +346,25 @@ def build_model_for_training(config: Config, base_path: str, processor: Any) -> 
     return apply_lora(model, config.lora, token_ids)
 
 
+def load_for_training(config: Config) -> tuple[Any, Any]:
+    """(processor, model to train: LoRA-wrapped unless ``lora`` is null) for the configured base model."""
+    base_path = resolve_model_path(config)
+    processor = load_processor(base_path, config.model, config.masking.strategy)
+    return processor, build_model_for_training(config, base_path, processor)
+
+
+def build_trainer(config: Config, model: Any, processor: Any, dataset: VQADataset, args: TrainingArguments, *,
+                  log_name: str = "train_log", callbacks: Sequence[TrainerCallback] = (),
+                  lengths: list[int] | None = None) -> SupervisedOnlyTrainer:
+    """The Trainer of both training and the overfit gate, logging to ``<run_dir>/<log_name>.jsonl|csv``."""
+    return SupervisedOnlyTrainer(
+        model=model, args=args, train_dataset=dataset,
+        data_collator=TrainingCollator(processor.tokenizer.pad_token_id),
+        lengths=lengths, vision_lr=config.train.vision_lr,
+        callbacks=[FileLogCallback(config.run_dir, log_name), *callbacks],
+    )
+
+
 @dataclass
 class TrainResult:
     model_dir: Path
@@ -376,21 +388,14 @@ def train(config: Config, *, resume: bool = False, callbacks: list[TrainerCallba
     if not prepared.is_file():
         raise FileNotFoundError(f"{prepared} not found: run `surgvqa prepare` first")
     checkpoints = run_dir / "checkpoints"
-    base_path = resolve_model_path(config)
-    processor = load_processor(base_path, config.model, config.masking.strategy)
-    model = build_model_for_training(config, base_path, processor)
+    processor, model = load_for_training(config)
     dataset = VQADataset.from_jsonl(prepared, processor, config.prompt, config.masking,
                                     image_roots=allowed_image_roots(config, prepared.parent))
     args = training_arguments(config, checkpoints)
-    image_tokens = max_image_tokens(config.model)
     preemption = PreemptionCallback()
-    trainer = SupervisedOnlyTrainer(
-        model=model, args=args, train_dataset=dataset,
-        data_collator=TrainingCollator(processor.tokenizer.pad_token_id),
-        lengths=dataset.lengths(image_tokens) if config.train.group_by_length else None,
-        vision_lr=config.train.vision_lr,
-        callbacks=[FileLogCallback(run_dir), preemption, *(callbacks or [])],
-    )
+    lengths = dataset.lengths(max_image_tokens(config.model)) if config.train.group_by_length else None
+    trainer = build_trainer(config, model, processor, dataset, args, callbacks=[preemption, *(callbacks or [])],
+                            lengths=lengths)
     last = latest_complete_checkpoint(checkpoints, discard_incomplete=True) if resume else None
     if resume and last is None:
         log.warning("--resume: no complete checkpoint in %s; starting from the first step", checkpoints)
@@ -403,7 +408,7 @@ def train(config: Config, *, resume: bool = False, callbacks: list[TrainerCallba
         print(f"continuing training from {last} (step {step})", file=sys.stderr, flush=True)
         if trainer.is_world_process_zero():  # the history says where it continued, so a restart cannot hide
             append_lines(run_dir / "train_log.jsonl",
-                         [json.dumps({"step": step, "event": "resumed", "checkpoint": Path(last).name}) + "\n"])
+                         [jsonl_text([{"step": step, "event": "resumed", "checkpoint": Path(last).name}])])
     try:
         output = trainer.train(resume_from_checkpoint=last)
     finally:
