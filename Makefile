@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 # e.g. make demo TORCH="torch torchvision --index-url https://download.pytorch.org/whl/cpu"
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
+# The suite runs one pytest worker per core (at most 4: each worker holds its own models), a test file per worker.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -32,7 +34,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	bash scripts/ensure-chromium.sh
 	bash scripts/ensure-wordnet.sh
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 ## The web app on the demo's trained model (runs the demo first when it has not run yet).
 app: $(STAMP)
