@@ -15,7 +15,9 @@ from surgvqa.calibration import (
     accuracy_at_coverage,
     area_under_risk_coverage,
     binary_nll,
+    binomial_cdf,
     brier_score,
+    calibrated_ece_range,
     calibration_bins,
     calibration_summary,
     conformal_quantile,
@@ -83,6 +85,53 @@ def test_abstention_threshold_answers_the_most_rows_within_the_target_risk():
     assert abstention_threshold(confidence, correct, 0.34) == 0.4  # 1 error in 3 answered
     assert abstention_threshold(confidence, correct, 0.5) == 0.2
     assert abstention_threshold([0.9, 0.8], [0, 0], 0.1) == math.inf
+
+
+def test_ece_of_a_calibrated_model_by_hand_and_by_simulation():
+    # One bin at confidence 0.5: ECE = |mean(hits) - 0.5|, whose mean is sqrt(0.25 / n) * sqrt(2 / pi).
+    mean, _ = calibrated_ece_range(np.full(100, 0.5), samples=20000)
+    assert mean == pytest.approx(0.05 * math.sqrt(2 / math.pi), rel=0.05)
+    # Outcomes truly drawn from the confidences fall below the 95 % quantile about 95 % of the time;
+    # overconfident ones (P(correct) = confidence^2) far above it.
+    rng = np.random.default_rng(0)
+    below, overconfident_above = 0, 0
+    for seed in range(100):
+        confidence = rng.uniform(0.3, 1, 400)
+        _, quantile = calibrated_ece_range(confidence, seed=seed)
+        below += expected_calibration_error(confidence, rng.uniform(size=400) < confidence) <= quantile
+        overconfident_above += expected_calibration_error(confidence, rng.uniform(size=400) < confidence**2) > quantile
+    assert below >= 88 and overconfident_above == 100
+
+
+def test_binomial_cdf_by_hand():
+    assert binomial_cdf(1, 3, 0.5) == pytest.approx(0.5)  # (1 + 3) / 8
+    assert binomial_cdf(0, 10, 0.1) == pytest.approx(0.9**10)
+    assert binomial_cdf(2, 4, 0.25) == pytest.approx(sum(math.comb(4, k) * 0.25**k * 0.75 ** (4 - k) for k in range(3)))
+    assert binomial_cdf(5, 5, 0.3) == 1.0
+
+
+def test_guaranteed_risk_threshold_needs_enough_rows_to_vouch_for_the_target():
+    # No errors at all: "risk > 5 %" is rejected at level 0.1 / ceil(log2(n + 1)) once 0.95^k is below it.
+    confidence = np.linspace(0.99, 0.5, 100)
+    assert abstention_threshold(confidence, np.ones(100), 0.05, delta=0.1) == pytest.approx(0.5)  # 0.95^100 < 0.1/7
+    # 50 rows: 0.95^50 = 0.077 > 0.1/6, so not even an error-free split of this size vouches for 5 %
+    assert abstention_threshold(confidence[:50], np.ones(50), 0.05, delta=0.1) == math.inf
+    assert abstention_threshold(confidence[:50], np.ones(50), 0.05) == pytest.approx(confidence[49])
+
+
+def test_guaranteed_risk_threshold_keeps_new_rows_within_the_target_where_the_point_estimate_does_not():
+    # Exchangeable rows, P(correct) = confidence: the ideal threshold 0.8 answers 40 % at a 10 % risk.
+    rng = np.random.default_rng(0)
+    trials, delta, target = 200, 0.1, 0.1
+    exceeded = {None: 0, delta: 0}
+    for _ in range(trials):
+        val, test = rng.uniform(0.5, 1, 2000), rng.uniform(0.5, 1, 20000)
+        val_hits, test_hits = rng.uniform(0, 1, val.size) < val, rng.uniform(0, 1, test.size) < test
+        for level in exceeded:
+            answered = test >= abstention_threshold(val, val_hits, target, delta=level)
+            exceeded[level] += bool(answered.any() and 1 - test_hits[answered].mean() > target)
+    assert exceeded[delta] / trials <= delta + 3 * math.sqrt(delta * (1 - delta) / trials)
+    assert exceeded[None] / trials > 0.25  # the point estimate overshoots the target about half the time
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import torch
 
 from surgvqa.bootstrap import MAX_DRAWS_PER_CHUNK, percentile_ci
 
@@ -137,10 +138,33 @@ def resampled_metrics(confidence: Sequence[float], correct: Sequence[float], ind
             "nll": -np.mean(hits[index] * np.log(clipped) + (1 - hits[index]) * np.log1p(-clipped), axis=1)}
 
 
+def calibrated_ece_range(confidence: Sequence[float], samples: int = 200, level: float = 0.95, seed: int = 0,
+                         n_bins: int = ECE_BINS) -> list[float]:
+    """[mean, ``level`` quantile] of the equal-width ECE that a perfectly calibrated model giving these
+    confidences would show from sampling alone: outcomes drawn as Bernoulli(confidence), ``samples`` times. A
+    measured ECE below the quantile cannot be told apart from perfect calibration at this number of rows (the
+    binned ECE is biased upwards: its expectation is positive even for a calibrated model)."""
+    conf, _ = _arrays(confidence, np.zeros(len(confidence)))
+    if not conf.size:
+        return [math.nan, math.nan]
+    rng = np.random.default_rng(seed)
+    width_bin = np.minimum((conf * n_bins).astype(np.int64), n_bins - 1)
+    conf_sum = np.bincount(width_bin, weights=conf, minlength=n_bins)
+    values = []
+    step = max(1, min(samples, MAX_DRAWS_PER_CHUNK // conf.size))
+    for start in range(0, samples, step):
+        hits = rng.uniform(size=(min(step, samples - start), conf.size)) < conf
+        keys = (np.arange(hits.shape[0])[:, None] * n_bins + width_bin[None, :]).ravel()
+        hit_sum = np.bincount(keys, weights=hits.ravel(), minlength=hits.shape[0] * n_bins).reshape(-1, n_bins)
+        values.append(np.abs(hit_sum - conf_sum).sum(axis=1) / conf.size)
+    draws = np.concatenate(values)
+    return [float(draws.mean()), float(np.quantile(draws, level))]
+
+
 def calibration_summary(confidence: Sequence[float], correct: Sequence[float], samples: int = 1000,
                         level: float = 0.95, seed: int = 0) -> dict[str, float | list[float] | int]:
     """Every metric of :data:`CALIBRATION_METRICS` with its percentile bootstrap interval (``<name>_ci``): rows
-    resampled with replacement, ``samples`` times."""
+    resampled with replacement, ``samples`` times; and ``ece_if_calibrated`` (:func:`calibrated_ece_range`)."""
     conf, hits = _arrays(confidence, correct)
     out: dict[str, float | list[float] | int] = {"n": int(conf.size),
                                                  "accuracy": float(hits.mean()) if conf.size else math.nan,
@@ -157,6 +181,7 @@ def calibration_summary(confidence: Sequence[float], correct: Sequence[float], s
         out[name] = statistic(conf, hits) if conf.size else math.nan
         values = np.concatenate(draws[name]) if draws[name] else np.array([])
         out[f"{name}_ci"] = percentile_ci(values, level) if values.size else [math.nan, math.nan]
+    out["ece_if_calibrated"] = calibrated_ece_range(conf, seed=seed)
     return out
 
 
@@ -284,17 +309,64 @@ def accuracy_at_coverage(confidence: Sequence[float], correct: Sequence[float], 
     return float(1.0 - risk[answered - 1])
 
 
-def abstention_threshold(confidence: Sequence[float], correct: Sequence[float], target_risk: float) -> float:
-    """The lowest confidence threshold t whose answered rows (confidence >= t) have an error rate at most
-    ``target_risk``: the most questions answered within the target. +inf (answer nothing) when no threshold
-    reaches it."""
+def binomial_cdf(errors: int, trials: int, probability: float) -> float:
+    """P(Binomial(trials, probability) <= errors), summed in log space from torch's exact log-pmf."""
+    if errors >= trials:
+        return 1.0
+    counts = torch.arange(errors + 1, dtype=torch.float64)
+    log_pmf = torch.distributions.Binomial(trials, torch.tensor(probability, dtype=torch.float64)).log_prob(counts)
+    return float(torch.logsumexp(log_pmf, dim=0).exp().clamp(max=1.0))
+
+
+def abstention_threshold(confidence: Sequence[float], correct: Sequence[float], target_risk: float,
+                         delta: float | None = None) -> float:
+    """The confidence threshold t below which to abstain, chosen on (confidence, correct) of calibration rows.
+
+    ``delta`` None: the lowest t whose answered rows (confidence >= t) have an error rate at most
+    ``target_risk`` (a point estimate: on new rows the risk is often above the target, since the lowest such t
+    is where the calibration rows happened to err least).
+
+    ``delta`` set: selection with guaranteed risk (after Geifman & El-Yaniv 2017, "SGR"): a binary search over
+    the calibration confidences for the lowest t whose answered rows reject, in a one-sided binomial test,
+    "risk > target_risk" at level delta / ceil(log2(n + 1)) (a union bound over the search's tests). For new rows
+    exchangeable with these, the risk among those answered exceeds ``target_risk`` with probability at most
+    ``delta``. Fewer rows answered than the point estimate, in exchange for the guarantee.
+
+    +inf (answer nothing) when no threshold qualifies.
+    """
     conf, hits = _arrays(confidence, correct)
-    descending = np.sort(conf)[::-1]
-    errors = np.cumsum(1.0 - hits[np.argsort(-conf, kind="stable")])
-    thresholds = np.unique(conf)  # ascending: the first that meets the target answers the most rows
-    answered = np.searchsorted(-descending, -thresholds, side="right")  # rows with confidence >= threshold
-    meets = errors[answered - 1] / answered <= target_risk + 1e-12
-    return float(thresholds[np.argmax(meets)]) if meets.any() else math.inf
+    if not conf.size:
+        return math.inf
+    order = np.argsort(-conf, kind="stable")
+    descending = conf[order]
+    errors = np.cumsum(1.0 - hits[order])
+    if delta is None:
+        thresholds = np.unique(conf)  # ascending: the first that meets the target answers the most rows
+        answered = np.searchsorted(-descending, -thresholds, side="right")  # rows with confidence >= threshold
+        meets = errors[answered - 1] / answered <= target_risk + 1e-12
+        return float(thresholds[np.argmax(meets)]) if meets.any() else math.inf
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    steps = math.ceil(math.log2(conf.size + 1))  # enough for a binary search over any range of 1..n
+    level = delta / steps
+
+    def passes(answered: int) -> bool:  # answered: the rows with confidence >= the answered-th highest one
+        answered = int(np.searchsorted(-descending, -descending[answered - 1], side="right"))
+        return binomial_cdf(int(errors[answered - 1]), answered, target_risk) <= level
+
+    # Answer the k most confident rows: the largest k that passes, searched from the fewest rows that could pass
+    # with no error at all ((1 - target)^k <= level), below which the test cannot vouch for the target.
+    fewest = math.ceil(math.log(level) / math.log1p(-target_risk))
+    low, high, best = fewest, conf.size, None
+    for _ in range(steps):
+        if low > high:
+            break
+        middle = (low + high + 1) // 2
+        if passes(middle):
+            best, low = middle, middle + 1
+        else:
+            high = middle - 1
+    return math.inf if best is None else float(descending[best - 1])
 
 
 def selective_summary(confidence: Sequence[float], correct: Sequence[float],

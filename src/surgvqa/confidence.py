@@ -179,15 +179,17 @@ def _usable(row: dict[str, Any]) -> bool:
 
 
 def fit_calibration(rows: Sequence[dict[str, Any]], correct: Sequence[bool], scope: str, alpha: float | None,
-                    target_risk: float | None, temperatures: bool = True) -> dict[str, Any]:
+                    target_risk: float | None, temperatures: bool = True, risk_delta: float | None = None
+                    ) -> dict[str, Any]:
     """Temperatures, conformal quantiles and abstention thresholds fitted on validation prediction rows.
 
     ``correct[i]``: whether row i's prediction is right (strict). ``scope``: "overall" (one value for every
     question type) or "per_type" (one per type with at least :data:`MIN_ROWS_PER_TYPE` rows, the overall value
     for the others). Temperatures minimise the NLL of the true meaning over ``candidates`` rows; the conformal
     quantile (at level 1 - ``alpha``) uses the temperature-scaled probabilities of the same rows; the
-    abstention threshold is the lowest calibrated confidence whose answered rows err at most ``target_risk``
-    (None when none does: every row abstains). ``temperatures=False``: every temperature is 1.
+    abstention threshold is the lowest calibrated confidence whose answered rows err at most ``target_risk``,
+    with probability 1 - ``risk_delta`` when that is set (:func:`~surgvqa.calibration.abstention_threshold`;
+    None when no threshold qualifies: every row abstains). ``temperatures=False``: every temperature is 1.
     """
     usable = [(row, bool(hit)) for row, hit in zip(rows, correct) if _usable(row)]
     closed = [(row, meaning_distribution(row)) for row, _ in usable]
@@ -223,9 +225,9 @@ def fit_calibration(rows: Sequence[dict[str, Any]], correct: Sequence[bool], sco
         thresholds = {}
         for name, members in groups_of(usable, lambda item: _group(item[0], scope)).items():
             confidences = [calibrated_confidence(row, calibration) for row, _ in members]
-            threshold = abstention_threshold(confidences, [hit for _, hit in members], target_risk)
+            threshold = abstention_threshold(confidences, [hit for _, hit in members], target_risk, risk_delta)
             thresholds[name] = threshold if math.isfinite(threshold) else None
-        calibration.update(target_risk=target_risk, abstain_threshold=thresholds)
+        calibration.update(target_risk=target_risk, risk_delta=risk_delta, abstain_threshold=thresholds)
     return calibration
 
 
@@ -323,4 +325,4 @@ def fit_on_rows(rows: Sequence[dict[str, Any]], settings: Any, evaluate: Evaluat
     scope = "per_type" if settings.calibration == "per_type" else OVERALL
     return fit_calibration(rows, strict_correct(rows, evaluate), scope, settings.conformal_alpha,
                            settings.target_risk if settings.abstain else None,
-                           temperatures=settings.calibration != "none")
+                           temperatures=settings.calibration != "none", risk_delta=settings.risk_delta)

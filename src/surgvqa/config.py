@@ -248,11 +248,14 @@ class PredictConfig(_Section):
     # Confidence (docs/confidence.md), fitted on the validation split's predictions and applied to these:
     # temperature scaling with one temperature overall or one per question type ("none": the model's own numbers);
     # split-conformal answer sets for closed questions covering the answer with probability >= 1 - alpha;
-    # abstention below the confidence at which the validation split's answered questions err at target_risk.
+    # abstention below the lowest confidence at which the answered questions' error rate stays within target_risk,
+    # except with probability risk_delta (a binomial test on the validation split; null: the validation split's
+    # own error rate, a point estimate that new questions often exceed).
     calibration: Literal["none", "overall", "per_type"] = "none"
     conformal_alpha: float | None = Field(None, gt=0, lt=1)
     abstain: bool = False
     target_risk: float = Field(0.05, gt=0, lt=1)
+    risk_delta: float | None = Field(0.1, gt=0, lt=1)
 
 
 # The prediction modes, as the config accepts them (the command line checks --mode against the same list).
