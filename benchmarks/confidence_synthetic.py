@@ -31,7 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench-learn"))
     parser.add_argument("--images", type=int, default=4000, help="as given to learn_synthetic.py")
-    parser.add_argument("--mode", choices=("constrained", "rank"), default="rank")
+    parser.add_argument("--mode", choices=("generate", "constrained", "rank"), default="rank")
     parser.add_argument("--scope", choices=("overall", "per_type"), default="per_type")
     parser.add_argument("--alpha", type=float, default=0.1)
     parser.add_argument("--target-risk", type=float, default=0.05)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from surgvqa.calibration import expected_calibration_error
 from surgvqa.confidence import (
     CANDIDATES,
     LABEL_SET,
@@ -192,6 +193,39 @@ def test_fit_on_validation_rows_then_apply(tmp_path):
     assert 0 < len(answered) < len(applied)
     assert np.mean([row["prediction"] != row["answer"] for row in answered]) < 0.3
     assert apply_calibration(applied[0], calibration, abstain=True) == applied[0]  # idempotent
+
+
+def sequence_rows(rng: np.random.Generator, count: int, question_type: str, offset: float) -> list[dict]:
+    """Open-answer rows claiming sigmoid(z) while right with probability sigmoid(0.5 z + offset)."""
+    rows = []
+    for index in range(count):
+        z = rng.normal(1.5, 2.0)
+        right = rng.uniform() < 1 / (1 + math.exp(-(0.5 * z + offset)))
+        rows.append({"id": f"{question_type}{index}", "question_type": question_type, "answer": "a",
+                     "prediction": "a" if right else "b", "error": None, "confidence_kind": SEQUENCE,
+                     "confidence_raw": 1 / (1 + math.exp(-z))})
+    return rows
+
+
+def test_score_confidences_are_platt_scaled_per_type():
+    rng = np.random.default_rng(0)
+    val = sequence_rows(rng, 600, "open", -0.5) + sequence_rows(rng, 600, "yes_no", 1.0)
+    test = sequence_rows(rng, 600, "open", -0.5) + sequence_rows(rng, 600, "yes_no", 1.0)
+    correct = [row["prediction"] == row["answer"] for row in val]
+    calibration = fit_calibration(val, correct, "per_type", alpha=None, target_risk=None)
+    fitted = calibration["platt"][SEQUENCE]
+    assert set(fitted) == {"overall", "open", "yes_no"}
+    assert fitted["open"][1] < 0 < fitted["yes_no"][1]  # per type: one too sure, the other not sure enough
+    applied = [apply_calibration(row, calibration, abstain=False) for row in test]
+    assert all(row["platt"] == fitted[row["question_type"]] and row["temperature"] is None for row in applied)
+    hits = [row["prediction"] == row["answer"] for row in test]
+    before = expected_calibration_error([row["confidence_raw"] for row in test], hits)
+    after = expected_calibration_error([row["confidence"] for row in applied], hits)
+    assert after < before / 2
+    # "none" fits nothing: the model's own confidence stays
+    unscaled = fit_calibration(val, correct, "overall", alpha=None, target_risk=None, temperatures=False)
+    assert unscaled["platt"] == {} and apply_calibration(test[0], unscaled, False)["confidence"] == test[0][
+        "confidence_raw"]
 
 
 def test_predict_stage_fits_on_validation_and_marks_sets_and_abstentions(tiny_model_dir, prepared, predictor,

@@ -248,6 +248,49 @@ def fit_temperature(logits: np.ndarray, targets: Sequence[int], low: float = 0.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Platt scaling (Platt 1999): a confidence that is a score, not a distribution over candidates
+# ----------------------------------------------------------------------------------------------------------------
+
+IDENTITY_PLATT = (1.0, 0.0)
+
+
+def logit(probability: np.ndarray | float, eps: float = 1e-9) -> np.ndarray:
+    """log(p / (1 - p)), p clipped to [eps, 1 - eps]."""
+    clipped = np.clip(np.asarray(probability, dtype=np.float64), eps, 1 - eps)
+    return np.log(clipped) - np.log1p(-clipped)
+
+
+def platt_scale(confidence: np.ndarray | float, slope: float, intercept: float) -> np.ndarray:
+    """sigmoid(slope * logit(confidence) + intercept); (1, 0) leaves confidences in (0, 1) as they are."""
+    return 1.0 / (1.0 + np.exp(-(slope * logit(confidence) + intercept)))
+
+
+def fit_platt(confidence: Sequence[float], correct: Sequence[float]) -> tuple[float, float]:
+    """(slope, intercept) minimising :func:`binary_nll` of :func:`platt_scale` on (confidence, correct): a
+    logistic regression of correctness on the logit of the confidence. With the intercept at 0 it is the binary
+    form of temperature scaling (slope = 1 / T); the intercept also corrects a confidence that is too low or too
+    high everywhere. Rows all right or all wrong have no finite optimum: the identity (1, 0)."""
+    conf, hits = _arrays(confidence, correct)
+    if not conf.size or hits.min() == hits.max():
+        return IDENTITY_PLATT
+    features = torch.tensor(logit(conf))
+    targets = torch.tensor(hits)
+    slope = torch.ones((), dtype=torch.float64, requires_grad=True)
+    intercept = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([slope, intercept], max_iter=200, tolerance_grad=1e-10, tolerance_change=1e-12,
+                                  line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(slope * features + intercept, targets)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(slope.detach()), float(intercept.detach())
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Split conformal prediction (Vovk et al.; the "LAC" score of Sadinle et al. 2019)
 # ----------------------------------------------------------------------------------------------------------------
 

@@ -14,9 +14,11 @@ from surgvqa.calibration import (
     abstention_threshold,
     conformal_quantile,
     conformal_set,
+    fit_platt,
     fit_temperature,
     log_softmax,
     pad_logits,
+    platt_scale,
 )
 from surgvqa.config import EvaluateConfig
 from surgvqa.data.answers import normalize_answer
@@ -24,6 +26,8 @@ from surgvqa.decoding import CandidateScore, answer_meaning, score_candidates
 from surgvqa.scoring import PredictionRow, score_row
 
 CANDIDATES, LABEL_SET, SEQUENCE = "candidates", "label_set", "sequence"
+# Kinds whose confidence is a score of the answer alone (no distribution over candidates to soften): Platt-scaled.
+SCORE_KINDS = (LABEL_SET, SEQUENCE)
 OVERALL = "overall"
 MIN_ROWS_PER_TYPE = 20  # fewer validation rows of a type than this: the type uses the overall fit
 
@@ -185,7 +189,10 @@ def fit_calibration(rows: Sequence[dict[str, Any]], correct: Sequence[bool], sco
 
     ``correct[i]``: whether row i's prediction is right (strict). ``scope``: "overall" (one value for every
     question type) or "per_type" (one per type with at least :data:`MIN_ROWS_PER_TYPE` rows, the overall value
-    for the others). Temperatures minimise the NLL of the true meaning over ``candidates`` rows; the conformal
+    for the others). Temperatures minimise the NLL of the true meaning over ``candidates`` rows; ``label_set``
+    and ``sequence`` rows get Platt scaling instead, per kind (slope and intercept minimising the NLL of
+    "the answer is right", :func:`~surgvqa.calibration.fit_platt`; a group whose rows are all right or all
+    wrong has no fit and uses the overall one, or none); the conformal
     quantile (at level 1 - ``alpha``) uses the temperature-scaled probabilities of the same rows; the
     abstention threshold is the lowest calibrated confidence whose answered rows err at most ``target_risk``,
     with probability 1 - ``risk_delta`` when that is set (:func:`~surgvqa.calibration.abstention_threshold`;
@@ -209,7 +216,14 @@ def fit_calibration(rows: Sequence[dict[str, Any]], correct: Sequence[bool], sco
         fit = [(logits, target) for logits, target in fit if target >= 0]
         fitted[name] = fit_temperature(pad_logits([logits for logits, _ in fit]),
                                        [target for _, target in fit]) if fit and temperatures else 1.0
-    calibration: dict[str, Any] = {"scope": scope, "temperature": fitted,
+    platt: dict[str, dict[str, list[float]]] = {}
+    for kind in SCORE_KINDS if temperatures else ():
+        members = [(row, hit) for row, hit in usable if row.get("confidence_kind") == kind]
+        for name, group in groups_of(members, lambda item: _group(item[0], scope)).items():
+            if len({hit for _, hit in group}) == 2:
+                slope, intercept = fit_platt([row["confidence_raw"] for row, _ in group], [hit for _, hit in group])
+                platt.setdefault(kind, {})[name] = [slope, intercept]
+    calibration: dict[str, Any] = {"scope": scope, "temperature": fitted, "platt": platt,
                                    "rows": len(usable), "candidate_rows": len(closed)}
     if alpha is not None:
         quantiles = {}
@@ -240,21 +254,35 @@ def temperature_for(calibration: dict[str, Any] | None, row: dict[str, Any]) -> 
     return _lookup(calibration.get("temperature", {}), row, 1.0) if calibration else 1.0
 
 
+def platt_for(calibration: dict[str, Any] | None, row: dict[str, Any]) -> tuple[float, float] | None:
+    """(slope, intercept) for a ``label_set`` / ``sequence`` row: its type's fit, else the overall one; None
+    when neither was fitted."""
+    table = (calibration or {}).get("platt", {}).get(row.get("confidence_kind"), {})
+    value = table.get(row.get("question_type", ""), table.get(OVERALL))
+    return (float(value[0]), float(value[1])) if value else None
+
+
 def calibrated_confidence(row: dict[str, Any], calibration: dict[str, Any] | None) -> float | None:
-    """The row's confidence after temperature scaling (``candidates`` rows) or as the model gave it."""
+    """The row's confidence after temperature scaling (``candidates`` rows) or Platt scaling (the others, where
+    fitted), else as the model gave it."""
     if meaning_distribution(row) is not None:
         return candidate_confidence(row, temperature_for(calibration, row))[2]
     value = row.get("confidence_raw")
-    return float(value) if isinstance(value, (int, float)) else None
+    if not isinstance(value, (int, float)):
+        return None
+    scaling = platt_for(calibration, row)
+    return float(platt_scale(value, *scaling)) if scaling else float(value)
 
 
 def apply_calibration(row: dict[str, Any], calibration: dict[str, Any] | None, abstain: bool) -> dict[str, Any]:
-    """The row with ``confidence``, ``temperature``, ``answer_set`` (when a conformal quantile was fitted) and
-    ``abstained`` (when ``abstain``) set from ``calibration``; idempotent (every field is recomputed from the raw
-    ones)."""
+    """The row with ``confidence``, ``temperature``, ``platt``, ``answer_set`` (when a conformal quantile was
+    fitted) and ``abstained`` (when ``abstain``) set from ``calibration``; idempotent (every field is recomputed
+    from the raw ones)."""
     row = dict(row)
     row["confidence"] = calibrated_confidence(row, calibration)
     row["temperature"] = temperature_for(calibration, row) if meaning_distribution(row) is not None else None
+    scaling = platt_for(calibration, row) if row["temperature"] is None else None
+    row["platt"] = list(scaling) if scaling else None
     row["answer_set"] = None
     if calibration and "conformal_quantile" in calibration and meaning_distribution(row) is not None:
         labels, probabilities, _ = candidate_confidence(row, row["temperature"])
@@ -272,7 +300,7 @@ def apply_calibration(row: dict[str, Any], calibration: dict[str, Any] | None, a
 
 EMPTY_FIELDS: dict[str, Any] = {"confidence": None, "confidence_raw": None, "confidence_kind": None,
                                 "candidate_logprobs": None, "label_probabilities": None, "temperature": None,
-                                "answer_set": None, "abstained": False}
+                                "platt": None, "answer_set": None, "abstained": False}
 
 
 def sequence_fields(token_logprobs: Sequence[float]) -> dict[str, Any]:

@@ -108,7 +108,7 @@ def confidence_metrics(predictions: Path, settings: Any, type_order: Sequence[st
     return {
         "definitions": "docs/confidence.md; metrics: surgvqa.calibration (15 bins; NLL and Brier of the confidence "
                        "as a forecast that the answer is right)",
-        "calibration": {key: calibration[key] for key in ("scope", "temperature", "conformal_alpha",
+        "calibration": {key: calibration[key] for key in ("scope", "temperature", "platt", "conformal_alpha",
                                                           "conformal_quantile", "target_risk", "risk_delta",
                                                           "abstain_threshold")
                         if key in calibration} if calibration else None,
