@@ -27,6 +27,25 @@ from surgvqa.predict import calibration_files, run_predict
 RESULTS = Path(__file__).parent / "results"
 
 
+def summarise(runs: list[dict]) -> dict:
+    """Mean, min and max over runs of the all-rows figures; how many runs have a lower ECE after calibration."""
+    summary = {}
+    for key in ("ece_before", "ece_after", "ece_if_calibrated_after", "nll_before", "nll_after", "accuracy_answered",
+                "risk_answered", "answered"):
+        values = [run["per_type"]["all"][key] for run in runs if key in run["per_type"]["all"]]
+        values = [value[1] if isinstance(value, list) else value for value in values if value is not None]
+        if values:  # ece_if_calibrated: its 95th percentile
+            summary[key] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+    coverage = [run["per_type"]["all"]["conformal"]["coverage"] for run in runs if run["per_type"]["all"].get("conformal")]
+    if coverage:
+        summary["conformal_coverage"] = {"mean": sum(coverage) / len(coverage), "min": min(coverage),
+                                         "max": max(coverage)}
+    summary["runs"] = len(runs)
+    summary["ece_lower_after"] = sum(run["per_type"]["all"]["ece_after"] < run["per_type"]["all"]["ece_before"]
+                                     for run in runs)
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench-learn"))
@@ -83,11 +102,12 @@ def main() -> None:
                    f"--alpha {args.alpha} --target-risk {args.target_risk} --risk-delta {args.risk_delta}"
                    + "".join(f" --set {item}" for item in args.overrides),
         "date": time.strftime("%Y-%m-%d"),
+        "mode": args.mode,
         "machine": {"cores": os.cpu_count(), "gpu": None},
         "load_average_at_end": os.getloadavg(),
         "predict_seconds": round(predict_seconds, 1),
         "train_steps": log_rows[-1].get("step"), "train_epochs": log_rows[-1].get("epoch"),
-        "calibration": {key: calibration.get(key) for key in ("scope", "temperature", "conformal_quantile",
+        "calibration": {key: calibration.get(key) for key in ("scope", "temperature", "platt", "conformal_quantile",
                                                                "risk_delta", "abstain_threshold", "rows",
                                                                "candidate_rows")},
         "per_type": per_type,
@@ -95,22 +115,11 @@ def main() -> None:
     }
     result = json.loads(args.result.read_text(encoding="utf-8")) if args.result.is_file() else {}
     runs = {**result.get("runs", {}), args.name or str(args.workdir): payload}
-    summary = {}
-    for key in ("ece_before", "ece_after", "ece_if_calibrated_after", "nll_before", "nll_after", "accuracy_answered",
-                "risk_answered", "answered"):
-        values = [run["per_type"]["all"][key] for run in runs.values() if key in run["per_type"]["all"]]
-        values = [value[1] if isinstance(value, list) else value for value in values if value is not None]
-        if values:  # ece_if_calibrated: its 95th percentile
-            summary[key] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
-    coverage = [run["per_type"]["all"]["conformal"]["coverage"] for run in runs.values()
-                if run["per_type"]["all"].get("conformal")]
-    if coverage:
-        summary["conformal_coverage"] = {"mean": sum(coverage) / len(coverage), "min": min(coverage),
-                                         "max": max(coverage)}
-    summary["ece_lower_after"] = sum(run["per_type"]["all"]["ece_after"] < run["per_type"]["all"]["ece_before"]
-                                     for run in runs.values())
+    summaries = {mode: summarise([run for run in runs.values() if run.get("mode") == mode])
+                 for mode in sorted({run.get("mode") for run in runs.values()})}
     args.result.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.result, {"benchmark": "confidence_synthetic", "runs": runs, "summary_all_rows": summary})
+    atomic_write_json(args.result, {"benchmark": "confidence_synthetic", "runs": runs,
+                                     "summary_all_rows_by_mode": summaries})
     print(json.dumps(payload, indent=2))
 
 
