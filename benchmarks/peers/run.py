@@ -514,8 +514,9 @@ def predict_and_score(peer: str, work: Path, model_dir: Path, seed: int, test: P
     if reuse and _complete(raw, rows_expected):
         run = {"returncode": 0, "wall_s": None}
     else:
-        if (own / "predictions.jsonl").exists():
-            (own / "predictions.jsonl").unlink()
+        # a rerun starts from nothing: `swift infer` appends to an existing --result_path
+        for stale in {own / "predictions.jsonl", raw}:
+            stale.unlink(missing_ok=True)
         run = run_command(command, own / "predict.log")
     surgvqa_generate = work / "surgvqa" / "predict" / f"s{seed}" / "surgvqa-generate" / "predictions.jsonl"
     baseline = surgvqa_generate if surgvqa_generate.is_file() and peer != "surgvqa" else None
