@@ -37,6 +37,20 @@ def _arrays(confidence: Sequence[float], correct: Sequence[float]) -> tuple[np.n
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def equal_width_bin(conf: np.ndarray, n_bins: int) -> np.ndarray:
+    """Each confidence's bin among ``n_bins`` equal-width bins of [0, 1], the last one closed."""
+    return np.minimum((conf * n_bins).astype(np.int64), n_bins - 1)
+
+
+def per_draw_bin_sums(bins: np.ndarray, weights: np.ndarray | None, n_bins: int) -> np.ndarray:
+    """draws x n_bins sums of ``weights`` (draws x rows; None: counts) by each row's bin in ``bins`` (draws x
+    rows): one ``bincount`` for every draw at once."""
+    draws = bins.shape[0]
+    keys = (np.arange(draws)[:, None] * n_bins + bins).ravel()
+    flat = None if weights is None else weights.ravel()
+    return np.bincount(keys, weights=flat, minlength=draws * n_bins).reshape(draws, n_bins)
+
+
 def calibration_bins(confidence: Sequence[float], correct: Sequence[float], n_bins: int = ECE_BINS,
                      scheme: str = "width") -> list[dict[str, float]]:
     """The non-empty bins of a reliability diagram: per bin its share of rows, mean confidence, accuracy.
@@ -50,7 +64,7 @@ def calibration_bins(confidence: Sequence[float], correct: Sequence[float], n_bi
     if conf.size == 0:
         return []
     if scheme == "width":
-        index = np.minimum((conf * n_bins).astype(np.int64), n_bins - 1)
+        index = equal_width_bin(conf, n_bins)
         groups = [np.flatnonzero(index == b) for b in range(n_bins)]
         edges = [(b / n_bins, (b + 1) / n_bins) for b in range(n_bins)]
     elif scheme == "mass":
@@ -116,11 +130,10 @@ def resampled_metrics(confidence: Sequence[float], correct: Sequence[float], ind
     """
     conf, hits = _arrays(confidence, correct)
     index = np.atleast_2d(index)
-    draws, n = index.shape
-    width_bin = np.minimum((conf * n_bins).astype(np.int64), n_bins - 1)
-    keys = (np.arange(draws)[:, None] * n_bins + width_bin[index]).ravel()
-    count, conf_sum, hit_sum = (np.bincount(keys, weights=weights, minlength=draws * n_bins).reshape(draws, n_bins)
-                                for weights in (None, conf[index].ravel(), hits[index].ravel()))
+    n = index.shape[1]
+    bins = equal_width_bin(conf, n_bins)[index]
+    count, conf_sum, hit_sum = (per_draw_bin_sums(bins, weights, n_bins)
+                                for weights in (None, conf[index], hits[index]))
     gap = np.abs(hit_sum - conf_sum)
     with np.errstate(invalid="ignore", divide="ignore"):
         bin_gap = np.where(count > 0, gap / count, -np.inf)
@@ -148,14 +161,13 @@ def calibrated_ece_range(confidence: Sequence[float], samples: int = 200, level:
     if not conf.size:
         return [math.nan, math.nan]
     rng = np.random.default_rng(seed)
-    width_bin = np.minimum((conf * n_bins).astype(np.int64), n_bins - 1)
-    conf_sum = np.bincount(width_bin, weights=conf, minlength=n_bins)
+    width_bin = equal_width_bin(conf, n_bins)
+    conf_sum = per_draw_bin_sums(width_bin[None, :], conf[None, :], n_bins)
     values = []
     step = max(1, min(samples, MAX_DRAWS_PER_CHUNK // conf.size))
     for start in range(0, samples, step):
-        hits = rng.uniform(size=(min(step, samples - start), conf.size)) < conf
-        keys = (np.arange(hits.shape[0])[:, None] * n_bins + width_bin[None, :]).ravel()
-        hit_sum = np.bincount(keys, weights=hits.ravel(), minlength=hits.shape[0] * n_bins).reshape(-1, n_bins)
+        hits = (rng.uniform(size=(min(step, samples - start), conf.size)) < conf).astype(np.float64)
+        hit_sum = per_draw_bin_sums(np.broadcast_to(width_bin, hits.shape), hits, n_bins)
         values.append(np.abs(hit_sum - conf_sum).sum(axis=1) / conf.size)
     draws = np.concatenate(values)
     return [float(draws.mean()), float(np.quantile(draws, level))]

@@ -142,14 +142,14 @@ def confidence_table(section: dict[str, Any]) -> TableData:
     """The calibration and selective-prediction table of metrics.json's ``confidence``: one row per type, then
     all rows."""
     header = ["type", "n", "accuracy %", "ECE before", "ECE after", "ECE if calibrated", "ECE mass after",
-              "MCE after", "Brier after",
-              "NLL after", "AURC", *[f"acc@{round(c * 100)} %" for c in section["coverages"]]]
+              "MCE after", "Brier after", "NLL after", "AURC", *[f"acc@{round(c * 100)} %" for c in section["coverages"]]]
     rows = []
     for name, group in section["per_type"].items():
         before, after = group["before"], group["after"]
         rows.append([name, str(group["n"]), confidence_percent(after["accuracy"]),
                      _score(before["ece"], before["ece_ci"]), _score(after["ece"], after["ece_ci"]),
-                     _calibrated_ece(after.get("ece_if_calibrated")), _score(after["ece_equal_mass"]), _score(after["mce"]), _score(after["brier"], after["brier_ci"]),
+                     _calibrated_ece(after.get("ece_if_calibrated")), _score(after["ece_equal_mass"]),
+                     _score(after["mce"]), _score(after["brier"], after["brier_ci"]),
                      _score(after["nll"], after["nll_ci"]), _score(group["aurc"]),
                      *[confidence_percent(group[f"accuracy_at_{round(c * 100)}"]) for c in section["coverages"]]])
     return header, rows
