@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
@@ -29,6 +28,7 @@ from surgvqa.config import Config, LoraConfig
 from surgvqa.data.images import allowed_image_roots
 from surgvqa.dataset import TrainingCollator, VQADataset
 from surgvqa.faults import failpoint
+from surgvqa.host_allocator import reuse_large_host_allocations
 from surgvqa.io import append_lines, atomic_write_text, iter_jsonl, jsonl_text, replace_directory
 from surgvqa.masking import IGNORE_INDEX
 from surgvqa.modeling import (
@@ -39,6 +39,7 @@ from surgvqa.modeling import (
     register_sentinel_tokens,
     resolve_model_path,
 )
+from surgvqa.vocab_gradients import route_tied_embedding_rows, summed_cross_entropy
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def supervised_only_loss(model: Any, inputs: dict[str, torch.Tensor], labels: to
     keep[:, :-1] = shifted != IGNORE_INDEX
     outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
     targets = shifted[shifted != IGNORE_INDEX]
-    loss = F.cross_entropy(outputs.logits.float(), targets, reduction="sum")
+    loss = summed_cross_entropy(outputs.logits.float(), targets)
     divisor = num_items_in_batch if num_items_in_batch is not None else max(targets.numel(), 1)
     if torch.is_tensor(divisor):
         divisor = divisor.to(loss.device)
@@ -103,6 +104,20 @@ class SupervisedOnlyTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
         self._window = {"tokens": 0, "supervised": 0, "steps_start": time.perf_counter()}
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's loop, with the tied input embedding's gradient added row-wise (vocab_gradients) where the
+        run is one process: under DDP, FSDP or DeepSpeed the gradient is reduced before the rows would be added.
+        On the CPU, large temporaries are reused from step to step (host_allocator)."""
+        if self.args.device.type == "cpu":
+            reuse_large_host_allocations()
+        single_process = (self.args.world_size == 1 and not self.is_deepspeed_enabled and not self.is_fsdp_enabled)
+        handle = route_tied_embedding_rows(self.accelerator.unwrap_model(self.model)) if single_process else None
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if handle is not None:
+                handle.remove()
 
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
         if self.lengths is None:

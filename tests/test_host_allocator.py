@@ -1,0 +1,34 @@
+"""On glibc, CPU training reuses large temporaries instead of page-faulting them in every step (host_allocator)."""
+
+import platform
+import subprocess
+import sys
+
+import pytest
+
+PAGE_FAULTS_OF_REPEATED_40MB_TEMPORARIES = """
+import resource, torch
+from surgvqa.host_allocator import reuse_large_host_allocations
+
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        torch.ones(10_000_000).sum()  # 40 MB, above glibc's default 32 MiB mmap ceiling
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+faults()
+default = faults()
+applied = reuse_large_host_allocations()
+faults()
+print(default, applied, faults(), reuse_large_host_allocations())
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt thresholds are glibc's")
+def test_large_temporaries_are_reused_rather_than_faulted_in_again():
+    completed = subprocess.run([sys.executable, "-c", PAGE_FAULTS_OF_REPEATED_40MB_TEMPORARIES],
+                               capture_output=True, text=True, check=True, timeout=120)
+    default, applied, reused, applied_again = completed.stdout.split()
+    assert int(default) > 5 * 9000  # every 40 MB block (about 9,800 pages) faulted in anew
+    assert applied == applied_again == "True"
+    assert int(reused) < 1000
