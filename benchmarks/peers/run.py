@@ -37,6 +37,8 @@ sys.path.insert(0, str(HERE.parent))  # benchmarks/_common.py
 
 from _common import load_average, machine_info
 
+from surgvqa.io import atomic_write_text
+
 PEERS = ("surgvqa", "llamafactory", "ms-swift", "trl")
 VENVS = HERE / ".venvs"
 PROJECT_BIN = ROOT / ".venv" / "bin"
@@ -600,7 +602,7 @@ def main() -> None:
                 # re-read first: one command per peer may run beside another, each owns only its own entry
                 results = json.loads(result_file.read_text()) if result_file.is_file() else {"peers": {}}
                 results["peers"][peer] = entry
-                result_file.write_text(json.dumps(results, indent=1) + "\n")
+                atomic_write_text(result_file, json.dumps(results, indent=1) + "\n")
 
             save(run_peer(peer, work, args.seeds, args.steps, args.lora_steps, save, args.reuse_finished,
                           args.own_predict_seeds), complete=True)
@@ -616,7 +618,7 @@ def main() -> None:
         "uncommitted_in_src": subprocess.run([*git, "status", "--porcelain", "src"], check=False,
                                              capture_output=True, text=True).stdout.split("\n")[:-1]}
     results["comparison"] = compare(results, work, GOALS)
-    result_file.write_text(json.dumps(results, indent=1) + "\n")
+    atomic_write_text(result_file, json.dumps(results, indent=1) + "\n")
     print(json.dumps(results["comparison"], indent=1))
 
 
