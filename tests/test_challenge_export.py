@@ -4,6 +4,7 @@ rewrites; `surgvqa evaluate --challenge` scores its predictions_1.json."""
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,14 @@ from pathlib import Path
 import datasets
 import pytest
 
-from surgvqa.challenge import CHALLENGES, export_submission, render_script, write_challenge_predictions
+from surgvqa.challenge import (
+    CHALLENGES,
+    export_submission,
+    local_datasets,
+    render_script,
+    run_script,
+    write_challenge_predictions,
+)
 from surgvqa.config import SUBMISSION_INFO_FIELDS, ConfigError, load_config
 from surgvqa.data.records import read_records, write_records
 from surgvqa.evaluate import run_evaluate
@@ -161,3 +169,40 @@ def test_the_wrong_task_and_a_missing_adapter_are_one_line_errors(untrained_run)
 def test_the_shim_is_never_part_of_the_submission(exported):
     _, out, *_ = exported
     assert not any(Path(out).rglob("sitecustomize.py"))
+
+
+def test_a_row_the_script_cannot_answer_is_answered_empty_named_and_stops_the_export(exported, tmp_path):
+    config, out, records, _, _ = exported
+    rows = records[:6]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"this is not an image")
+    stand_in = datasets.Dataset.from_dict({
+        "image": [str(broken) if index == 2 else row.image for index, row in enumerate(rows)],
+        "question": [row.question for row in rows], "answer": [row.answer for row in rows],
+        "img_id": [row.img_id for row in rows],
+    }).cast_column("image", datasets.Image())
+    stand_in.save_to_disk(str(tmp_path / "stand-in"))
+    broken_config = load_config(None, [f"{key}={value}" for key, value in (
+        ("output_dir", config.output_dir), ("run_name", config.run_name), ("cache_dir", config.cache_dir))] + [
+        *export_settings(config.export.base_model, config.export.adapter),
+        f"export.validation_data={tmp_path / 'stand-in'}"])
+
+    work = tmp_path / "runner"
+    work.mkdir()
+    shutil.copy(out / "submission_task1.py", work)
+    result = run_script(work / "submission_task1.py", work, local_datasets(broken_config, CHALLENGES["gi-2025"]),
+                        quiet=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "row 2: UnidentifiedImageError" in result.stdout
+    payload = json.loads((work / "predictions_1.json").read_text(encoding="utf-8"))
+    complete = json.loads((out / "predictions_1.json").read_text(encoding="utf-8"))["predictions"]
+    assert [p["answer"] for p in payload["predictions"]] == [
+        "" if index == 2 else complete[index]["answer"] for index in range(6)]
+    assert [row["index"] for row in payload["debug"]["failed_rows"]] == [2]
+
+    previous = tmp_path / "submission"
+    previous.mkdir()
+    (previous / "kept.txt").write_text("the last good export", encoding="utf-8")
+    with pytest.raises(RuntimeError, match=r"could not answer 1 of 6 rows .* \(first: row 2, UnidentifiedImageError"):
+        export_submission(broken_config, "gi-2025", previous, quiet=True)
+    assert [p.name for p in previous.iterdir()] == ["kept.txt"]

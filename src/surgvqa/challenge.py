@@ -75,6 +75,7 @@ INLINED = (
     ("surgvqa.text_metrics", "corpus_bleu"),
     ("surgvqa.text_metrics", "mean_rouge"),
     ("surgvqa.text_metrics", "nltk_meteor"),
+    ("surgvqa.batch_isolation", "run_isolated"),
 )
 # The script's imports: transformers and peft pinned (they decide tokenisation and decoding), the rest at least as
 # tested here.
@@ -236,6 +237,15 @@ def export_submission(config: Config, challenge_name: str, out: Path, *, validat
                                    + (f": {tail[0]}" if tail else ""))
             if not (staging / "predictions_1.json").is_file():
                 raise RuntimeError("the submission script wrote no predictions_1.json")
+            payload = json.loads((staging / "predictions_1.json").read_text(encoding="utf-8"))
+            failed_rows = payload.get("debug", {}).get("failed_rows") or []
+            if failed_rows:
+                first = failed_rows[0]
+                raise RuntimeError(
+                    f"the submission script could not answer {len(failed_rows)} of {len(payload['predictions'])} "
+                    f"rows of {config.export.validation_data} in the validation run (first: row {first['index']}, "
+                    f"{first['error']}); it answers them with an empty string: fix the rows or the run, or export "
+                    "with --no-validate")
         replace_directory(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

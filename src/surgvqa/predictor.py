@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from surgvqa.batch_isolation import run_isolated
 from surgvqa.chat import ANSWER_CLOSE, ANSWER_OPEN, END_OF_TURN
 from surgvqa.confidence import (
     GreedyLogprobRecorder,
@@ -273,31 +274,15 @@ class Predictor:
 
     def _run_isolated(self, runner: Callable, records: list[Record], features: dict[int, dict],
                       indices: list[int]) -> list[Outcome]:
-        """Run a group as one batch. Out of memory: halve it and retry, down to one row, which alone is that row's
-        error. Any other failure: row by row, so that one bad record cannot sink the others."""
-        try:
-            return runner([records[i] for i in indices], [features[i] for i in indices])
-        except torch.OutOfMemoryError as exc:
-            _release_cached_memory()
-            if len(indices) == 1:
-                return [Outcome(error=f"OutOfMemoryError: a single record does not fit ({_first_line(exc)}); "
-                                      f"lower model.max_pixels or use a larger GPU")]
-            half = (len(indices) + 1) // 2
-            log.warning("out of memory on a batch of %d; retrying as %d + %d", len(indices), half,
-                        len(indices) - half)
-            return [*self._run_isolated(runner, records, features, indices[:half]),
-                    *self._run_isolated(runner, records, features, indices[half:])]
-        except Exception as exc:  # noqa: BLE001 - any failure of one record is that record's error
-            if len(indices) == 1:
-                return [Outcome(error=f"{type(exc).__name__}: {exc}")]
-            log.warning("batch failed (%s); retrying its %d records one by one", exc, len(indices))
-            return [outcome for index in indices
-                    for outcome in self._run_isolated(runner, records, features, [index])]
+        """Run a group as one batch; a record that cannot be answered gets its error (batch_isolation)."""
+        def failed(_index: int, exc: BaseException) -> Outcome:
+            if isinstance(exc, torch.OutOfMemoryError):
+                return Outcome(error=f"OutOfMemoryError: a single record does not fit ({_first_line(exc)}); "
+                                     f"lower model.max_pixels or use a larger GPU")
+            return Outcome(error=f"{type(exc).__name__}: {exc}")
 
-
-def _release_cached_memory() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        return run_isolated(lambda group: runner([records[i] for i in group], [features[i] for i in group]),
+                            indices, failed, log.warning)
 
 
 def _first_line(exc: BaseException) -> str:
