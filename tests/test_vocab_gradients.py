@@ -79,6 +79,7 @@ def test_tied_rows_give_the_stock_gradient_with_padding_repeats_and_accumulation
     assert stock["embed.weight"][0].abs().sum() > 0  # the LM head's share of the padding row stays
     handle = route_tied_embedding_rows(model)
     assert handle is not None
+    assert model.embed(batches[0]).is_leaf  # the lookup is cut from the weight: the rows take the other path
     routed = _accumulated_grads(model, batches)
     assert torch.allclose(routed["embed.weight"], stock["embed.weight"], atol=1e-6)
     handle.remove()
@@ -144,3 +145,4 @@ def test_the_trainer_routes_the_rows_during_training_only(tiny_model_dir, prepar
           data_collator=TrainingCollator(processor.tokenizer.pad_token_id)).train()
     assert seen_hooks == [1, 1]
     assert not embedding._forward_hooks
+

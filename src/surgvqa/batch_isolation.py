@@ -19,9 +19,13 @@ def run_isolated(run: Callable[[list[int]], list[Answer]], indices: list[int],
     Out of memory: the cached GPU memory is released and the batch halved and retried, down to one row, which
     alone becomes ``failed(index, error)``. Any other failure: the batch is retried row by row, so that one bad row
     (an unreadable image, an over-long prompt) cannot sink the others. ``retrying`` is told each retry in a line.
+    A broken device (``torch.AcceleratorError``: a device-side assert, an illegal memory access) is raised at once:
+    no row after it could be answered.
     """
     try:
         return run(indices)
+    except getattr(torch, "AcceleratorError", ()):
+        raise
     except torch.OutOfMemoryError as exc:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

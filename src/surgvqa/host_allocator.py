@@ -6,7 +6,8 @@ size floats: 39 MB each on the tiny model, more with more supervised positions),
 them in again: measured here, a 39 MB log-softmax took 22 ms that way and 13 ms from reused heap memory, and a
 tiny-model training step about 12 % less time. Raising the threshold keeps such blocks on the heap, where the next
 step reuses them; raising the trim threshold with it stops glibc from handing the freed top of the heap straight
-back. The cost is up to ``TRIM_THRESHOLD`` of freed memory kept mapped (peak RSS measured within 2 %).
+back. The cost is up to ``TRIM_THRESHOLD`` of freed memory kept mapped per process (DataLoader workers forked
+afterwards inherit the thresholds); peak RSS was measured within 2 %.
 """
 
 from __future__ import annotations

@@ -106,13 +106,17 @@ class SupervisedOnlyTrainer(Trainer):
         self._window = {"tokens": 0, "supervised": 0, "steps_start": time.perf_counter()}
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
-        """The Trainer's loop, with the tied input embedding's gradient added row-wise (vocab_gradients) where the
-        run is one process: under DDP, FSDP or DeepSpeed the gradient is reduced before the rows would be added.
+        """The Trainer's loop, with the tied input embedding's gradient added row-wise (vocab_gradients) where one
+        model replica steps after backward: not under DDP, FSDP, DeepSpeed or DataParallel (the gradient would be
+        reduced, or the hook run on another device's replica, before the rows are added) nor a layer-wise optimizer.
         On the CPU, large temporaries are reused from step to step (host_allocator)."""
         if self.args.device.type == "cpu":
             reuse_large_host_allocations()
-        single_process = (self.args.world_size == 1 and not self.is_deepspeed_enabled and not self.is_fsdp_enabled)
-        handle = route_tied_embedding_rows(self.accelerator.unwrap_model(self.model)) if single_process else None
+        one_replica_stepping_after_backward = (
+            self.args.world_size == 1 and self.args.n_gpu <= 1 and not self.is_deepspeed_enabled
+            and not self.is_fsdp_enabled and "layerwise" not in self.args.optim and "lomo" not in self.args.optim)
+        handle = route_tied_embedding_rows(self.accelerator.unwrap_model(self.model)) \
+            if one_replica_stepping_after_backward else None
         try:
             return super().train(*args, **kwargs)
         finally:

@@ -63,9 +63,14 @@ def _row_gradient_hook(weight: nn.Parameter, padding_idx: int | None):
                 rows = rows.masked_fill((flat_ids == padding_idx)[:, None], 0)
 
             def accumulate() -> None:
+                # Repeated ids summed in float32 first, then one add per row: in bf16 a running sum of every
+                # occurrence of a template token would round at each add (CUDA's embedding backward sums in float32).
+                used, position = torch.unique(flat_ids, return_inverse=True)
+                summed = torch.zeros(used.numel(), rows.shape[1], dtype=torch.float32, device=rows.device)
+                summed.index_add_(0, position, rows.float())
                 if weight.grad is None:
                     weight.grad = torch.zeros_like(weight)
-                weight.grad.index_add_(0, flat_ids, rows.to(weight.grad.dtype))
+                weight.grad.index_add_(0, used, summed.to(weight.grad.dtype))
 
             torch.autograd.Variable._execution_engine.queue_callback(accumulate)
 
@@ -79,9 +84,11 @@ def route_tied_embedding_rows(model: nn.Module) -> Any | None:
     """Install the row-wise tied-embedding gradient on ``model``; the hook's handle, or None where it does not apply.
 
     It applies to a trainable input embedding that is the LM head's weight (Qwen2-VL-2B, Qwen2.5-VL-3B, the tiny
-    model) and a plain ``nn.Embedding`` lookup. It is for one process: under DDP, FSDP or DeepSpeed the gradient
-    hooks that start the reduction fire on the weight's gradient before the rows are added, so the caller leaves
-    it off there.
+    model) and a plain ``nn.Embedding`` lookup. The rows reach ``weight.grad`` only through ``backward()``, at its
+    end: it is for one model replica whose optimizer steps after backward. Under DDP, FSDP or DeepSpeed the
+    reduction starts from the weight's gradient before the rows are added, DataParallel replicas share the hook
+    but not the weight, a layer-wise optimizer steps inside backward, and ``torch.autograd.grad`` never sees the
+    rows, so the caller leaves it off in the first four and removes it after training.
     """
     embedding = model.get_input_embeddings()
     output_embedding = model.get_output_embeddings()
