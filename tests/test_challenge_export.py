@@ -171,25 +171,32 @@ def test_the_shim_is_never_part_of_the_submission(exported):
     assert not any(Path(out).rglob("sitecustomize.py"))
 
 
-def test_a_row_the_script_cannot_answer_is_answered_empty_named_and_stops_the_export(exported, tmp_path):
+def _broken_stand_in(exported, folder: Path, rows: int, broken_rows: set[int]):
+    """(config whose validation data is a stand-in of the first ``rows`` test rows, with ``broken_rows``' images
+    replaced by bytes that are no image; the runner's folder holding the exported script)."""
     config, out, records, _, _ = exported
-    rows = records[:6]
-    broken = tmp_path / "broken.png"
+    broken = folder / "broken.png"
     broken.write_bytes(b"this is not an image")
+    chosen = records[:rows]
     stand_in = datasets.Dataset.from_dict({
-        "image": [str(broken) if index == 2 else row.image for index, row in enumerate(rows)],
-        "question": [row.question for row in rows], "answer": [row.answer for row in rows],
-        "img_id": [row.img_id for row in rows],
+        "image": [str(broken) if index in broken_rows else row.image for index, row in enumerate(chosen)],
+        "question": [row.question for row in chosen], "answer": [row.answer for row in chosen],
+        "img_id": [row.img_id for row in chosen],
     }).cast_column("image", datasets.Image())
-    stand_in.save_to_disk(str(tmp_path / "stand-in"))
+    stand_in.save_to_disk(str(folder / "stand-in"))
     broken_config = load_config(None, [f"{key}={value}" for key, value in (
         ("output_dir", config.output_dir), ("run_name", config.run_name), ("cache_dir", config.cache_dir))] + [
         *export_settings(config.export.base_model, config.export.adapter),
-        f"export.validation_data={tmp_path / 'stand-in'}"])
-
-    work = tmp_path / "runner"
+        f"export.validation_data={folder / 'stand-in'}"])
+    work = folder / "runner"
     work.mkdir()
     shutil.copy(out / "submission_task1.py", work)
+    return broken_config, work
+
+
+def test_a_row_the_script_cannot_answer_is_answered_empty_named_and_stops_the_export(exported, tmp_path):
+    out = exported[1]
+    broken_config, work = _broken_stand_in(exported, tmp_path, 6, {2})
     result = run_script(work / "submission_task1.py", work, local_datasets(broken_config, CHALLENGES["gi-2025"]),
                         quiet=True)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -206,3 +213,14 @@ def test_a_row_the_script_cannot_answer_is_answered_empty_named_and_stops_the_ex
     with pytest.raises(RuntimeError, match=r"could not answer 1 of 6 rows .* \(first: row 2, UnidentifiedImageError"):
         export_submission(broken_config, "gi-2025", previous, quiet=True)
     assert [p.name for p in previous.iterdir()] == ["kept.txt"]
+
+
+def test_a_script_that_answered_no_row_writes_its_file_and_exits_non_zero(exported, tmp_path):
+    broken_config, work = _broken_stand_in(exported, tmp_path, 2, {0, 1})
+    result = run_script(work / "submission_task1.py", work, local_datasets(broken_config, CHALLENGES["gi-2025"]),
+                        quiet=True)
+    assert result.returncode == 1
+    assert "no row could be answered (first: row 0, UnidentifiedImageError" in result.stderr
+    payload = json.loads((work / "predictions_1.json").read_text(encoding="utf-8"))
+    assert [p["answer"] for p in payload["predictions"]] == ["", ""]
+    assert [row["index"] for row in payload["debug"]["failed_rows"]] == [0, 1]
