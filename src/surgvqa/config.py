@@ -230,6 +230,8 @@ class SanityConfig(_Section):
     min_match: float = Field(0.9, ge=0, le=1)
     lr: float | None = Field(None, gt=0)  # None: train.lr
     batch_size: int = Field(8, gt=0)
+    # Greedy answers checked every this many steps too, the gate ending at the first pass (None: at the end only).
+    check_every: int | None = Field(None, gt=0)
 
 
 class PredictConfig(_Section):
