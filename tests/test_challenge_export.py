@@ -207,12 +207,11 @@ def test_a_row_the_script_cannot_answer_is_answered_empty_named_and_stops_the_ex
         "" if index == 2 else complete[index]["answer"] for index in range(6)]
     assert [row["index"] for row in payload["debug"]["failed_rows"]] == [2]
 
-    previous = tmp_path / "submission"
-    previous.mkdir()
-    (previous / "kept.txt").write_text("the last good export", encoding="utf-8")
+    previous = shutil.copytree(out, tmp_path / "submission")  # the last good export
+    before = {path.name: path.read_bytes() for path in previous.iterdir()}
     with pytest.raises(RuntimeError, match=r"could not answer 1 of 6 rows .* \(first: row 2, UnidentifiedImageError"):
         export_submission(broken_config, "gi-2025", previous, quiet=True)
-    assert [p.name for p in previous.iterdir()] == ["kept.txt"]
+    assert {path.name: path.read_bytes() for path in previous.iterdir()} == before
 
 
 def test_a_script_that_answered_no_row_writes_its_file_and_exits_non_zero(exported, tmp_path):
@@ -224,3 +223,33 @@ def test_a_script_that_answered_no_row_writes_its_file_and_exits_non_zero(export
     payload = json.loads((work / "predictions_1.json").read_text(encoding="utf-8"))
     assert [p["answer"] for p in payload["predictions"]] == ["", ""]
     assert [row["index"] for row in payload["debug"]["failed_rows"]] == [0, 1]
+
+
+def test_export_replaces_only_a_new_or_empty_folder_or_an_earlier_export(untrained_run, tmp_path):
+    config = untrained_run("kvasir-vqa")
+    run_dir = config.run_dir
+    run_files = sorted(path.name for path in run_dir.iterdir())
+    with pytest.raises(ValueError, match=rf"{re.escape(str(run_dir))} is not an earlier submission folder "
+                                         r"\(it holds model, prepared\)") as caught:
+        export_submission(config, "gi-2025", run_dir, validate=False)
+    assert "\n" not in str(caught.value) and sorted(path.name for path in run_dir.iterdir()) == run_files
+
+    clone = tmp_path / "hub-clone"
+    (clone / ".git").mkdir(parents=True)
+    (clone / "submission_task1.py").write_text("# an older script\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"it holds \.git\)"):
+        export_submission(config, "gi-2025", clone, validate=False)
+    assert (clone / "submission_task1.py").read_text(encoding="utf-8") == "# an older script\n"
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine", encoding="utf-8")
+    with pytest.raises(ValueError, match="is a file"):
+        export_submission(config, "gi-2025", a_file, validate=False)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    first = export_submission(config, "gi-2025", empty, validate=False)
+    (first / "submission_task1.py").write_text("# edited by hand\n", encoding="utf-8")
+    again = export_submission(config, "gi-2025", first, validate=False)  # an earlier export: replaced whole
+    assert sorted(path.name for path in again.iterdir()) == ["README.md", "requirements.txt", "submission_task1.py"]
+    assert "# edited by hand" not in (again / "submission_task1.py").read_text(encoding="utf-8")

@@ -215,13 +215,34 @@ def run_script(script: Path, work_dir: Path, mapping: dict[str, dict[str, str]],
                           capture_output=quiet)
 
 
+SUBMISSION_FILES = ("submission_task1.py", "requirements.txt", "README.md", "predictions_1.json")
+
+
+def check_replaceable(out: Path) -> None:
+    """Export swaps its folder in whole, so ``out`` may only be missing, empty, or an earlier export: a run
+    directory, a repository clone or any other folder given by mistake must not be deleted with it."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"{out} is a file: export writes a folder")
+    entries = sorted(entry.name for entry in out.iterdir())
+    others = [name for name in entries if name not in SUBMISSION_FILES]
+    if not entries or ("submission_task1.py" in entries and not others):
+        return
+    listed = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+    raise ValueError(f"{out} is not an earlier submission folder (it holds {listed}), and export replaces its "
+                     "folder whole: choose a new or empty folder")
+
+
 def export_submission(config: Config, challenge_name: str, out: Path, *, validate: bool = True,
                       quiet: bool = False) -> Path:
-    """Write the submission folder ``out`` (replaced whole, so a failed export leaves the previous one)."""
+    """Write the submission folder ``out`` (replaced whole, so a failed export leaves the previous one; only a
+    missing or empty folder or an earlier export is replaced)."""
+    out = Path(out)
+    check_replaceable(out)
     challenge = get_challenge(challenge_name)
     script = render_script(config, challenge)
     mapping = local_datasets(config, challenge) if validate else None
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:

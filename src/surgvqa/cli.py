@@ -336,7 +336,8 @@ def evaluate(
 
 @app.command()
 def export(
-    out: Annotated[Path, typer.Argument(help="the submission folder to write (replaced whole)")],
+    out: Annotated[Path, typer.Argument(help="the submission folder to write: a new or empty folder, or an earlier "
+                                             "export, which is replaced whole")],
     challenge: Annotated[str, typer.Option(help="gi-2025, gi-2026, medico-2025 or medico-2026")],
     config: ConfigOption = None,
     set_: SetOption = None,
