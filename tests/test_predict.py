@@ -417,3 +417,36 @@ def test_an_empty_input_is_an_error_not_zero_predictions(tiny_dir, tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(ValueError, match="no records to predict"):
         run_predict(make_config(tmp_path, tiny_dir), "constrained", tmp_path / "empty.jsonl", quiet=True)
+
+
+def test_a_file_made_with_another_mode_model_or_input_is_refused_not_resumed_and_restart_replaces_it(
+        tiny_dir, prepared, tmp_path):
+    config = make_config(tmp_path, tiny_dir, "span")
+    data = tmp_path / "data.jsonl"
+    write_records(data, readable(make_records(6, "k", open_ended=False), prepared))
+    (tmp_path / "images").symlink_to(prepared / "images")
+    out = run_predict(config, "constrained", data, tmp_path / "preds.jsonl", quiet=True)
+    constrained = out.read_bytes()
+    made_with = json.loads((tmp_path / "preds.made_with.json").read_text(encoding="utf-8"))
+    assert made_with["mode"] == "constrained" and made_with["model"] == str(tiny_dir)
+
+    with pytest.raises(ValueError, match=r"preds.jsonl holds predictions made with mode constrained \(now generate\): "
+                                         r"predict into another file \(--out\), or start this one afresh \(--restart\)"):
+        run_predict(config, "generate", data, out, quiet=True)
+    other_model = shutil.copytree(tiny_dir, tmp_path / "other-model")
+    with pytest.raises(ValueError, match=rf"made with model {tiny_dir} \(now {other_model}\)"):
+        run_predict(config, "constrained", data, out, model_path=str(other_model), quiet=True)
+    more = tmp_path / "more.jsonl"
+    write_records(more, readable(make_records(3, "x", open_ended=False), prepared))
+    with pytest.raises(ValueError, match=r"made with data .*data.jsonl \(now .*more.jsonl\)"):
+        run_predict(config, "constrained", more, out, quiet=True)  # rows of two inputs would be mixed in one file
+    assert out.read_bytes() == constrained  # every refusal left the file as it was
+
+    run_predict(config, "generate", data, out, quiet=True, restart=True)
+    rows = read_done(out)
+    assert [row["id"] for row in rows] == [f"k{i:03d}" for i in range(6)]
+    assert {row["mode"] for row in rows} == {"generate"}
+    assert json.loads((tmp_path / "preds.made_with.json").read_text(encoding="utf-8"))["mode"] == "generate"
+    # The pipeline's case: the stage ledger wants predictions, whatever a manual run left in the file.
+    run_predict(config, "constrained", data, out, quiet=True, replace_other=True)
+    assert {row["mode"] for row in read_done(out)} == {"constrained"}

@@ -55,9 +55,29 @@ def test_a_changed_key_discards_the_predictions_and_the_shards_of_an_interrupted
     out = tmp_path / "predictions.jsonl"
     _write_predictions(out, 4, 0)
     _write_predictions(tmp_path / "predictions.rank1.jsonl", 4, 0)  # left by a killed 2-process run
-    seen = []
+    options = []
     monkeypatch.setattr(surgvqa.predict, "run_predict",
-                        lambda config, out, **_: seen.append(sorted(p.name for p in tmp_path.iterdir())) or
-                        _write_predictions(out, 10, 0))
+                        lambda config, out, **given: options.append(given) or _write_predictions(out, 10, 0))
     pipeline._predictions(load_config(None, [f"output_dir={tmp_path}"]), out, "model", True, resume=False)
-    assert seen == [[]]  # nothing of the old key was left to be merged back
+    assert options[0]["restart"] and options[0]["replace_other"]
+
+    monkeypatch.undo()
+    surgvqa.predict._check_made_with(out, {"mode": "constrained"}, restart=True, replace_other=True, rank=0, world=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.made_with.json"]  # nothing left to merge back
+
+
+def test_evaluating_other_predictions_leaves_the_runs_own_metrics_and_report_alone(tmp_path):
+    run = load_config(None, [f"output_dir={tmp_path}"]).run_dir
+    run.mkdir(parents=True)
+    _write_predictions(run / "predictions.jsonl", 20, 0)
+    settings = ["--set", f"output_dir={tmp_path}"]
+    assert CliRunner().invoke(app, ["evaluate", *settings]).exit_code == 0
+    own = {name: (run / name).read_bytes() for name in ("metrics.json", "report.html")}
+
+    untrained = run / "predictions.untrained.jsonl"
+    _write_predictions(untrained, 20, 5)
+    result = CliRunner().invoke(app, ["evaluate", "--predictions", str(untrained), *settings])
+    assert result.exit_code == 0, result.output
+    assert {name: (run / name).read_bytes() for name in own} == own
+    scored = json.loads((run / "predictions.untrained.evaluation" / "metrics.json").read_text())
+    assert scored["overall"]["n"] == 20

@@ -23,7 +23,7 @@ from surgvqa.pipeline import STAGE_NAMES, PipelineStop, run_pipeline
 from surgvqa.runlock import RunDirectoryBusy, run_directory_lock
 from surgvqa.slurm import render_slurm
 from surgvqa.slurm import submit as submit_all
-from surgvqa.tiny import ARCHS, build_tiny_model
+from surgvqa.tiny import ARCHS, build_tiny_model, tiny_model_settings
 
 # The other stages are imported inside their commands: torch and transformers take seconds to import, must not
 # load before the run directory's lock is taken (a second writer is refused first), and `--help` stays fast.
@@ -136,12 +136,25 @@ def make_tiny_model(
     seed: int = 0,
     min_pixels: int = 56 * 56,
     max_pixels: int = 112 * 112,
+    force: Annotated[bool, typer.Option("--force", help="replace OUT even if it holds files other than a tiny "
+                                                        "model (they are lost)")] = False,
 ) -> None:
-    """Write an offline tiny Qwen-VL model (real Qwen vocabulary and chat template, random weights)."""
+    """Write an offline tiny Qwen-VL model (real Qwen vocabulary and chat template, random weights).
+
+    A tiny model already in OUT is kept if it has these settings and rebuilt if not; any other non-empty OUT is
+    refused unless --force.
+    """
     if arch not in ARCHS:
         fail(f"--arch must be one of {', '.join(ARCHS)}, not {arch!r}")
-    path = build_tiny_model(out, arch=arch, seed=seed, min_pixels=min_pixels, max_pixels=max_pixels)
-    typer.echo(f"tiny {arch} model written to {path}")
+    previous = tiny_model_settings(out)
+    path = build_tiny_model(out, arch=arch, seed=seed, min_pixels=min_pixels, max_pixels=max_pixels, force=force)
+    if previous is not None and previous == tiny_model_settings(path):
+        typer.echo(f"tiny {arch} model with these settings already in {path}: kept")
+    elif previous is not None:
+        typer.echo(f"tiny {arch} model written to {path}, replacing the tiny model built there with other settings "
+                   f"({previous})")
+    else:
+        typer.echo(f"tiny {arch} model written to {path}")
 
 
 @app.command("make-synthetic")
@@ -306,7 +319,9 @@ def evaluate(
     set_: SetOption = None,
     predictions: Annotated[Path | None, typer.Option(help="predictions.jsonl (default: the run's)")] = None,
     baseline: Annotated[Path | None, typer.Option(help="a baseline run's predictions.jsonl to compare with")] = None,
-    out: Annotated[Path | None, typer.Option(help="output folder (default: the run directory)")] = None,
+    out: Annotated[Path | None, typer.Option(help="output folder (default: the run directory for the run's own "
+                                                  "predictions.jsonl; for any other file, <its name>.evaluation "
+                                                  "beside it)")] = None,
     report: Annotated[bool, typer.Option(help="write plots and report.html")] = True,
     challenge: Annotated[str | None, typer.Option(help="score a challenge's predictions_1.json (gi-2025, gi-2026, "
                                                        "medico-2025, medico-2026)")] = None,
@@ -319,14 +334,20 @@ def evaluate(
     cfg = _config(config, set_)
     from surgvqa.evaluate import print_metrics_table, run_evaluate
 
-    predictions = predictions or cfg.run_dir / "predictions.jsonl"
+    own = cfg.run_dir / "predictions.jsonl"
+    predictions = predictions or own
     if challenge is not None:
         local_copy = references or cfg.export.validation_data
         if local_copy is None:
             fail("--challenge needs --references (or export.validation_data): a local copy of the challenge's split")
         out = out or predictions.parent
         predictions = write_challenge_predictions(predictions, challenge, str(local_copy), out)
-    metrics = run_evaluate(predictions, out or cfg.run_dir, cfg.evaluate,
+    elif out is None:
+        # Other predictions (the untrained model's, another mode's) must not overwrite the run's own metrics.json
+        # and report.html, which `surgvqa run` would then take for up to date.
+        is_own = predictions.absolute() == own.absolute()
+        out = cfg.run_dir if is_own else predictions.with_name(f"{predictions.stem}.evaluation")
+    metrics = run_evaluate(predictions, out, cfg.evaluate,
                            baseline=baseline, run_dir=cfg.run_dir, with_report=report)
     if as_json:
         _print_json(metrics)
@@ -398,6 +419,9 @@ def predict(
     out: Annotated[Path | None, typer.Option(help="predictions file (default: <run>/predictions.jsonl)")] = None,
     model: Annotated[str | None, typer.Option("--model", help="model, adapter or merged directory "
                                               "(default: <run>/model if present, else the base model)")] = None,
+    restart: Annotated[bool, typer.Option("--restart", help="predict every row afresh, replacing what the file "
+                                          "holds (by default it is resumed, and refused if its rows were made "
+                                          "with another mode, model or input)")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Batched, resumable inference to predictions.jsonl (one process, or one shard per rank under torchrun)."""
@@ -408,7 +432,7 @@ def predict(
     from surgvqa.prediction_errors import summarise_errors
 
     path = _prepared_file(cfg, data, cfg.predict.split)
-    written = run_predict(cfg, mode=mode, data=path, out=out, model_path=model, quiet=as_json)
+    written = run_predict(cfg, mode=mode, data=path, out=out, model_path=model, quiet=as_json, restart=restart)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # rank 0 reports the merged file
     summary = summarise_errors(written)

@@ -143,11 +143,9 @@ def _run_train(config: Config, quiet: bool, resume: bool) -> None:
 def _predictions(config: Config, out: Path, model_path: str, quiet: bool, resume: bool) -> None:
     from surgvqa.predict import run_predict
     from surgvqa.prediction_errors import PredictionErrors, check_error_rate
-    from surgvqa.prediction_files import discard_predictions
 
-    if not resume:
-        discard_predictions(out)  # predictions made under another key must not be resumed
-    run_predict(config, out=out, model_path=model_path, quiet=quiet)
+    # Predictions made under another stage key must not be resumed; nor rows a manual `surgvqa predict` made there.
+    run_predict(config, out=out, model_path=model_path, quiet=quiet, restart=not resume, replace_other=True)
     try:
         summary = check_error_rate(out, config.predict.max_error_rate)
     except PredictionErrors as exc:

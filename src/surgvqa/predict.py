@@ -17,7 +17,7 @@ from surgvqa.data.records import Record, read_records
 from surgvqa.decoding import is_closed
 from surgvqa.distributed import barrier, process_group
 from surgvqa.faults import failpoint
-from surgvqa.io import append_lines, atomic_write_json, atomic_write_text, jsonl_text
+from surgvqa.io import append_lines, atomic_write_json, atomic_write_text, file_fingerprint, jsonl_text
 from surgvqa.prediction_files import (
     discard_predictions,
     image_reference,
@@ -36,14 +36,73 @@ from surgvqa.rank_threshold import resolve_threshold, validation_key
 log = logging.getLogger(__name__)
 
 
+def made_with_path(out: Path) -> Path:
+    """The file beside a predictions file that says what its rows were predicted with."""
+    return out.with_name(f"{out.stem}.made_with.json")
+
+
+def prediction_key(config: Config, mode: str, model_path: str, data: Path) -> dict[str, Any]:
+    """What a predictions file's rows depend on: rows made with another mode, model (or the same path retrained),
+    input file, prompt or masking strategy must not be resumed as if they were this run's."""
+    return {"mode": mode, "model": str(model_path), "model_files": file_fingerprint(Path(model_path)),
+            "data": str(data.absolute()), "data_file": file_fingerprint(data),
+            "prompt": config.section_hash("prompt", "model"), "strategy": config.masking.strategy}
+
+
+def _differences(earlier: dict[str, Any], now: dict[str, Any]) -> str:
+    def changed(field: str) -> bool:
+        return earlier.get(field) != now.get(field)
+
+    said = []
+    if changed("mode"):
+        said.append(f"mode {earlier.get('mode')} (now {now['mode']})")
+    if changed("model"):
+        said.append(f"model {earlier.get('model')} (now {now['model']})")
+    elif changed("model_files"):
+        said.append(f"model {now['model']} as it was before its files changed")
+    if changed("data"):
+        said.append(f"data {earlier.get('data')} (now {now['data']})")
+    elif changed("data_file"):
+        said.append(f"data {now['data']} as it was before it changed")
+    if changed("prompt") or changed("strategy"):
+        said.append("another prompt or model section")
+    return ", ".join(said)
+
+
+def _check_made_with(out: Path, key: dict[str, Any], restart: bool, replace_other: bool, rank: int,
+                     world: int) -> None:
+    """Resume ``out`` only if its rows were made with ``key``; otherwise refuse, or start afresh when asked to."""
+    record = made_with_path(out)
+    earlier = None
+    if record.is_file():
+        try:
+            earlier = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            earlier = {}  # unreadable: nothing vouches for the rows, so they count as made with something else
+    holds_rows = out.exists() or bool(rank_files(out))
+    other = holds_rows and earlier is not None and earlier != key
+    if other and not (restart or replace_other):
+        raise ValueError(f"{out} holds predictions made with {_differences(earlier, key) or 'other settings'}: "
+                         "predict into another file (--out), or start this one afresh (--restart)")
+    if rank == 0:
+        if restart or other:
+            discard_predictions(out)
+        atomic_write_json(record, key)
+    barrier(world)  # no rank appends before rank 0 has discarded what is not to be resumed
+
+
 def run_predict(config: Config, mode: str | None = None, data: Path | None = None, out: Path | None = None,
                 model_path: str | None = None, quiet: bool = False,
-                load_predictor: Callable[[], Predictor] | None = None) -> Path:
+                load_predictor: Callable[[], Predictor] | None = None, *, restart: bool = False,
+                replace_other: bool = False) -> Path:
     """Predict every record of ``data`` into ``out`` (resuming, retrying rows in error), and return ``out``.
 
-    ``load_predictor``: where the model comes from when one is needed (another run's, already loaded);
-    default: loaded from ``model_path``. Whether the rows left in error are acceptable is the caller's question:
-    see :func:`surgvqa.prediction_errors.check_error_rate`.
+    ``out`` is resumed only if its rows were made with the same mode, model, input and prompt (``<out
+    stem>.made_with.json`` says with what); otherwise this refuses, unless ``restart`` (start afresh in any case)
+    or ``replace_other`` (start afresh only then: the pipeline, whose stage ledger decides). ``load_predictor``:
+    where the model comes from when one is needed (another run's, already loaded); default: loaded from
+    ``model_path``. Whether the rows left in error are acceptable is the caller's question: see
+    :func:`surgvqa.prediction_errors.check_error_rate`.
     """
     mode = mode or config.predict.mode
     if mode not in PREDICT_MODES:
@@ -54,6 +113,7 @@ def run_predict(config: Config, mode: str | None = None, data: Path | None = Non
     model_path = model_path or default_model_path(config)
     with process_group() as (rank, world):
         out.parent.mkdir(parents=True, exist_ok=True)
+        _check_made_with(out, prediction_key(config, mode, model_path, data), restart, replace_other, rank, world)
         target, latest = _resume(out, records, rank, world)
         batches = pending_batches(records[rank::world], config.predict.batch_size, latest)
         predictor = LazyPredictor(config, model_path, data.parent, quiet, load_predictor)

@@ -138,5 +138,5 @@ def merge_rank_files(out: Path, records: Sequence[Record]) -> int:
 def discard_predictions(out: Path) -> None:
     """Delete a predictions file and its rank shards, so that nothing of it is resumed (a rerun merges leftover
     shards into the file)."""
-    for path in [out, *rank_files(out)]:
+    for path in [out, *rank_files(out), out.with_name(f"{out.stem}.made_with.json")]:
         path.unlink(missing_ok=True)
