@@ -1,7 +1,7 @@
 """Typed run configuration: YAML file + ``--set a.b=c`` overrides, validated by pydantic.
 
-Unknown keys and wrong types are errors that name the dotted key, because a silently ignored typo in a
-config (``lora.aplha``) costs a whole GPU run.
+Unknown keys, keys given twice and wrong types are errors that name the dotted key and where its value came from
+(the file or a ``--set``), because a silently ignored typo in a config (``lora.aplha``) costs a whole GPU run.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import re
 import string
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -403,7 +403,62 @@ def default_config_path() -> Path:
     return Path(str(resources.files("surgvqa") / "configs" / DEFAULT_CONFIG_NAME))
 
 
-def _parse_override(item: str) -> tuple[list[str], Any]:
+class RepeatedKeyError(yaml.YAMLError):
+    """A key given twice in one YAML mapping: ``key_path`` is its dotted path, ``lines`` the two lines it is on."""
+
+    def __init__(self, key_path: str, lines: tuple[int, int]):
+        super().__init__(f"key '{key_path}' is given twice, at lines {lines[0]} and {lines[1]}")
+        self.key_path, self.lines = key_path, lines
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping. PyYAML keeps the last one silently, so a second
+    ``train:`` section would drop the first one's settings and the run would use defaults nobody chose."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        # Where each node sits (id -> keys from the top), so that the error names the dotted key. A parent is
+        # constructed before its children, so its own place is known when its keys are checked.
+        self._key_paths: dict[int, tuple[str, ...]] = {}
+
+    def construct_sequence(self, node: yaml.SequenceNode, deep: bool = False) -> list[Any]:
+        path = self._key_paths.get(id(node), ())
+        for index, item in enumerate(node.value):
+            self._key_paths.setdefault(id(item), (*path, str(index)))
+        return super().construct_sequence(node, deep=deep)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        path = self._key_paths.get(id(node), ())
+        first_lines: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # the keys that `<<: *shared` brings are there to be overridden
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                hash(key)
+            except TypeError:
+                continue  # an unhashable key (a list): PyYAML's own construct_mapping reports it
+            if key in first_lines:
+                raise RepeatedKeyError(".".join((*path, str(key))), (first_lines[key], line))
+            first_lines[key] = line
+            self._key_paths.setdefault(id(value_node), (*path, str(key)))
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader: plain data only, like yaml.safe_load
+
+
+class _Override(NamedTuple):
+    """One ``--set key.sub=value``: the argument as given, the key's path, the value as YAML reads it and as typed."""
+
+    argument: str
+    key_path: tuple[str, ...]
+    value: Any
+    text: str
+
+
+def _parse_override(item: str) -> _Override:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key.sub=value")
     key, raw = item.split("=", 1)
@@ -412,14 +467,17 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set {item!r}: empty key")
     # YAML parses the value so that numbers, booleans, null and lists work as they do in the file.
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw) if raw.strip() else ""
+    except RepeatedKeyError as exc:
+        raise ConfigError(f"--set {key}: key '{key}.{exc.key_path}' is given twice (YAML would keep only the last; "
+                          "give it once)") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {key}: the value is not valid YAML ({_describe_yaml_error(exc)}); "
                           "quote it to pass text") from None
-    return key.split("."), value
+    return _Override(item, tuple(key.split(".")), value, raw.strip())
 
 
-def _apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
+def _apply_override(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     node = tree
     for depth, part in enumerate(path[:-1]):
         child = node.get(part)
@@ -432,18 +490,61 @@ def _apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def _format_validation_error(error: ValidationError, origin: str) -> str:
-    problems = []
+def _source_override(key_path: tuple[str, ...], overrides: list[_Override]) -> _Override | None:
+    """The override that gave the value at ``key_path``: the last one applied to that key or a section above it."""
+    source = None
+    for override in overrides:
+        if key_path[: len(override.key_path)] == override.key_path:
+            source = override
+    return source
+
+
+def _keep_typed_text(tree: dict[str, Any], error: ValidationError, overrides: list[_Override]) -> bool:
+    """Where a text key got a number or boolean from an override, give it the text as typed instead: YAML reads
+    ``--set run_name=2024`` as 2024 and ``--set slurm.partition=on`` as True, but a name or a partition is what
+    was meant. Returns whether any value changed (the tree is then validated again)."""
+    kept = False
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "<root>"
+        key_path = tuple(str(part) for part in item["loc"])
+        source = _source_override(key_path, overrides)
+        if (item["type"] == "string_type" and source is not None and source.key_path == key_path
+                and isinstance(source.value, (bool, int, float))):
+            _apply_override(tree, key_path, source.text)
+            kept = True
+    return kept
+
+
+def _error_origin(key_path: tuple[str, ...], config_path: Path, overrides: list[_Override]) -> str:
+    """Where the value a validation error is about came from: an override, the file, or both (a check over a
+    whole section, such as the split fractions, where an override changed one of its keys)."""
+    source = _source_override(key_path, overrides)
+    if source is not None:
+        return f"--set {_shortened(source.argument)}"
+    inside = [override for override in overrides if override.key_path[: len(key_path)] == key_path]
+    if inside:
+        return f"{config_path} with " + " ".join(f"--set {_shortened(override.argument)}" for override in inside)
+    return str(config_path)
+
+
+def _shortened(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _format_validation_error(error: ValidationError, config_path: Path, overrides: list[_Override]) -> str:
+    problems_by_origin: dict[str, list[str]] = {}
+    for item in error.errors():
+        key_path = tuple(str(part) for part in item["loc"])
+        key = ".".join(key_path) or "<root>"
         if item["type"] == "extra_forbidden":
-            problems.append(f"unknown key '{key}'")
+            problem = f"unknown key '{key}'"
         else:
-            got = repr(item.get("input"))
-            got = got if len(got) <= 80 else got[:77] + "..."
+            got = _shortened(repr(item.get("input")))
+            if item["type"] == "string_type" and isinstance(item.get("input"), (bool, int, float)):
+                got += "; write it in quotes to make it text"  # YAML read `run_name: 2024` as a number
             message = item["msg"].removeprefix("Value error, ")
-            problems.append(f"'{key}': {message} (got {got})")
-    return f"{origin}: " + "; ".join(problems)
+            problem = f"'{key}': {message} (got {got})"
+        problems_by_origin.setdefault(_error_origin(key_path, config_path, overrides), []).append(problem)
+    return "; ".join(f"{origin}: " + "; ".join(problems) for origin, problems in problems_by_origin.items())
 
 
 def _describe_yaml_error(exc: yaml.YAMLError) -> str:
@@ -473,18 +574,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"config file not found: {config_path}")
     text = _read_config_text(config_path)
     try:
-        tree = yaml.safe_load(text) or {}
+        tree = _load_yaml(text) or {}
+    except RepeatedKeyError as exc:
+        raise ConfigError(f"{config_path}: {exc} (YAML would keep only the last; merge them into one)") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{config_path}: not valid YAML ({_describe_yaml_error(exc)})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{config_path}: the top level must be a mapping of sections")
+    applied: list[_Override] = []
     for item in overrides or []:
-        key_path, value = _parse_override(item)
-        _apply_override(tree, key_path, value)
+        override = _parse_override(item)
+        _apply_override(tree, override.key_path, override.value)
+        applied.append(override)
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, str(config_path))) from None
+        error = exc
+    if _keep_typed_text(tree, error, applied):
+        try:
+            return Config.model_validate(tree)
+        except ValidationError as exc:
+            error = exc
+    raise ConfigError(_format_validation_error(error, config_path, applied)) from None
 
 
 def write_resolved_config(config: Config, run_dir: str | Path | None = None) -> Path:

@@ -36,7 +36,8 @@ from surgvqa.tasks.base import Task, official_split_name
 
 REJECT_REASONS = {
     "not_utf8": "line is not valid UTF-8",
-    "bad_json": "line is not a JSON object",
+    "bad_json": "line (or JSON array element) is not a JSON object",
+    "bad_csv": "line is not a well-formed CSV record",
     "missing_image": "image missing",
     "image_outside_root": "image path escapes the dataset root",
     "empty_image": "image has zero bytes",

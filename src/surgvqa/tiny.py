@@ -330,6 +330,35 @@ def greedy_generation_config():
     )
 
 
+class OccupiedFolderError(ValueError):
+    """The output folder holds something that building a tiny model there would destroy."""
+
+
+def tiny_model_settings(folder: str | Path) -> str | None:
+    """The settings the tiny model in ``folder`` was built with (its completion marker), or None when ``folder``
+    holds no finished tiny model."""
+    try:
+        return (Path(folder) / _MARKER).read_text(encoding="utf-8").strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _settings_line(arch: str, seed: int, min_pixels: int, max_pixels: int, hidden_size: int, num_layers: int) -> str:
+    # The default size is left out, as in tiny_model_dirname: markers written before sizes were recorded still
+    # read as the same settings.
+    size = "" if (hidden_size, num_layers) == (64, 2) else f" hidden_size={hidden_size} num_layers={num_layers}"
+    return f"{arch} seed={seed} min_pixels={min_pixels} max_pixels={max_pixels}{size}"
+
+
+def _occupied_folder_error(out_dir: Path) -> OccupiedFolderError:
+    if not out_dir.is_dir():
+        return OccupiedFolderError(f"{out_dir} is a file, not a folder")
+    names = sorted(path.name for path in out_dir.iterdir())
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    return OccupiedFolderError(f"{out_dir} is not empty and holds no tiny model ({shown}); choose a new or empty "
+                               "folder, or pass --force to replace the folder and everything in it")
+
+
 def build_tiny_model(
     out_dir: str | Path,
     arch: str = "qwen2_vl",
@@ -338,14 +367,27 @@ def build_tiny_model(
     max_pixels: int = 224 * 224,
     hidden_size: int = 64,
     num_layers: int = 2,
+    force: bool = False,
 ) -> Path:
     """Write a loadable tiny ``arch`` checkpoint (model, tokenizer, processor, chat template) to ``out_dir``.
 
-    Replaces ``out_dir`` if it exists. Built in a sibling temporary directory and renamed at the end, so a
-    crash never leaves a half-written checkpoint that a later ``from_pretrained`` would half-load.
+    A tiny model already there with the same settings is kept; one with other settings is replaced. Any other
+    non-empty folder is refused with :class:`OccupiedFolderError` unless ``force`` (a file always is). Built in a
+    sibling temporary directory and renamed (or swapped) in whole at the end, so a crash never leaves a
+    half-written checkpoint that a later ``from_pretrained`` would half-load.
     """
     _check_arch(arch)
     out_dir = Path(out_dir)
+    settings = _settings_line(arch, seed, min_pixels, max_pixels, hidden_size, num_layers)
+    previous = tiny_model_settings(out_dir)
+    if previous == settings:
+        return out_dir
+    holds_other_things = previous is None and out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir()))
+    if holds_other_things and not (force and out_dir.is_dir()):
+        raise _occupied_folder_error(out_dir)
+    # Decided here, where the folder's contents were checked: a folder that only appears during the build
+    # (another process's) is never swapped out.
+    replace_existing = out_dir.exists()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
@@ -357,21 +399,35 @@ def build_tiny_model(
         # The tokenizer alone (AutoTokenizer) must also render the official template, as with the real repo.
         tokenizer.save_pretrained(tmp)
         (tmp / "chat_template.jinja").write_text(chat_template(arch), encoding="utf-8")
-        (tmp / _MARKER).write_text(f"{arch} seed={seed} min_pixels={min_pixels} max_pixels={max_pixels}\n")
-        if out_dir.exists() and not (out_dir / _MARKER).is_file():
-            replace_directory(tmp, out_dir)  # a folder without the marker is unfinished: swapped out
-        else:
-            try:
-                os.replace(tmp, out_dir)
-            except OSError:
-                # Another process (e.g. a second rank) finished the same build first: same seed, same bytes.
-                if not (out_dir / _MARKER).is_file():
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / _MARKER).write_text(settings + "\n", encoding="utf-8")
+        _publish(tmp, out_dir, settings, replace_existing)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _publish(built: Path, out_dir: Path, settings: str, replace_existing: bool) -> None:
+    """Move the finished build to ``out_dir``, unless another process (a second rank of the same job) finished
+    the same build there first: its copy has the same bytes and may already be loading, so it stays."""
+    if tiny_model_settings(out_dir) == settings:
+        shutil.rmtree(built, ignore_errors=True)
+        return
+    if replace_existing:
+        replace_directory(built, out_dir)
+        return
+    try:
+        os.replace(built, out_dir)  # fails on a non-empty folder: nothing that appeared meanwhile is overwritten
+    except OSError:
+        if not out_dir.exists():
+            raise
+        now = tiny_model_settings(out_dir)
+        if now == settings:
+            shutil.rmtree(built, ignore_errors=True)
+            return
+        what = f"a tiny model with other settings ({now})" if now is not None else "other files"
+        raise OccupiedFolderError(f"{out_dir}: another process wrote {what} there while this one was being built; "
+                                  "nothing was replaced") from None
 
 
 def tiny_model_dirname(arch: str, seed: int, min_pixels: int, max_pixels: int, hidden_size: int = 64,
@@ -393,5 +449,6 @@ def ensure_tiny_model(
     path = Path(cache_dir) / tiny_model_dirname(arch, seed, min_pixels, max_pixels, hidden_size, num_layers)
     if (path / _MARKER).is_file():
         return path
+    # The folder's name is this cache's own: whatever it holds without a marker is an unfinished build.
     return build_tiny_model(path, arch=arch, seed=seed, min_pixels=min_pixels, max_pixels=max_pixels,
-                            hidden_size=hidden_size, num_layers=num_layers)
+                            hidden_size=hidden_size, num_layers=num_layers, force=True)

@@ -28,13 +28,13 @@ class StoredImage:
     reference: str = ""
     digest: str = ""
     path: Path | None = None
-    origin: str = ""  # the first row that carried this img_id
+    origin: str = ""  # the first row that carried this img_id with a usable image
     image_tokens: int = 0
 
 
 class ImageStore:
     """Decodes each img_id's image once, writes embedded bytes to ``images/`` under the prepared folder and
-    refuses a later row whose img_id names different image bytes."""
+    refuses a later row whose img_id names different image bytes than its first usable image."""
 
     def __init__(self, prepared_dir: Path, image_tokens: Callable[[int, int], int]):
         self.images_dir = prepared_dir / "images"
@@ -56,6 +56,10 @@ class ImageStore:
         # A second image under a known img_id is only compared: writing it would replace the first one's file.
         image = self._load(raw, write=known is None)
         image.origin, image.path = raw.origin, raw.image_file
+        if image.problem and known is None:
+            # A row whose image cannot be used is rejected alone: the img_id goes to the first row with a usable
+            # image, so later rows of it are not refused as conflicts with a missing file.
+            return image
         if known is None:
             self.by_id[img_id] = image
         elif not image.digest:  # this row's own file could not be read

@@ -121,12 +121,12 @@ def allowed_image_roots(config: Config, base_dir: str | Path | None = None) -> l
     """The folders a run may read images from: the folder of the JSONL being read, the run's prepared folder,
     the source dataset's image root (``data.image_root``, else the folder of a file source) and the image folder
     rows are joined to by img_id (``data.images``)."""
-    from surgvqa.data.sources import dataset_root
+    from surgvqa.data.sources import dataset_root, local_path
 
     roots = [Path(base_dir)] if base_dir is not None else []
     roots.append(config.run_dir / "prepared")
     if (root := dataset_root(config.data.source, config.data.image_root)) is not None:
         roots.append(root)
-    if config.data.images and Path(config.data.images).is_dir():
-        roots.append(Path(config.data.images))  # a folder of <img_id>.jpg files rows are joined to (x1)
+    if config.data.images and local_path(config.data.images).is_dir():
+        roots.append(local_path(config.data.images))  # a folder of <img_id>.jpg files rows are joined to (x1)
     return roots

@@ -1,15 +1,15 @@
 """Readers for every place a Kvasir-VQA copy can live, all yielding the same raw row.
 
 Formats: the Hugging Face parquet export (file or folder), a ``datasets`` ``save_to_disk`` folder, a hub id
-(only where a hub is reachable), JSON lines with image paths, and CSV + an image folder. Images may be embedded
-bytes or paths; paths must resolve inside the dataset root. Readers never judge a row's content (that is
-``prepare``'s job); they only report rows that cannot be read at all.
+(only where a hub is reachable), JSON lines with image paths (or, in a ``.json`` file, one JSON array of row
+objects), and CSV + an image folder. Images may be embedded bytes or paths; paths must resolve inside the dataset
+root. Readers never judge a row's content (that is ``prepare``'s job); they only report rows that cannot be read
+at all, naming the file's own line (or array element) numbers.
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -191,16 +191,60 @@ def _iter_hub(name: str, split: str, cache_dir: Path,
 
 
 def _decode_lines(path: Path) -> Iterator[tuple[int, str | None]]:
+    """Each line (split at "\\n", ends kept) decoded on its own, None for one that is not UTF-8; a byte-order
+    mark, which editors on Windows write, is no part of the first line."""
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
-                yield number, raw.decode("utf-8")
+                yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError:
                 yield number, None
 
 
+def _starts_with_json_array(path: Path) -> bool:
+    """True when a ``.json`` file holds one JSON array (as VQA-RAD and SLAKE ship), not JSON lines; a ``.jsonl``
+    file is JSON lines whatever it holds."""
+    if path.suffix.lower() != ".json":
+        return False
+    with path.open("rb") as handle:
+        head = handle.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
+    return head.startswith(b"[")
+
+
+def _iter_json_array(path: Path, root: Path, required: Mapping[str, tuple[str, ...]] = REQUIRED_COLUMNS
+                     ) -> Iterator[RawRow]:
+    raw_bytes = path.read_bytes()
+    try:
+        text = raw_bytes.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw_bytes[:exc.start].count(b"\n") + 1
+        raise SourceError(f"{path} line {line}: not valid UTF-8; a JSON array is read as a whole, so save the "
+                          f"file as UTF-8 (or as JSON lines, where only the bad line is rejected)") from None
+    try:
+        # One parse of the whole file: a damaged array has no rows to recover, and the real files are megabytes.
+        elements = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SourceError(f"{path}: not a valid JSON array (line {exc.lineno} column {exc.colno}: {exc.msg}); "
+                          f"the file is truncated or damaged") from None
+    del raw_bytes, text  # this generator lives as long as prepare reads: keep only the parsed rows
+    keys_seen: set[str] = set()
+    for index, element in enumerate(elements):
+        origin = f"{path.name} element {index}"
+        if not isinstance(element, dict):
+            yield RawRow(origin, None, None, None, None, problem="bad_json",
+                         detail=f"element is a JSON {type(element).__name__}, not an object")
+            continue
+        keys_seen.update(element)
+        yield _row_from_mapping(element, origin, root)
+    if keys_seen:
+        _require_columns(keys_seen, str(path), kind="field", required=required)
+
+
 def _iter_jsonl(path: Path, root: Path, required: Mapping[str, tuple[str, ...]] = REQUIRED_COLUMNS
                 ) -> Iterator[RawRow]:
+    if _starts_with_json_array(path):
+        yield from _iter_json_array(path, root, required)
+        return
     keys_seen: set[str] = set()
     objects = 0
     for number, line in _decode_lines(path):
@@ -226,35 +270,95 @@ def _iter_jsonl(path: Path, root: Path, required: Mapping[str, tuple[str, ...]] 
         _require_columns(keys_seen, str(path), kind="field", required=required)
 
 
+class _CsvLines:
+    """A CSV file's lines for ``csv.reader``: decoded one at a time, so that a line which is not UTF-8 is that
+    line's reject rather than the whole file's failure, and numbered as the file numbers them, which the
+    reader's own ``line_num`` no longer does once a line is dropped."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.record_start: int | None = None  # the line the current record starts on, set by its first line
+        self.dropped: list[int] = []  # lines not in UTF-8 that are not yet reported
+
+    def __iter__(self) -> Iterator[str]:
+        for number, line in _decode_lines(self.path):
+            if line is None:
+                self.dropped.append(number)
+                continue
+            if self.record_start is None:
+                self.record_start = number
+            yield line
+
+    def next_record(self, reader: Any) -> list[str] | None:
+        """The reader's next record (None at the end); raises csv.Error for a malformed one."""
+        self.record_start = None
+        return next(reader, None)
+
+    def dropped_rows(self) -> Iterator[RawRow]:
+        for number in self.dropped:
+            yield RawRow(f"{self.path.name} line {number}", None, None, None, None, problem="not_utf8",
+                         detail="line is not valid UTF-8")
+        self.dropped.clear()
+
+
+def _csv_problem(exc: csv.Error) -> str:
+    # csv's own text suggests "universal-newline mode", which would split the row in two without a word: say what
+    # is in the file instead.
+    if "new-line character" in str(exc):
+        return "a carriage return (\\r) inside an unquoted field; quote the field or remove the carriage return"
+    return f"not a well-formed CSV record ({exc})"
+
+
+def _read_csv_header(path: Path, lines: _CsvLines, reader: Any) -> list[str] | None:
+    """The header record (blank lines before it skipped, as csv.DictReader does); None for an empty file."""
+    while True:
+        try:
+            header = lines.next_record(reader)
+        except csv.Error as exc:
+            raise SourceError(f"{path} line {lines.record_start}: cannot read the header: {_csv_problem(exc)}"
+                              ) from None
+        if lines.dropped:  # the header cannot be guessed past a line that cannot be decoded
+            raise SourceError(f"{path} line {lines.dropped[0]}: the header line is not valid UTF-8")
+        if header != []:
+            return header
+
+
 def _iter_csv(path: Path, root: Path, required: Mapping[str, tuple[str, ...]] = REQUIRED_COLUMNS
               ) -> Iterator[RawRow]:
-    raw_bytes = path.read_bytes()
-    try:
-        text = raw_bytes.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        # Decode line by line so one bad line is reported instead of the whole file failing.
-        good_lines = []
-        for number, line in enumerate(raw_bytes.split(b"\n"), start=1):
-            try:
-                good_lines.append(line.decode("utf-8"))
-            except UnicodeDecodeError:
-                yield RawRow(f"{path.name} line {number}", None, None, None, None, problem="not_utf8",
-                             detail="line is not valid UTF-8")
-        text = "\n".join(good_lines)
-    reader = csv.DictReader(io.StringIO(text))
-    if reader.fieldnames is None:
+    lines = _CsvLines(path)
+    # Lines keep their "\r\n" (newline="" semantics): a quoted field keeps its line breaks, and a stray "\r" in an
+    # unquoted field is an error for that record instead of a silent extra row.
+    reader = csv.reader(lines)
+    header = _read_csv_header(path, lines, reader)
+    if header is None:
         return  # no header: an empty file, reported by prepare as an empty source
-    _require_columns(reader.fieldnames, f"{path} header", required=required)
-    for index, row in enumerate(reader):
-        yield _row_from_mapping(dict(row), f"{path.name} row {index + 2}", root)
+    _require_columns(header, f"{path} header", required=required)
+    while True:
+        try:
+            values = lines.next_record(reader)
+        except csv.Error as exc:  # the parser starts afresh on the next line
+            yield from lines.dropped_rows()
+            yield RawRow(f"{path.name} line {lines.record_start}", None, None, None, None, problem="bad_csv",
+                         detail=_csv_problem(exc))
+            continue
+        yield from lines.dropped_rows()
+        if values is None:
+            return
+        if values:  # a blank line is no row
+            yield _row_from_mapping(dict(zip(header, values)), f"{path.name} line {lines.record_start}", root)
+
+
+def local_path(location: str) -> Path:
+    """A path from the config, ``~`` expanded as the shell and ``doctor`` do: a quoted ``--set`` value keeps it."""
+    return Path(location).expanduser()
 
 
 def detect_format(source: str) -> str:
     if source.startswith("hub:"):
         return "hub"
-    path = Path(source)
+    path = local_path(source)
     if not path.exists():
-        raise SourceError(f"data source not found: {source}")
+        raise SourceError(f"data source not found: {path}")
     if path.is_dir():
         if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
             return "save_to_disk"
@@ -272,10 +376,10 @@ def dataset_root(source: str, image_root: str | None) -> Path | None:
     """Where image paths of a file source resolve: ``data.image_root``, else the source file's folder (or the
     source folder itself); None for a hub id or the synthetic set, whose images are embedded."""
     if image_root:
-        return Path(image_root)
+        return local_path(image_root)
     if source.startswith("hub:") or source == "synthetic":
         return None
-    path = Path(source)
+    path = local_path(source)
     return path if path.is_dir() else path.parent
 
 
@@ -287,9 +391,9 @@ def iter_raw_rows(source: str, fmt: str = "auto", *, image_root: str | None = No
     if fmt == "hub":
         yield from _iter_hub(source.removeprefix("hub:"), hub_split, Path(cache_dir), required)
         return
-    path = Path(source)
+    path = local_path(source)
     if not path.exists():
-        raise SourceError(f"data source not found: {source}")
+        raise SourceError(f"data source not found: {path}")
     root = dataset_root(source, image_root)
     if fmt == "parquet":
         yield from _iter_parquet(path, root, required)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from surgvqa.config import DEFAULT_SYSTEM_PROMPT
 from surgvqa.data.answers import OPEN_ENDED
 from surgvqa.data.records import Record
-from surgvqa.data.sources import ANSWER_KEYS, QUESTION_KEYS, RawRow, SourceError, iter_raw_rows
+from surgvqa.data.sources import ANSWER_KEYS, QUESTION_KEYS, RawRow, SourceError, iter_raw_rows, local_path
 from surgvqa.tasks.base import SplitOutcome, Task, official_split_outcome
 
 if TYPE_CHECKING:
@@ -59,9 +59,9 @@ class ImageIndex:
         self.bytes_by_id: dict[str, bytes] = {}
         self.file_by_id: dict[str, Path] = {}
         self.source_by_id: dict[str, str] = {}
-        path = Path(location)
+        path = local_path(location)
         if not path.exists():
-            raise SourceError(f"data.images not found: {location}")
+            raise SourceError(f"data.images not found: {path}")
         is_dataset = path.is_file() or (path / "dataset_dict.json").exists() or (path / "state.json").exists() \
             or any(path.rglob("*.parquet"))
         if not is_dataset:
