@@ -53,11 +53,17 @@ def test_repeated_key_inside_an_override_value_is_named(tmp_path):
                                  "twice (YAML would keep only the last; give it once)")
 
 
-def test_bad_override_value_names_the_override_not_the_file():
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=abc", ("--set train.lr=abc: 'train.lr': Input should be a valid number, unable to parse string as "
+                      "a number (got 'abc')")),
+    # A text key keeps the override's text as typed, which is then still checked, and named as the override.
+    ("slurm.mem=1.5", ("--set slurm.mem=1.5: 'slurm.mem': must be a SLURM memory size like 64G or 16000M "
+                       "(got '1.5')")),
+])
+def test_bad_override_value_names_the_override_not_the_file(override, message):
     with pytest.raises(ConfigError) as caught:
-        load_config(None, ["train.lr=abc"])
-    assert str(caught.value) == ("--set train.lr=abc: 'train.lr': Input should be a valid number, unable to parse "
-                                 "string as a number (got 'abc')")
+        load_config(None, [override])
+    assert str(caught.value) == message
 
 
 def test_bad_file_value_still_names_the_file(tmp_path):
@@ -103,13 +109,6 @@ def test_override_of_a_text_key_keeps_the_text_as_typed(override, key, text):
     config = load_config(None, [override])
     section, _, name = key.rpartition(".")
     assert getattr(getattr(config, section) if section else config, name) == text
-
-
-def test_text_kept_as_typed_is_still_checked_and_named():
-    with pytest.raises(ConfigError) as caught:
-        load_config(None, ["slurm.mem=1.5"])
-    assert str(caught.value) == ("--set slurm.mem=1.5: 'slurm.mem': must be a SLURM memory size like 64G or 16000M "
-                                 "(got '1.5')")
 
 
 def test_number_for_a_text_key_in_the_file_says_to_quote_it(tmp_path):
