@@ -98,10 +98,17 @@ def test_unexpected_error_is_one_line_unless_debugging(tmp_path, monkeypatch):
 def test_ctrl_c_exits_130_with_one_line(tmp_path):
     # A real SIGINT inside a command of the console entry point, not a simulated exception.
     script = f"""
-import os, signal, sys
+import signal, sys, threading, time
 import surgvqa.cli
 from surgvqa.cli import main
-surgvqa.cli.render_slurm = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGINT)
+
+def press_ctrl_c(*args, **kwargs):
+    # To the main thread, as a terminal's Ctrl-C reaches it; os.kill may hand the signal to another thread of the
+    # process, and the command could then go on before Python raises KeyboardInterrupt.
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+    time.sleep(30)  # interrupted by the KeyboardInterrupt
+
+surgvqa.cli.render_slurm = press_ctrl_c
 sys.argv = ["surgvqa", "slurm", "--set", "output_dir={tmp_path}"]
 main()
 """
