@@ -179,7 +179,11 @@ def test_report_opens_in_headless_chromium(tmp_path):
             for plot_id in ("#plot-reliability", "#plot-risk-coverage"):
                 assert page.locator(plot_id).evaluate("img => img.complete && img.naturalWidth > 0")
             assert page.locator("#conformal-table").is_visible()
-            assert page.locator("#confident-errors .case").count() >= 3
+            confident_errors = page.locator("#confident-errors .case")
+            assert confident_errors.count() >= 3
+            # Each with its image, as the failure cases have theirs (the paths are relative to the predictions file).
+            assert page.locator("#confident-errors .noimg").count() == 0
+            assert page.locator("#confident-errors .case img").count() == confident_errors.count()
             page.screenshot(path=str(screenshot), full_page=True)
         finally:
             browser.close()

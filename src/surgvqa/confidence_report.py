@@ -90,6 +90,7 @@ def _covers(row: dict[str, Any]) -> bool:
 def confidence_metrics(predictions: Path, settings: Any, type_order: Sequence[str] = ()) -> dict[str, Any] | None:
     """metrics.json's ``confidence`` section, or None when no row carries a confidence."""
     from surgvqa.confidence import strict_correct  # loads torch: here, not when the report imports ALL
+    from surgvqa.evaluate import resolve_image_path
 
     rows = read_confidence_rows(predictions)
     if not rows:
@@ -116,8 +117,11 @@ def confidence_metrics(predictions: Path, settings: Any, type_order: Sequence[st
         "n_abstained": per_type[ALL]["abstained"],
         "coverages": list(COVERAGE_POINTS),
         "per_type": per_type,
+        # Images as absolute paths, as the failure cases have them: a predictions file names them relative to
+        # its own folder, which is not where the report is rendered from.
         "most_confident_errors": [
-            {key: rows[i].get(key) for key in ("id", "question", "question_type", "answer", "prediction",
-                                               "confidence", "confidence_raw", "answer_set", "image")}
+            {**{key: rows[i].get(key) for key in ("id", "question", "question_type", "answer", "prediction",
+                                                  "confidence", "confidence_raw", "answer_set")},
+             "image": resolve_image_path(rows[i].get("image"), Path(predictions).absolute().parent)}
             for i in errors[:CONFIDENT_ERRORS]],
     }

@@ -59,7 +59,7 @@ def _template(value: Any) -> int | None:
     return None
 
 
-def _resolve_image(value: Any, base: Path) -> str | None:
+def resolve_image_path(value: Any, base: Path) -> str | None:
     """The image as an absolute path; `base` (the predictions file's folder) is already absolute."""
     if not isinstance(value, str) or not value.strip():
         return None
@@ -130,7 +130,7 @@ def row_from_json(
             question=question,
             text=raw_text,
             error=error,
-            image=_resolve_image(obj.get("image"), base),
+            image=resolve_image_path(obj.get("image"), base),
             where=where,
             task=obj.get("task") if isinstance(obj.get("task"), str) and obj.get("task") else "kvasir-vqa",
             meta=obj.get("meta") if isinstance(obj.get("meta"), dict) else {},
