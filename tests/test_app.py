@@ -140,7 +140,7 @@ def test_eight_clients_at_once_get_the_answers_of_surgvqa_predict_from_one_model
 
 
 def test_the_batch_tab_writes_every_answer_under_the_run_and_names_files_that_are_not_images(served, small_run,
-                                                                                          tmp_path):
+                                                                                          tmp_path, monkeypatch):
     import csv
     import json
 
@@ -155,6 +155,14 @@ def test_the_batch_tab_writes_every_answer_under_the_run_and_names_files_that_ar
                                            for line in jsonl_path.read_text().splitlines()]
     assert all(row["answer"] and row["error"] == "" for row in rows[:6])
     assert all("notes.jpg is not an image" in row["error"] for row in rows[6:])
+
+    # Batches within the same second (two browser sessions share the service) each keep their own files.
+    monkeypatch.setattr(surgvqa.answer_service.time, "strftime", lambda *_: "20261201-000000")
+    later = [service.predict_files([str(image)], service.questions[:1]) for image in images]
+    assert len({csv_path, *(paths[0] for paths in later)}) == 3
+    for image, (later_csv, later_jsonl) in zip(images, later):
+        assert [row["image"] for row in csv.DictReader(later_csv.open())] == [image.name]
+        assert json.loads(later_jsonl.read_text())["image"] == image.name
 
 
 def test_the_untrained_base_model_answers_beside_the_trained_one(small_run, small_run_command):

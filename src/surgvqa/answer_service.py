@@ -11,6 +11,8 @@ import csv
 import io
 import json
 import math
+import os
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -217,8 +219,14 @@ class AnswerService:
             for answer in self.ask(image, questions):
                 rows.append({"image": name, "question": answer.question, "answer": answer.answer,
                              "confidence": answer.confidence, "error": answer.error})
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        csv_path, jsonl_path = self.out_dir / f"batch-{stamp}.csv", self.out_dir / f"batch-{stamp}.jsonl"
+        # One name per batch even within a second: the app serves every browser session from this one instance,
+        # so a name from the clock alone would hand one user's download another's results. mkstemp reserves it.
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        handle, reserved = tempfile.mkstemp(prefix=f"batch-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".csv",
+                                            dir=self.out_dir)
+        os.close(handle)
+        csv_path = Path(reserved)
+        jsonl_path = csv_path.with_suffix(".jsonl")
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=["image", "question", "answer", "confidence", "error"])
         writer.writeheader()
