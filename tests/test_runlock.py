@@ -76,10 +76,26 @@ def test_writing_commands_take_the_lock_and_read_only_ones_do_not(tmp_path, monk
         refused = CliRunner().invoke(app, ["slurm", "--set", f"output_dir={runs}"])
         assert refused.exit_code == 1
         assert "is in use by another surgvqa process" in refused.output
-        assert not (runs / "demo" / "config.resolved.yaml").exists()
+        assert not (runs / "demo" / "slurm").exists()
     written = CliRunner().invoke(app, ["slurm", "--set", f"output_dir={runs}"])
     assert written.exit_code == 0, written.output
-    assert (runs / "demo" / "config.resolved.yaml").is_file()
+    assert (runs / "demo" / "slurm" / "RUN_ALL.sh").is_file()
     # The command released the lock when it ended.
     with run_directory_lock(runs / "demo"):
         pass
+
+
+def test_only_the_commands_that_make_the_runs_data_and_model_record_its_resolved_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    settings = ["--set", f"output_dir={tmp_path / 'runs'}", "--set", f"cache_dir={tmp_path / 'cache'}"]
+    resolved = tmp_path / "runs" / "demo" / "config.resolved.yaml"
+    assert CliRunner().invoke(app, ["prepare", *settings]).exit_code == 0
+    recorded = resolved.read_text(encoding="utf-8")
+    assert "strategy: span" in recorded
+    # Trying other settings in a command that only reads the run's data leaves the record as it was.
+    tried = CliRunner().invoke(app, ["slurm", *settings, "--set", "masking.strategy=sentinel"])
+    assert tried.exit_code == 0, tried.output
+    assert resolved.read_text(encoding="utf-8") == recorded
+    again = CliRunner().invoke(app, ["prepare", *settings, "--set", "data.split.seed=7"])
+    assert again.exit_code == 0, again.output
+    assert "seed: 7" in resolved.read_text(encoding="utf-8")

@@ -105,16 +105,20 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _config(config: Path | None, overrides: list[str] | None, *, write: bool = True) -> Config:
+def _config(config: Path | None, overrides: list[str] | None, *, write: bool = True,
+            record: bool = False) -> Config:
     """Load the config; for a command that writes into the run directory (``write``), also take the directory's
-    lock for the rest of the command and record the resolved config there."""
+    lock for the rest of the command. Only the commands that make the run's data and model (``record``: prepare,
+    train, run) record the resolved config there: a diagnose, predict or evaluate tried with other settings must
+    not leave a config.resolved.yaml (shown in the report as the run's) that no longer describes ``model/``."""
     try:
         loaded = load_config(config, overrides or [])
     except ConfigError as exc:
         fail(str(exc))
     if write:
         _lock_run_directory(loaded)
-        write_resolved_config(loaded)
+        if record:
+            write_resolved_config(loaded)
     return loaded
 
 
@@ -184,7 +188,7 @@ def make_synthetic(
 @app.command()
 def prepare(config: ConfigOption = None, set_: SetOption = None, as_json: JsonOption = False) -> None:
     """Read the raw source, validate, split by image, type the questions, write prepared JSONL."""
-    cfg = _config(config, set_)
+    cfg = _config(config, set_, record=True)
     from surgvqa.prepare import prepare as run_prepare
     from surgvqa.prepare import print_prepare_summary
 
@@ -235,7 +239,7 @@ def train(
     as_json: JsonOption = False,
 ) -> None:
     """Fine-tune (LoRA, or every weight when lora is null) with answer-only supervision."""
-    cfg = _config(config, set_)
+    cfg = _config(config, set_, record=True)
     from surgvqa.training import Preempted
     from surgvqa.training import train as run_train
 
@@ -392,7 +396,7 @@ def run(
     stages whose inputs and config are unchanged."""
     if from_stage is not None and from_stage not in STAGE_NAMES:
         fail(f"--from {from_stage!r}: choose one of {', '.join(STAGE_NAMES)}")
-    cfg = _config(config, set_)
+    cfg = _config(config, set_, record=True)
     from surgvqa.evaluate import print_metrics_table
     from surgvqa.training import Preempted
 
