@@ -193,6 +193,17 @@ def test_data_source_must_exist(overrides, tmp_path):
     assert checks(report, "data")[0].detail.startswith(str(tmp_path / "nowhere"))
 
 
+def test_an_image_folder_that_does_not_exist_fails_the_preflight(overrides, tmp_path):
+    source = tmp_path / "kvasir.jsonl"
+    source.write_text("")
+    report = doctor.run_doctor(load_config(None, [*overrides, f"data.source={source}",
+                                                  f"data.image_root={tmp_path / 'no-images'}"]),
+                               nvml=FakeNVML(init_error=True))
+    data = checks(report, "data")
+    assert [check.status for check in data] == ["ok", "fail"] and not report.ok
+    assert data[1].detail == f"data.image_root {tmp_path / 'no-images'} not found"
+
+
 @pytest.mark.parametrize(("free_gib", "status"), [(100, "ok"), (10, "warn"), (1, "fail")])
 def test_disk_thresholds(overrides, monkeypatch, free_gib, status):
     monkeypatch.setattr(doctor.shutil, "disk_usage",

@@ -303,6 +303,12 @@ def check_data(report: DoctorReport, config: Config) -> None:
         report.add("data", "fail", f"{path} is not readable", f"chmod -R u+rX {path}")
     else:
         report.add("data", "ok", f"{path}")
+    # The folders images are read from: a wrong one passes everything above and then rejects every row.
+    for key, folder in (("data.image_root", config.data.image_root), ("data.images", config.data.images)):
+        if folder and not Path(folder).expanduser().exists():
+            report.add("data", "fail", f"{key} {Path(folder).expanduser()} not found",
+                       f"point {key} at the folder the rows' image paths are relative to"
+                       if key == "data.image_root" else f"point {key} at the folder of <img_id> images")
 
 
 def _existing_ancestor(path: Path) -> Path:
