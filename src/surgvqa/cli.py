@@ -236,6 +236,8 @@ def train(
     config: ConfigOption = None,
     set_: SetOption = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the latest checkpoint")] = False,
+    restart: Annotated[bool, typer.Option("--restart", help="start afresh even over an unfinished training's "
+                                          "checkpoints, deleting them")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Fine-tune (LoRA, or every weight when lora is null) with answer-only supervision."""
@@ -244,7 +246,7 @@ def train(
     from surgvqa.training import train as run_train
 
     try:
-        result = run_train(cfg, resume=resume)
+        result = run_train(cfg, resume=resume, restart=restart)
     except Preempted as exc:
         typer.echo(f"stopped: {exc}", err=True)
         raise typer.Exit(exc.exit_code) from None
@@ -252,6 +254,9 @@ def train(
                "final_loss": result.final_loss, "resumed_from": result.resumed_from}
     if as_json:
         _print_json(payload)
+    elif result.already_finished:
+        typer.echo(f"already trained {result.global_step} steps (mean loss {result.final_loss:.4f}); model in "
+                   f"{result.model_dir}")
     else:
         typer.echo(f"trained {result.global_step} steps (mean loss {result.final_loss:.4f}); "
                    f"model saved to {result.model_dir}")
@@ -275,15 +280,17 @@ def overfit(config: ConfigOption = None, set_: SetOption = None, as_json: JsonOp
 @app.command()
 def merge(
     adapter: Annotated[Path, typer.Argument(help="LoRA adapter directory (e.g. runs/exp1/model)")],
-    out: Annotated[Path, typer.Argument(help="where to write the merged model")],
+    out: Annotated[Path, typer.Argument(help="where to write the merged model: a new or empty folder")],
     config: ConfigOption = None,
     set_: SetOption = None,
+    force: Annotated[bool, typer.Option("--force", help="replace OUT and everything in it, whatever it holds "
+                                                        "(never the adapter or the base model)")] = False,
 ) -> None:
     """Fold a LoRA adapter into its base model and write a plain model directory."""
     cfg = _config(config, set_, write=False)
     from surgvqa.training import merge_adapter
 
-    path = merge_adapter(cfg, adapter, out)
+    path = merge_adapter(cfg, adapter, out, force=force)
     typer.echo(f"merged model written to {path}")
 
 

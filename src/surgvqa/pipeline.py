@@ -283,7 +283,7 @@ def _run_overfit(config: Config, quiet: bool, resume: bool) -> None:
 def _run_train(config: Config, quiet: bool, resume: bool) -> None:
     from surgvqa.training import train
 
-    result = train(config, resume=resume)
+    result = train(config, resume=resume, restart=not resume)  # not resumed: checkpoints of another stage key
     continued = f" (continued from {result.resumed_from})" if result.resumed_from else ""
     print(f"trained {result.global_step} steps{continued}; model saved to {result.model_dir}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib.util
 import io
 import json
@@ -29,7 +30,14 @@ from surgvqa.data.images import allowed_image_roots
 from surgvqa.dataset import TrainingCollator, VQADataset
 from surgvqa.faults import failpoint
 from surgvqa.host_allocator import reuse_large_host_allocations
-from surgvqa.io import append_lines, atomic_write_text, iter_jsonl, jsonl_text, replace_directory
+from surgvqa.io import (
+    append_lines,
+    atomic_write_json,
+    atomic_write_text,
+    iter_jsonl,
+    jsonl_text,
+    replace_directory,
+)
 from surgvqa.masking import IGNORE_INDEX
 from surgvqa.modeling import (
     load_adapter,
@@ -47,6 +55,16 @@ log = logging.getLogger(__name__)
 VISION_PARAMETER = re.compile(r"(?:^|\.)visual\.")
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: a checkpoint was saved; rerunning the command continues from it
 
+# checkpoints/made_with.json: what a training's checkpoints depend on, so that `--resume` never continues them under
+# other settings. Left out, because a resume may change them without changing what is optimised: bookkeeping (how
+# often to log and save, how many checkpoints to keep, loader workers) and how the computation is carried out.
+MADE_WITH_NAME = "made_with.json"
+RECORDED_SECTIONS = ("model", "prompt", "masking", "lora", "train")
+NOT_RECORDED = {"train": ("save_steps", "save_total_limit", "logging_steps", "num_workers"),
+                "model": ("dtype", "attn_implementation", "gradient_checkpointing")}
+# The settings a resume may raise, to train longer; lowering them is refused like any other change.
+LENGTH_SETTINGS = ("train.max_steps", "train.epochs")
+
 
 class Preempted(RuntimeError):
     """Training stopped on SIGTERM/SIGUSR1 or Ctrl-C after saving a checkpoint."""
@@ -59,6 +77,20 @@ class Preempted(RuntimeError):
     def exit_code(self) -> int:
         """130 for Ctrl-C as a shell reports it; 75 (EX_TEMPFAIL) for pre-emption, which SLURM scripts requeue."""
         return 128 + signal.SIGINT if self.signal_name == "SIGINT" else PREEMPTED_EXIT_CODE
+
+
+class TrainingAlreadyFinished(Exception):
+    """The checkpoint being resumed is already at the training's last step: there is nothing left to train."""
+
+
+class StopIfAlreadyFinished(TrainerCallback):
+    """HF's loop compares the step with ``max_steps`` only after a step, so a training resumed from its final
+    checkpoint (global_step == max_steps) would train one step past the end and save it as a new checkpoint. This
+    stops it before that step, once the checkpoint's weights are loaded (the caller can still save them)."""
+
+    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **_: Any) -> None:
+        if state.global_step > 0 and state.global_step >= state.max_steps:
+            raise TrainingAlreadyFinished
 
 
 def supervised_only_loss(model: Any, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
@@ -299,6 +331,111 @@ def truncate_logs(run_dir: Path, last_step: int) -> None:
         atomic_write_text(table, "\n".join(lines) + "\n")
 
 
+def checkpoints_key(config: Config, prepared: Path) -> dict[str, Any]:
+    """What a training's checkpoints depend on: the recorded config sections and the training split's content (a
+    hash of the content, not of the file's times, so that preparing the same split again does not count as a
+    change)."""
+    tree = config.to_dict()
+    settings = {}
+    for section in RECORDED_SECTIONS:
+        value = tree[section]
+        if isinstance(value, dict):  # a section set to null (lora) is recorded as null
+            value = {key: item for key, item in value.items() if key not in NOT_RECORDED.get(section, ())}
+        settings[section] = value
+    digest = hashlib.sha256()
+    with prepared.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {"settings": settings, "training_split_sha256": digest.hexdigest()}
+
+
+def _changed_settings(earlier: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, recorded value, current value) of each setting that differs, in config order. A key that only
+    one side has is left out: a record written before that setting existed still compares on the others."""
+    changes = []
+    for key in [*earlier, *(key for key in now if key not in earlier)]:
+        if key not in earlier or key not in now:
+            continue
+        old, new = earlier[key], now[key]
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += _changed_settings(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changes.append((f"{prefix}{key}", old, new))
+    return changes
+
+
+def _is_longer(name: str, old: Any, new: Any) -> bool:
+    """A length setting raised: more epochs, or more steps where steps (not epochs) set the length before."""
+    numbers = all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in (old, new))
+    return name in LENGTH_SETTINGS and numbers and new > old and (name != "train.max_steps" or old > 0)
+
+
+def _shown(value: Any) -> str:
+    """A setting's value as the user wrote it in YAML or --set, cut short: the error stays one readable line."""
+    if isinstance(value, float):
+        text = format(value, "g")
+    elif isinstance(value, str) and not any(char.isspace() for char in value):
+        text = value
+    else:
+        text = json.dumps(value, ensure_ascii=False)  # null, true, a list, a whole section, text with spaces
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
+def check_checkpoints_made_with(checkpoints: Path, key: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """Refuse, with a ValueError naming each difference, checkpoints recorded with other settings or another
+    training split; return the length settings that were raised (the resumed training continues to the new
+    length). Checkpoints without a record (made before it was kept) resume as they always did."""
+    record = checkpoints / MADE_WITH_NAME
+    try:
+        earlier = json.loads(record.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError):
+        earlier = None
+    recorded = earlier.get("settings") if isinstance(earlier, dict) else None
+    if recorded is None or not isinstance(recorded, dict):  # edited or damaged: written atomically, never torn
+        raise ValueError(f"cannot read {record}, which says what the checkpoints in {checkpoints} were made with: "
+                         "remove the folder to start afresh")
+    changes = _changed_settings(recorded, key["settings"])
+    longer = [change for change in changes if _is_longer(*change)]
+    said = [f"{name} {_shown(old)} → {_shown(new)}" for name, old, new in changes if (name, old, new) not in longer]
+    if earlier.get("training_split_sha256", key["training_split_sha256"]) != key["training_split_sha256"]:
+        said.append("prepared/train.jsonl changed")
+    if said:
+        raise ValueError(f"{checkpoints} were made with other settings ({', '.join(said)}): remove the folder to "
+                         "start afresh, or resume with the settings they were made with")
+    return longer
+
+
+def start_checkpoints(checkpoints: Path, key: dict[str, Any]) -> None:
+    """Empty the checkpoints folder of a training that starts afresh and record what its checkpoints will depend
+    on. An earlier training's checkpoints must go: HF rotates checkpoints out by step number, so it would delete
+    the new ones first, and a later ``--resume`` would continue the old ones under the new record."""
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(checkpoints / MADE_WITH_NAME, key)
+
+
+def mean_logged_loss(checkpoint: Path) -> float:
+    """The mean training loss of a checkpoint's steps, from the losses it logged (each one the mean since the log
+    before it; steps after the last logging step are not in it)."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    total, steps, previous = 0.0, 0, 0
+    for row in state.get("log_history", []):
+        if "loss" in row and row.get("step", 0) > previous:
+            total += row["loss"] * (row["step"] - previous)
+            steps, previous = steps + row["step"] - previous, row["step"]
+    return total / steps if steps else float("nan")
+
+
+def _saved_after(model_dir: Path, checkpoint: Path) -> bool:
+    """``model_dir`` was saved after ``checkpoint``, so it holds that training's final weights, not the model of
+    an earlier training left there by a run killed between its last checkpoint and saving ``model/``."""
+    files = [path for path in model_dir.glob("*") if path.is_file()]
+    return bool(files) and max(path.stat().st_mtime_ns for path in files) >= \
+        (checkpoint / "trainer_state.json").stat().st_mtime_ns
+
+
 def lora_target_regex(lora: LoraConfig) -> str:
     names = "|".join(lora.target_modules)
     # Qwen2-VL's vision blocks reuse names such as `proj`/`down_proj`; anchor on the language model unless asked.
@@ -390,6 +527,7 @@ class TrainResult:
     global_step: int
     final_loss: float | None
     resumed_from: str | None
+    already_finished: bool = False  # resumed from the last step: nothing trained, final_loss is the logged mean
 
 
 def save_trained(model: Any, processor: Any, target: Path) -> Path:
@@ -401,37 +539,61 @@ def save_trained(model: Any, processor: Any, target: Path) -> Path:
     return replace_directory(partial, target)
 
 
-def train(config: Config, *, resume: bool = False, callbacks: list[TrainerCallback] | None = None) -> TrainResult:
+def train(config: Config, *, resume: bool = False, restart: bool = False,
+          callbacks: list[TrainerCallback] | None = None) -> TrainResult:
     run_dir = config.run_dir
     prepared = run_dir / "prepared" / "train.jsonl"
     if not prepared.is_file():
         raise FileNotFoundError(f"{prepared} not found: run `surgvqa prepare` first")
     checkpoints = run_dir / "checkpoints"
+    made_with = checkpoints_key(config, prepared)
+    if not (resume or restart):
+        # A fresh training replaces the checkpoints: refused while they are an unfinished training's, whose
+        # only copy of the work they are (a finished one's model/ was saved after its last checkpoint).
+        unfinished = latest_complete_checkpoint(checkpoints)
+        if unfinished is not None and not _saved_after(run_dir / "model", Path(unfinished)):
+            raise ValueError(f"{checkpoints} holds an unfinished training ({Path(unfinished).name}): continue it "
+                             "with --resume, or start afresh with --restart, which deletes its checkpoints")
+    # Checked before the model loads, so that a refused resume costs a second, not a model load.
+    raised_lengths = check_checkpoints_made_with(checkpoints, made_with) \
+        if resume and latest_complete_checkpoint(checkpoints) is not None else []
     processor, model = load_for_training(config)
     dataset = VQADataset.from_jsonl(prepared, processor, config.prompt, config.masking,
                                     image_roots=allowed_image_roots(config, prepared.parent))
     args = training_arguments(config, checkpoints)
     preemption = PreemptionCallback()
     lengths = dataset.lengths(max_image_tokens(config.model)) if config.train.group_by_length else None
-    trainer = build_trainer(config, model, processor, dataset, args, callbacks=[preemption, *(callbacks or [])],
-                            lengths=lengths)
+    trainer = build_trainer(config, model, processor, dataset, args,
+                            callbacks=[StopIfAlreadyFinished(), preemption, *(callbacks or [])], lengths=lengths)
     last = latest_complete_checkpoint(checkpoints, discard_incomplete=True) if resume else None
     if resume and last is None:
         log.warning("--resume: no complete checkpoint in %s; starting from the first step", checkpoints)
     if last is None:
+        if trainer.is_world_process_zero():
+            start_checkpoints(checkpoints, made_with)
         for name in ("train_log.jsonl", "train_log.csv"):
             (run_dir / name).unlink(missing_ok=True)
     else:
         step = int(Path(last).name.rsplit("-", 1)[1])
         truncate_logs(run_dir, step)
         print(f"continuing training from {last} (step {step})", file=sys.stderr, flush=True)
+        for name, old, new in raised_lengths:
+            print(f"{name} raised ({_shown(old)} → {_shown(new)}): training continues from step {step} to the new "
+                  f"length, with the learning-rate schedule ({config.train.lr_scheduler}) recomputed for it",
+                  file=sys.stderr, flush=True)
         if trainer.is_world_process_zero():  # the history says where it continued, so a restart cannot hide
             append_lines(run_dir / "train_log.jsonl",
                          [jsonl_text([{"step": step, "event": "resumed", "checkpoint": Path(last).name}])])
+            if raised_lengths:  # the record now describes the longer training these checkpoints continue
+                atomic_write_json(checkpoints / MADE_WITH_NAME, made_with)
     try:
         output = trainer.train(resume_from_checkpoint=last)
+    except TrainingAlreadyFinished:
+        output = None
     finally:
         preemption.restore()
+    if output is None:
+        return _finished_already(trainer, processor, Path(last), run_dir)
     if preemption.signal_name:
         raise Preempted(f"{preemption.signal_name}: checkpoint saved in {checkpoints} at step "
                         f"{trainer.state.global_step}; rerun the same command (`surgvqa run`, or `surgvqa train --resume`) to continue",
@@ -442,14 +604,55 @@ def train(config: Config, *, resume: bool = False, callbacks: list[TrainerCallba
     return TrainResult(model_dir, trainer.state.global_step, output.training_loss, last)
 
 
-def merge_adapter(config: Config, adapter_dir: Path, out_dir: Path) -> Path:
-    """Fold a LoRA adapter into its base model and save a plain model directory."""
+def _finished_already(trainer: SupervisedOnlyTrainer, processor: Any, last: Path, run_dir: Path) -> TrainResult:
+    """A resume whose checkpoint is at the last step trains nothing. ``model/`` is kept when it was saved from this
+    training; otherwise (a run killed between its last checkpoint and saving it) it is saved from the checkpoint,
+    whose weights the trainer has loaded."""
+    model_dir, step = run_dir / "model", trainer.state.global_step
+    kept = _saved_after(model_dir, last)
+    if trainer.is_world_process_zero():
+        append_lines(run_dir / "train_log.jsonl", [jsonl_text([{"step": step, "event": "already finished"}])])
+        if not kept:
+            save_trained(trainer.model, processor, model_dir)
+    what = f"{model_dir} kept as it was" if kept else f"{model_dir} saved from it"
+    print(f"training already finished: {last} is at step {step} of {trainer.state.max_steps}; no step trained, "
+          f"{what}", file=sys.stderr, flush=True)
+    return TrainResult(model_dir, step, mean_logged_loss(last), str(last), already_finished=True)
+
+
+def check_merge_target(out_dir: Path, adapter_dir: Path, base_path: str, *, force: bool = False) -> None:
+    """Merge swaps ``out_dir`` in whole, so it may only be missing or empty, or hold anything with ``force``; never
+    the adapter being merged or the base model, nor a folder above them (their run directory, say)."""
+    out = out_dir.resolve()
+    for what, folder in (("the adapter being merged", adapter_dir), ("the base model", Path(base_path))):
+        if not folder.exists():
+            continue  # a hub id: the model is in the cache, not in a folder of the user's
+        inside = folder.resolve()
+        if out == inside:
+            raise ValueError(f"{out_dir} is {what}, and merge replaces its folder whole: choose another folder")
+        if out in inside.parents:
+            raise ValueError(f"{out_dir} holds {what} ({folder}), and merge replaces its folder whole: choose "
+                             "another folder")
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ValueError(f"{out_dir} is a file: merge writes a folder")
+    names = sorted(entry.name for entry in out_dir.iterdir())
+    if names and not force:
+        listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise ValueError(f"{out_dir} is not empty (it holds {listed}), and merge replaces its folder whole: choose a "
+                         "new or empty folder, or pass --force to replace the folder and everything in it")
+
+
+def merge_adapter(config: Config, adapter_dir: Path, out_dir: Path, *, force: bool = False) -> Path:
+    """Fold a LoRA adapter into its base model and save a plain model directory as ``out_dir`` (see
+    :func:`check_merge_target` for the folders it may replace)."""
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter_dir} holds no adapter_config.json: not a LoRA adapter directory")
     base_path = resolve_model_path(config)
+    check_merge_target(out_dir, adapter_dir, base_path, force=force)
     processor = load_processor(str(adapter_dir) if (adapter_dir / "tokenizer.json").exists() else base_path,
                                config.model, config.masking.strategy)
     base = load_model(base_path, config, processor, for_training=False)
     merged = load_adapter(base, adapter_dir, base_path).merge_and_unload()
     return save_trained(merged, processor, out_dir)
-
