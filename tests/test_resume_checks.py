@@ -125,6 +125,15 @@ def test_bookkeeping_settings_may_change_on_resume(copy_of_finished_run):
         ["checkpoint-2", "checkpoint-4"]
 
 
+def test_a_save_interval_lowered_on_resume_applies_to_the_resumed_steps(copy_of_finished_run):
+    run_dir, overrides = copy_of_finished_run
+    shutil.rmtree(run_dir / "checkpoints" / "checkpoint-4")  # killed after step 3: checkpoint-2 is the latest
+    resumed = run_train([*overrides, "train.save_steps=1", "train.save_total_limit=5"], "--resume", "--json")
+    assert json_result(resumed)["global_step"] == 4
+    assert sorted(path.name for path in (run_dir / "checkpoints").glob("checkpoint-*")) == \
+        ["checkpoint-2", "checkpoint-3", "checkpoint-4"]
+
+
 def test_raising_max_steps_continues_to_the_new_length_and_says_the_schedule_is_recomputed(copy_of_finished_run):
     run_dir, overrides = copy_of_finished_run
     before = json.loads((run_dir / "train_log.jsonl").read_text().splitlines()[0])

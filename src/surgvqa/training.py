@@ -93,6 +93,15 @@ class StopIfAlreadyFinished(TrainerCallback):
             raise TrainingAlreadyFinished
 
 
+class IntervalsFromArguments(TrainerCallback):
+    """A resumed Trainer takes its logging and saving intervals from the checkpoint's trainer_state.json, not from
+    the arguments (only a warning says so): a user who lowers train.save_steps after losing work to a kill would
+    still get the old interval. This puts the arguments' intervals back once the checkpoint's state is loaded."""
+
+    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **_: Any) -> None:
+        state.compute_steps(args, state.max_steps)
+
+
 def supervised_only_loss(model: Any, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
                          num_items_in_batch: int | torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """Causal-LM cross-entropy over the positions whose next-token label is supervised.
@@ -564,7 +573,8 @@ def train(config: Config, *, resume: bool = False, restart: bool = False,
     preemption = PreemptionCallback()
     lengths = dataset.lengths(max_image_tokens(config.model)) if config.train.group_by_length else None
     trainer = build_trainer(config, model, processor, dataset, args,
-                            callbacks=[StopIfAlreadyFinished(), preemption, *(callbacks or [])], lengths=lengths)
+                            callbacks=[StopIfAlreadyFinished(), IntervalsFromArguments(), preemption,
+                                       *(callbacks or [])], lengths=lengths)
     last = latest_complete_checkpoint(checkpoints, discard_incomplete=True) if resume else None
     if resume and last is None:
         log.warning("--resume: no complete checkpoint in %s; starting from the first step", checkpoints)
