@@ -102,10 +102,12 @@ import signal, sys, threading, time
 import surgvqa.cli
 from surgvqa.cli import main
 
+# As in a terminal: a shell starts its background jobs (a test run started with `&`) with SIGINT ignored, and
+# Python then leaves it ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 def press_ctrl_c(*args, **kwargs):
-    # To the main thread, as a terminal's Ctrl-C reaches it; os.kill may hand the signal to another thread of the
-    # process, and the command could then go on before Python raises KeyboardInterrupt.
-    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # to the main thread, as Ctrl-C reaches it
     time.sleep(30)  # interrupted by the KeyboardInterrupt
 
 surgvqa.cli.render_slurm = press_ctrl_c

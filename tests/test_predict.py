@@ -442,6 +442,11 @@ def test_a_file_made_with_another_mode_model_or_input_is_refused_not_resumed_and
         run_predict(config, "constrained", more, out, quiet=True)  # rows of two inputs would be mixed in one file
     assert out.read_bytes() == constrained  # every refusal left the file as it was
 
+    # The same input prepared again (same rows, a new modification time) is the same input: resumed, not refused.
+    data.write_bytes(data.read_bytes())
+    os.utime(data, ns=(data.stat().st_atime_ns, data.stat().st_mtime_ns + 10**9))
+    assert run_predict(config, "constrained", data, out, quiet=True).read_bytes() == constrained
+
     run_predict(config, "generate", data, out, quiet=True, restart=True)
     rows = read_done(out)
     assert [row["id"] for row in rows] == [f"k{i:03d}" for i in range(6)]

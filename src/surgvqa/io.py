@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -200,3 +201,15 @@ def file_fingerprint(path: Path, *, recursive: bool = False, full_paths: bool = 
         return None
     return ";".join(f"{file if full_paths else file.name}:{file.stat().st_size}:{file.stat().st_mtime_ns}"
                     for file in files)
+
+
+def content_digest(path: Path) -> str | None:
+    """The SHA-256 of a file's bytes (None: no file). Unlike :func:`file_fingerprint` it stays the same when the
+    same content is written again: a prepare or predict run that rewrites identical files changes nothing."""
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -13,7 +13,13 @@ from pathlib import Path
 
 from surgvqa.config import Config
 from surgvqa.faults import enter_stage
-from surgvqa.io import atomic_write_json, file_fingerprint, recover_directory, remove_stale_temporaries
+from surgvqa.io import (
+    atomic_write_json,
+    content_digest,
+    file_fingerprint,
+    recover_directory,
+    remove_stale_temporaries,
+)
 
 
 class PipelineStop(RuntimeError):
@@ -48,17 +54,20 @@ STAGES = (
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
 
-# Settings that change how a stage keeps its books or judges its output, never the output itself. They stay out of
-# the stage keys, so that changing one throws no finished work away: a user who just lost work to a kill lowers
-# train.save_steps, and the chain's own stop message invites raising predict.max_error_rate, which is checked on
-# every run instead (ACCEPTANCE_CHECKS). Batch sizes stay in: they change the numbers.
+# Settings that change how a stage keeps its books, judges its output or spends memory, never the output itself
+# (gradient checkpointing recomputes the same activations). They stay out of the stage keys, so that changing one
+# throws no finished work away: a user who just lost work to a kill lowers train.save_steps, one who ran out of
+# memory turns gradient checkpointing on, and the chain's own stop message invites raising predict.max_error_rate,
+# which is checked on every run instead (ACCEPTANCE_CHECKS). Batch sizes stay in: they change the numbers.
 BOOKKEEPING_SETTINGS = ("train.save_steps", "train.logging_steps", "train.save_total_limit", "train.num_workers",
-                        "predict.max_error_rate")
+                        "predict.max_error_rate", "model.gradient_checkpointing")
 
 
 def _source_fingerprint(config: Config) -> str:
     """The local data source's files with their sizes and modification times: a changed file reruns ``prepare``."""
-    path = Path(config.data.source)
+    from surgvqa.data.sources import local_path
+
+    path = local_path(config.data.source)  # `~/kvasir.jsonl` is the file prepare reads, to be fingerprinted too
     if config.data.source == "synthetic" or not path.exists():
         return config.data.source
     return file_fingerprint(path, recursive=True, full_paths=True) or ""
@@ -168,7 +177,12 @@ def previous_version_keys(config: Config) -> dict[str, str]:
 
 
 def output_fingerprint(path: Path) -> str | None:
-    """A digest of the names, sizes and modification times of a stage's output file or folder (None: missing)."""
+    """A digest of a stage's output (None: missing): a file's content, so that a manual prepare or predict that
+    writes the same bytes again leaves the chain current (a rerun prepare would otherwise retrain from scratch);
+    a folder's (model/) names, sizes and modification times, as reading gigabytes of weights on every run would
+    cost minutes, and a training that wrote the folder again did change it."""
+    if path.is_file():
+        return (content_digest(path) or "")[:16]
     listing = file_fingerprint(path, recursive=True)
     return None if listing is None else hashlib.sha256(listing.encode()).hexdigest()[:16]
 

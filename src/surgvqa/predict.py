@@ -17,7 +17,14 @@ from surgvqa.data.records import Record, read_records
 from surgvqa.decoding import is_closed
 from surgvqa.distributed import barrier, process_group
 from surgvqa.faults import failpoint
-from surgvqa.io import append_lines, atomic_write_json, atomic_write_text, file_fingerprint, jsonl_text
+from surgvqa.io import (
+    append_lines,
+    atomic_write_json,
+    atomic_write_text,
+    content_digest,
+    file_fingerprint,
+    jsonl_text,
+)
 from surgvqa.prediction_files import (
     discard_predictions,
     image_reference,
@@ -45,7 +52,7 @@ def prediction_key(config: Config, mode: str, model_path: str, data: Path) -> di
     """What a predictions file's rows depend on: rows made with another mode, model (or the same path retrained),
     input file, prompt or masking strategy must not be resumed as if they were this run's."""
     return {"mode": mode, "model": str(model_path), "model_files": file_fingerprint(Path(model_path)),
-            "data": str(data.absolute()), "data_file": file_fingerprint(data),
+            "data": str(data.absolute()), "data_file": content_digest(data),  # the same split prepared again: same
             "prompt": config.section_hash("prompt", "model"), "strategy": config.masking.strategy}
 
 

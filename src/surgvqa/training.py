@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import importlib.util
 import io
 import json
@@ -34,6 +33,7 @@ from surgvqa.io import (
     append_lines,
     atomic_write_json,
     atomic_write_text,
+    content_digest,
     iter_jsonl,
     jsonl_text,
     replace_directory,
@@ -351,11 +351,7 @@ def checkpoints_key(config: Config, prepared: Path) -> dict[str, Any]:
         if isinstance(value, dict):  # a section set to null (lora) is recorded as null
             value = {key: item for key, item in value.items() if key not in NOT_RECORDED.get(section, ())}
         settings[section] = value
-    digest = hashlib.sha256()
-    with prepared.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return {"settings": settings, "training_split_sha256": digest.hexdigest()}
+    return {"settings": settings, "training_split_sha256": content_digest(prepared)}
 
 
 def _changed_settings(earlier: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
