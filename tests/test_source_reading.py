@@ -107,13 +107,16 @@ def test_csv_rejects_name_physical_lines_after_dropped_lines_and_multi_line_fiel
     # Lines 7-8: one record whose quoted question spans two lines; it starts on line 7.
     lines.append(_csv_line({**rows[5], "question": '"Is there\ntext?"', "answer": "nan"}).encode())
     lines.append(_csv_line({**rows[6], "question": ""}).encode())  # line 9
-    lines += [_csv_line(row).encode() for row in rows[7:]]
+    # Lines 10-12: a quoted question whose middle line is not UTF-8: the record goes, not just that line.
+    lines.append(_csv_line({**rows[7], "question": '"Is there\n\xff\ntext?"'}).encode().replace(b"\xc3\xbf", b"\xff"))
+    lines += [_csv_line(row).encode() for row in rows[8:]]
     path = tmp_path / "data.csv"
     path.write_bytes(b"\r\n".join(lines) + b"\r\n")
     result = prepare(_config(tmp_path, path, tiny_model_dir), quiet=True)
     assert _origins(result.prepared_dir) == {"data.csv line 4": "not_utf8", "data.csv line 5": "not_utf8",
                                              "data.csv line 6": "empty_question", "data.csv line 7": "bad_answer",
-                                             "data.csv line 9": "empty_question"}
+                                             "data.csv line 9": "empty_question", "data.csv line 10": "not_utf8",
+                                             "data.csv line 11": "not_utf8"}
 
 
 # -- images -----------------------------------------------------------------------------------------------------

@@ -341,10 +341,17 @@ def _iter_csv(path: Path, root: Path, required: Mapping[str, tuple[str, ...]] = 
             yield RawRow(f"{path.name} line {lines.record_start}", None, None, None, None, problem="bad_csv",
                          detail=_csv_problem(exc))
             continue
+        # A line dropped after the record started was part of a quoted field: keeping the record would keep its
+        # text with a line silently cut out of it.
+        cut = values is not None and lines.record_start is not None and any(
+            number > lines.record_start for number in lines.dropped)
         yield from lines.dropped_rows()
         if values is None:
             return
-        if values:  # a blank line is no row
+        if cut:
+            yield RawRow(f"{path.name} line {lines.record_start}", None, None, None, None, problem="not_utf8",
+                         detail="a line inside this record's quoted field is not valid UTF-8")
+        elif values:  # a blank line is no row
             yield _row_from_mapping(dict(zip(header, values)), f"{path.name} line {lines.record_start}", root)
 
 
