@@ -24,7 +24,7 @@ from string import Template
 from typing import Any
 
 from surgvqa.config import SUBMISSION_INFO_FIELDS, Config, ConfigError
-from surgvqa.io import atomic_write_text, replace_directory
+from surgvqa.io import atomic_write_text, replace_directory, shown_names
 
 LOCAL_DATASETS_ENV = "SURGVQA_LOCAL_DATASETS"  # hub id -> {"path": local copy, "split": name}: read by the shim
 KVASIR_IMAGES = "SimulaMet-HOST/Kvasir-VQA"  # where Kvasir-VQA-x1 rows find their images, by img_id
@@ -229,9 +229,8 @@ def check_replaceable(out: Path) -> None:
     others = [name for name in entries if name not in SUBMISSION_FILES]
     if not entries or ("submission_task1.py" in entries and not others):
         return
-    listed = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
-    raise ValueError(f"{out} is not an earlier submission folder (it holds {listed}), and export replaces its "
-                     "folder whole: choose a new or empty folder")
+    raise ValueError(f"{out} is not an earlier submission folder (it holds {shown_names(others)}), and export "
+                     "replaces its folder whole: choose a new or empty folder")
 
 
 def export_submission(config: Config, challenge_name: str, out: Path, *, validate: bool = True,

@@ -213,3 +213,8 @@ def content_digest(path: Path) -> str | None:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def shown_names(names: list[str], limit: int = 5) -> str:
+    """The first few of a folder's entries for a one-line message: ``a, b, c and 4 more``."""
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")

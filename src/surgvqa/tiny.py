@@ -24,7 +24,7 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-from surgvqa.io import replace_directory
+from surgvqa.io import replace_directory, shown_names
 
 # The Qwen2 pre-tokenizer regex. It differs from tiktoken's cl100k default in `\p{N}` (single digits, not
 # runs of up to three), which changes how every number in an answer ("5mm", "11-20") is split.
@@ -353,8 +353,7 @@ def _settings_line(arch: str, seed: int, min_pixels: int, max_pixels: int, hidde
 def _occupied_folder_error(out_dir: Path) -> OccupiedFolderError:
     if not out_dir.is_dir():
         return OccupiedFolderError(f"{out_dir} is a file, not a folder")
-    names = sorted(path.name for path in out_dir.iterdir())
-    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    shown = shown_names(sorted(path.name for path in out_dir.iterdir()))
     return OccupiedFolderError(f"{out_dir} is not empty and holds no tiny model ({shown}); choose a new or empty "
                                "folder, or pass --force to replace the folder and everything in it")
 
