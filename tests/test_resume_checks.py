@@ -216,3 +216,24 @@ def test_a_fresh_training_over_an_unfinished_ones_checkpoints_is_refused_unless_
     restarted = run_train([*overrides, "train.max_steps=2", "train.lr=5e-4"], "--restart")
     assert restarted.returncode == 0, restarted.stderr[-3000:]
     assert sorted(path.name for path in (run_dir / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2"]
+
+
+def test_a_kill_while_old_checkpoints_are_deleted_leaves_none_of_them_to_resume(tmp_path, monkeypatch):
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "checkpoint-4").mkdir(parents=True)
+    (checkpoints / "checkpoint-4" / "trainer_state.json").write_text("{}")  # an earlier training's, no record
+    real_rmtree = shutil.rmtree
+
+    def killed_while_deleting(path, *args, **kwargs):
+        if Path(path).exists():
+            raise KeyboardInterrupt("killed part-way through deleting the old checkpoints")
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(training.shutil, "rmtree", killed_while_deleting)
+    with pytest.raises(KeyboardInterrupt):
+        training.start_checkpoints(checkpoints, {"settings": {}, "training_split_sha256": "x"})
+    monkeypatch.undo()
+    # Whatever is left of the old ones is outside the folder --resume reads, which holds the new record only.
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["made_with.json"]
+    training.start_checkpoints(checkpoints, {"settings": {}, "training_split_sha256": "x"})  # the rerun
+    assert not checkpoints.with_name("checkpoints.discarded").exists()

@@ -37,6 +37,7 @@ from surgvqa.io import (
     iter_jsonl,
     jsonl_text,
     replace_directory,
+    shown_names,
 )
 from surgvqa.masking import IGNORE_INDEX
 from surgvqa.modeling import (
@@ -416,9 +417,15 @@ def start_checkpoints(checkpoints: Path, key: dict[str, Any]) -> None:
     """Empty the checkpoints folder of a training that starts afresh and record what its checkpoints will depend
     on. An earlier training's checkpoints must go: HF rotates checkpoints out by step number, so it would delete
     the new ones first, and a later ``--resume`` would continue the old ones under the new record."""
-    shutil.rmtree(checkpoints, ignore_errors=True)
+    # Renamed aside in one step before deletion: a kill part-way through deleting must not leave some old
+    # checkpoints in a folder without their record, which a later --resume would continue unchecked.
+    discarded = checkpoints.with_name(checkpoints.name + ".discarded")
+    shutil.rmtree(discarded, ignore_errors=True)
+    if checkpoints.exists():
+        checkpoints.rename(discarded)
     checkpoints.mkdir(parents=True, exist_ok=True)
     atomic_write_json(checkpoints / MADE_WITH_NAME, key)
+    shutil.rmtree(discarded, ignore_errors=True)
 
 
 def mean_logged_loss(checkpoint: Path) -> float:
@@ -645,9 +652,9 @@ def check_merge_target(out_dir: Path, adapter_dir: Path, base_path: str, *, forc
         raise ValueError(f"{out_dir} is a file: merge writes a folder")
     names = sorted(entry.name for entry in out_dir.iterdir())
     if names and not force:
-        listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        raise ValueError(f"{out_dir} is not empty (it holds {listed}), and merge replaces its folder whole: choose a "
-                         "new or empty folder, or pass --force to replace the folder and everything in it")
+        raise ValueError(f"{out_dir} is not empty (it holds {shown_names(names)}), and merge replaces its folder "
+                         "whole: choose a new or empty folder, or pass --force to replace the folder and everything "
+                         "in it")
 
 
 def merge_adapter(config: Config, adapter_dir: Path, out_dir: Path, *, force: bool = False) -> Path:
