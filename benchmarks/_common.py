@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from surgvqa.io import atomic_write_text
+from surgvqa.core.io import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from _common import write_result
 
-from surgvqa.config import EvaluateConfig
-from surgvqa.evaluate import run_evaluate
+from surgvqa.core.config import EvaluateConfig
+from surgvqa.stages.evaluate import run_evaluate
 from surgvqa.tasks.kvasir_vqa import TEMPLATES
 
 ROWS = 60_000

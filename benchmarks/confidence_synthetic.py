@@ -19,10 +19,10 @@ import os
 import time
 from pathlib import Path
 
-from surgvqa.config import load_config
-from surgvqa.evaluate import run_evaluate
-from surgvqa.io import atomic_write_json
-from surgvqa.predict import calibration_files, run_predict
+from surgvqa.core.config import load_config
+from surgvqa.core.io import atomic_write_json
+from surgvqa.stages.evaluate import run_evaluate
+from surgvqa.stages.predict import calibration_files, run_predict
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -22,14 +22,14 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from surgvqa.config import load_config
+from surgvqa.core.config import load_config
+from surgvqa.core.io import atomic_write_json, write_jsonl
 from surgvqa.data.answers import normalize_answer
 from surgvqa.data.records import read_records
-from surgvqa.evaluate import run_evaluate
-from surgvqa.io import atomic_write_json, write_jsonl
-from surgvqa.modeling import resolve_model_path
-from surgvqa.predict import run_predict
-from surgvqa.prepare import prepare
+from surgvqa.models.loading import resolve_model_path
+from surgvqa.stages.evaluate import run_evaluate
+from surgvqa.stages.predict import run_predict
+from surgvqa.stages.prepare import prepare
 
 RESULTS = Path(__file__).parent / "results"
 MODES = ("generate", "constrained", "rank")
@@ -132,7 +132,7 @@ def main() -> None:
         train_seconds = final["train_runtime"]
     else:
         prepared = prepare(config, quiet=True).prepared_dir
-        from surgvqa.training import train as run_train
+        from surgvqa.training.trainer import train as run_train
 
         train_started = time.perf_counter()
         trained = run_train(config, callbacks=[WallClockBudget(args.minutes * 60, cosine=True)])

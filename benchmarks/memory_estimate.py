@@ -60,10 +60,10 @@ def main() -> dict:
 
     import torch
 
-    from surgvqa.config import load_config
-    from surgvqa.doctor import estimate_training_memory
-    from surgvqa.modeling import freeze_vision_tower
-    from surgvqa.training import apply_lora, supervised_only_loss
+    from surgvqa.core.config import load_config
+    from surgvqa.models.loading import freeze_vision_tower
+    from surgvqa.run.doctor import estimate_training_memory
+    from surgvqa.training.trainer import apply_lora, supervised_only_loss
 
     checkpointing = not args.no_checkpointing
     settings = load_config(None, [

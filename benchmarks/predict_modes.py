@@ -32,13 +32,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from _common import write_result
 
-from surgvqa.config import load_config
+from surgvqa.core.config import load_config
 from surgvqa.data.records import read_records
-from surgvqa.decoding import is_closed
-from surgvqa.modeling import resolve_model_path
-from surgvqa.predictor import Predictor, load_for_prediction
-from surgvqa.prepare import prepare
-from surgvqa.scoring import score_answer
+from surgvqa.evaluation.scoring import score_answer
+from surgvqa.inference.decoding import is_closed
+from surgvqa.inference.predictor import Predictor, load_for_prediction
+from surgvqa.models.loading import resolve_model_path
+from surgvqa.stages.prepare import prepare
 
 
 def _batches(items: list, size: int) -> list[list]:

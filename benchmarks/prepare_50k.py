@@ -27,11 +27,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 from _common import load_average, machine_info, write_result
 
-from surgvqa.config import load_config
+from surgvqa.core.config import load_config
 from surgvqa.data.records import read_records
-from surgvqa.dataset import TrainingCollator, VQADataset
-from surgvqa.modeling import load_processor, resolve_model_path
-from surgvqa.prepare import prepare, synthetic_source
+from surgvqa.data.synthetic import synthetic_source
+from surgvqa.models.loading import load_processor, resolve_model_path
+from surgvqa.stages.prepare import prepare
+from surgvqa.training.dataset import TrainingCollator, VQADataset
 
 IMAGES = 6_150
 ENCODE_SAMPLES = 1_008  # 63 batches of 16

@@ -6,7 +6,7 @@ checkpointing on, and times full training steps (forward, backward, AdamW) on on
 samples encoded by surgvqa's own dataset (real Qwen2 tokenizer and image processor, 448-px images = 256 image
 tokens each):
 
-- ``supervised``: ``surgvqa.training.supervised_only_loss`` (LM head on the supervised positions only);
+- ``supervised``: ``surgvqa.training.trainer.supervised_only_loss`` (LM head on the supervised positions only);
 - ``full``: ``model(**batch, labels=labels).loss`` (151,936-wide logits at every position).
 
 Each kind runs in its own child process, so its peak GPU memory (``torch.cuda.max_memory_allocated``) is its own.
@@ -54,7 +54,7 @@ def build_model(dims: str, device: str, dtype):
     import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    from surgvqa import tiny
+    from surgvqa.models import tiny
 
     shape = DIMS[dims]
     text = {key: value for key, value in shape["text"].items() if key != "mrope_section"}
@@ -81,10 +81,10 @@ def build_training_model(dims: str, device: str):
 
 
 def encoded_batch(workdir: Path, batch_size: int, image_size: int):
-    from surgvqa.config import load_config
-    from surgvqa.dataset import TrainingCollator, VQADataset
-    from surgvqa.modeling import load_processor, resolve_model_path
-    from surgvqa.prepare import prepare
+    from surgvqa.core.config import load_config
+    from surgvqa.models.loading import load_processor, resolve_model_path
+    from surgvqa.stages.prepare import prepare
+    from surgvqa.training.dataset import TrainingCollator, VQADataset
 
     config = load_config(None, [f"output_dir={workdir}", f"cache_dir={workdir}/cache", "data.synthetic.images=40",
                                 f"data.synthetic.image_size={image_size}", f"model.max_pixels={image_size ** 2}"])
@@ -101,7 +101,7 @@ def encoded_batch(workdir: Path, batch_size: int, image_size: int):
 def run_child(kind: str, args: argparse.Namespace) -> dict:
     import torch
 
-    from surgvqa.training import supervised_only_loss
+    from surgvqa.training.trainer import supervised_only_loss
 
     device = "cuda" if torch.cuda.is_available() and args.dims == "2b" else "cpu"
     batch, labels = encoded_batch(args.workdir, args.batch, args.image_size)

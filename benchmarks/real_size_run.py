@@ -36,7 +36,7 @@ def write_checkpoint(dims: str, out_dir: Path, pixels: int) -> int:
     """Save a random-weight model of these dimensions with the real Qwen2 tokenizer and processor; its size."""
     import torch
 
-    from surgvqa import tiny
+    from surgvqa.models import tiny
 
     device = "cuda" if torch.cuda.is_available() and dims == "2b" else "cpu"
     model = build_training_model(dims, device)

@@ -4,7 +4,7 @@ Run: HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/scaling.py [--images 100 400 1
   -> prints one JSON object and writes benchmarks/results/scaling.json (about 1 minute on 2 CPU cores)
 
 Per size: the synthetic Kvasir-like set is generated first (not timed; kept in the config's cache directory), then
-- ``prepare``: read the parquet, validate, split by image, type, write prepared/ (``surgvqa.prepare.prepare``);
+- ``prepare``: read the parquet, validate, split by image, type, write prepared/ (``surgvqa.stages.prepare.prepare``);
 - ``encode``: ``encode_example`` (image read + the one processor call + labels) over every train record, one
   process, as ``VQADataset.__getitem__`` does it;
 - ``evaluate``: ``run_evaluate`` without the HTML report and without METEOR, on predictions built from the prepared
@@ -32,13 +32,14 @@ import numpy as np
 import torch
 from _common import load_average, machine_info, write_result
 
-from surgvqa.config import EvaluateConfig, load_config
+from surgvqa.core.config import EvaluateConfig, load_config
+from surgvqa.core.io import write_jsonl
 from surgvqa.data.records import Record, read_records
-from surgvqa.dataset import encode_example, load_image
-from surgvqa.evaluate import run_evaluate
-from surgvqa.io import write_jsonl
-from surgvqa.modeling import load_processor, resolve_model_path
-from surgvqa.prepare import prepare, synthetic_source
+from surgvqa.data.synthetic import synthetic_source
+from surgvqa.models.loading import load_processor, resolve_model_path
+from surgvqa.prompting.encoding import encode_example, load_image
+from surgvqa.stages.evaluate import run_evaluate
+from surgvqa.stages.prepare import prepare
 
 
 def synthetic_predictions(records: list[Record]) -> list[dict]:

@@ -38,8 +38,8 @@ def main() -> None:
     from transformers import TrainerCallback
 
     import surgvqa
-    from surgvqa.config import load_config
-    from surgvqa.training import train
+    from surgvqa.core.config import load_config
+    from surgvqa.training.trainer import train
 
     torch.set_num_threads(1)
     work = args.workdir.resolve()

@@ -14,7 +14,7 @@ timing, same optimiser settings and seed. Both trainers use the HF Trainer's ran
 so step k sees the same samples in both (checked: the non-padding tokens of every timed step are equal). surgvqa:
 ``SupervisedOnlyTrainer`` + ``VQADataset`` + ``TrainingCollator`` (answer + ``<|im_end|>`` supervised). TRL:
 ``SFTTrainer`` on a ``datasets.Dataset`` with ``images`` (decoded lazily from the same PNG files), ``prompt`` (the
-same system prompt and user text, from ``surgvqa.chat.build_messages``) and ``completion`` (the same normalised
+same system prompt and user text, from ``surgvqa.prompting.chat.build_messages``) and ``completion`` (the same normalised
 answer) in conversational form, ``max_length=None``. TRL's defaults ``bf16=True`` and ``gradient_checkpointing=True``
 are switched off so both train the same fp32 model the same way; TRL then applies its own fused LM head (only
 positions with a label are projected onto the vocabulary) and computes its entropy / token-accuracy metrics.
@@ -28,7 +28,7 @@ the 151,657-wide vocabulary in torch tiles (``compact = _use_triton(device)`` is
 outputs, and again in the backward; on CUDA it projects only the labelled positions, so this CPU ratio says
 nothing about the GPU one.
 
-Part 2 (issue 5). One optimiser step on the same 32-sample batch: ``surgvqa.training.supervised_only_loss`` (LM head
+Part 2 (issue 5). One optimiser step on the same 32-sample batch: ``surgvqa.training.trainer.supervised_only_loss`` (LM head
 on supervised positions only) against ``model(**batch, labels=labels).loss`` (151,657-wide logits at every
 position), 1 warm-up + 4 timed steps, each in its own child process.
 """
@@ -67,7 +67,7 @@ GOALS = {"throughput_ratio_min": 3.0, "peak_rss_ratio_max": 0.5}
 
 
 def _config(workdir: Path):
-    from surgvqa.config import load_config
+    from surgvqa.core.config import load_config
 
     return load_config(None, [f"output_dir={workdir}", "run_name=bench"])
 
@@ -98,7 +98,7 @@ def trl_dataset(records, prepared: Path, prompt):
     """The same records as TRL's vision prompt/completion dataset; images decode lazily from the same files."""
     import datasets
 
-    from surgvqa.chat import build_messages, training_target
+    from surgvqa.prompting.chat import build_messages, training_target
 
     rows = [{"images": [str(prepared / record.image)],
              "prompt": build_messages(record, prompt),
@@ -152,9 +152,9 @@ def _instrumented(trainer_class):
 def run_trainer_child(framework: str, workdir: Path) -> dict:
     import torch
 
-    from surgvqa.dataset import TrainingCollator, VQADataset
-    from surgvqa.modeling import load_model, load_processor, resolve_model_path
-    from surgvqa.training import SupervisedOnlyTrainer, build_model_for_training, training_arguments
+    from surgvqa.models.loading import load_model, load_processor, resolve_model_path
+    from surgvqa.training.dataset import TrainingCollator, VQADataset
+    from surgvqa.training.trainer import SupervisedOnlyTrainer, build_model_for_training, training_arguments
 
     config = _config(workdir)
     records = _records(workdir, SAMPLES)
@@ -218,9 +218,9 @@ def run_trainer_child(framework: str, workdir: Path) -> dict:
 def run_logits_child(kind: str, workdir: Path) -> dict:
     import torch
 
-    from surgvqa.dataset import TrainingCollator, VQADataset
-    from surgvqa.modeling import load_processor, resolve_model_path
-    from surgvqa.training import build_model_for_training, supervised_only_loss
+    from surgvqa.models.loading import load_processor, resolve_model_path
+    from surgvqa.training.dataset import TrainingCollator, VQADataset
+    from surgvqa.training.trainer import build_model_for_training, supervised_only_loss
 
     config = _config(workdir)
     base = resolve_model_path(config)
@@ -286,8 +286,8 @@ def label_check(workdir: Path) -> dict:
     import torch
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-    from surgvqa.dataset import TrainingCollator, VQADataset
-    from surgvqa.modeling import load_processor, resolve_model_path
+    from surgvqa.models.loading import load_processor, resolve_model_path
+    from surgvqa.training.dataset import TrainingCollator, VQADataset
 
     config = _config(workdir)
     records = _records(workdir, SAMPLES)
@@ -366,8 +366,8 @@ def main() -> dict:
     import transformers
     import trl
 
-    from surgvqa.modeling import resolve_model_path
-    from surgvqa.prepare import prepare
+    from surgvqa.models.loading import resolve_model_path
+    from surgvqa.stages.prepare import prepare
 
     started = time.perf_counter()
     load_start = load_average()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The challenges' METEOR (NLTK) needs WordNet 3.0, which NLTK would download; Debian ships the same database.
-# Install it when missing and we are allowed to; surgvqa lays it out for NLTK on first use (surgvqa/nltk_data.py).
+# Install it when missing and we are allowed to; surgvqa lays it out for NLTK on first use (surgvqa/evaluation/nltk_data.py).
 set -euo pipefail
 WORDNET_DIR="${SURGVQA_WORDNET_DIR:-/usr/share/wordnet}"
 if [ -f "$WORDNET_DIR/data.noun" ] && [ -f "$WORDNET_DIR/index.sense" ] \

@@ -29,7 +29,7 @@ def session_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(session_cache) -> Path:
-    from surgvqa.tiny import ensure_tiny_model
+    from surgvqa.models.tiny import ensure_tiny_model
 
     return ensure_tiny_model(session_cache / "models", arch="qwen2_vl", seed=0, min_pixels=56 * 56,
                              max_pixels=112 * 112)
@@ -45,8 +45,8 @@ def demo_config_overrides(session_cache, tmp_path_factory) -> list[str]:
 @pytest.fixture(scope="session")
 def prepared_demo(demo_config_overrides) -> Path:
     """The default config's synthetic data, prepared once; returns the prepared folder."""
-    from surgvqa.config import load_config
-    from surgvqa.prepare import prepare
+    from surgvqa.core.config import load_config
+    from surgvqa.stages.prepare import prepare
 
     config = load_config(None, demo_config_overrides)
     return prepare(config, quiet=True).prepared_dir
@@ -67,11 +67,11 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def small_run_command(session_cache):
     """``surgvqa run`` on a run small enough to repeat a dozen times (20 synthetic images, 6 training steps, a
-    checkpoint every 2), as a subprocess, optionally with a failpoint armed (``surgvqa.faults``)."""
+    checkpoint every 2), as a subprocess, optionally with a failpoint armed (``surgvqa.core.faults``)."""
     import subprocess
     import sys
 
-    from surgvqa.faults import ENVIRONMENT_VARIABLE
+    from surgvqa.core.faults import ENVIRONMENT_VARIABLE
 
     repo = Path(__file__).resolve().parents[1]
 

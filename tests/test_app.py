@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from test_report_browser import CHROMIUM_ARGS, chromium_path
 
-import surgvqa.answer_service
-import surgvqa.app
-from surgvqa.config import load_config
+import surgvqa.serve.answer_service
+import surgvqa.serve.app
+from surgvqa.core.config import load_config
 from surgvqa.data.records import read_records, write_records
-from surgvqa.predict import run_predict
-from surgvqa.prediction_files import read_done
+from surgvqa.inference.prediction_files import read_done
+from surgvqa.stages.predict import run_predict
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.usefixtures("one_torch_thread")]
 
@@ -36,17 +36,17 @@ def served(small_run, small_run_command):
     """The app on the small run's trained model, started once, with its model loads counted."""
     config = load_config(None, small_run_command.overrides(small_run.parent))
     loads = []
-    original = surgvqa.answer_service.load_for_prediction
+    original = surgvqa.serve.answer_service.load_for_prediction
 
     def counted(*args, **kwargs):
         loads.append(args[1])
         return original(*args, **kwargs)
 
-    surgvqa.answer_service.load_for_prediction = counted
+    surgvqa.serve.answer_service.load_for_prediction = counted
     try:
-        page, service, url = surgvqa.app.serve(config, block=False, port=_free_port())
+        page, service, url = surgvqa.serve.app.serve(config, block=False, port=_free_port())
     finally:
-        surgvqa.answer_service.load_for_prediction = original
+        surgvqa.serve.answer_service.load_for_prediction = original
     assert url.startswith("http://127.0.0.1:")  # on this machine only, unless --host says otherwise
     yield config, service, url, loads
     page.close()
@@ -157,7 +157,7 @@ def test_the_batch_tab_writes_every_answer_under_the_run_and_names_files_that_ar
     assert all("notes.jpg is not an image" in row["error"] for row in rows[6:])
 
     # Batches within the same second (two browser sessions share the service) each keep their own files.
-    monkeypatch.setattr(surgvqa.answer_service.time, "strftime", lambda *_: "20261201-000000")
+    monkeypatch.setattr(surgvqa.serve.answer_service.time, "strftime", lambda *_: "20261201-000000")
     later = [service.predict_files([str(image)], service.questions[:1]) for image in images]
     assert len({csv_path, *(paths[0] for paths in later)}) == 3
     for image, (later_csv, later_jsonl) in zip(images, later):
@@ -167,10 +167,10 @@ def test_the_batch_tab_writes_every_answer_under_the_run_and_names_files_that_ar
 
 def test_the_untrained_base_model_answers_beside_the_trained_one(small_run, small_run_command):
     config = load_config(None, small_run_command.overrides(small_run.parent))
-    service = surgvqa.answer_service.AnswerService(config, compare_base=True)
+    service = surgvqa.serve.answer_service.AnswerService(config, compare_base=True)
     assert service.model_loads == 2
     record = read_records(small_run / "prepared" / "test.jsonl")[0]
-    image = surgvqa.answer_service.read_image(small_run / "prepared" / record.image)
+    image = surgvqa.serve.answer_service.read_image(small_run / "prepared" / record.image)
     answer = service.ask(image, [record.question], record.img_id)[0]
     assert answer.base_answer and answer.answer and answer.reference == record.answer
     assert answer.base_answer in record.candidates or record.multi_label

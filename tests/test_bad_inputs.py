@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from surgvqa.config import load_config
-from surgvqa.data.images import allowed_image_roots, open_rgb, to_rgb
+from surgvqa.core.config import load_config
+from surgvqa.data.images import open_rgb, to_rgb
 from surgvqa.data.records import read_records
-from surgvqa.data.sources import SourceError
+from surgvqa.data.sources import SourceError, allowed_image_roots
 from surgvqa.data.split import split_images
-from surgvqa.dataset import encode_example, load_image
-from surgvqa.prepare import prepare
-from surgvqa.sample_length import SampleLengths
+from surgvqa.prompting.encoding import encode_example, load_image
+from surgvqa.prompting.sample_length import SampleLengths
+from surgvqa.stages.prepare import prepare
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -123,7 +123,7 @@ def _rejects(prepared: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def processor(tiny_model_dir):
-    from surgvqa.modeling import load_processor
+    from surgvqa.models.loading import load_processor
 
     return load_processor(str(tiny_model_dir), load_config(None, []).model, "span")
 
@@ -431,7 +431,7 @@ def read_records_of(prepared: Path) -> list:
 @pytest.mark.parametrize("strategy", ["span", "sentinel"])
 def test_measured_length_equals_the_encoding_with_listed_candidates(tiny_model_dir, strategy):
     from surgvqa.data.records import Record
-    from surgvqa.modeling import load_processor
+    from surgvqa.models.loading import load_processor
 
     config = load_config(None, [f"masking.strategy={strategy}", "prompt.list_candidates=true",
                                 f"model.name_or_path={tiny_model_dir}"])

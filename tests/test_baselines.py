@@ -2,8 +2,8 @@
 
 import json
 
-from surgvqa.baselines import nearest_question_predictions, nearest_training_rows
 from surgvqa.data.records import Record, write_records
+from surgvqa.inference.nearest_question import nearest_question_predictions, nearest_training_rows
 
 
 def _record(i, question, answer, split, task="kvasir-vqa-x1"):

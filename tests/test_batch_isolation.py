@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from surgvqa.batch_isolation import run_isolated
+from surgvqa.inference.batch_isolation import run_isolated
 
 
 def test_out_of_memory_halves_and_other_failures_go_row_by_row():

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torchmetrics.functional.classification import binary_calibration_error, multiclass_calibration_error
 
-from surgvqa.calibration import (
+from surgvqa.evaluation.calibration import (
     abstention_threshold,
     accuracy_at_coverage,
     area_under_risk_coverage,

@@ -12,7 +12,9 @@ from pathlib import Path
 import datasets
 import pytest
 
-from surgvqa.challenge import (
+from surgvqa.core.config import SUBMISSION_INFO_FIELDS, ConfigError, load_config
+from surgvqa.data.records import read_records, write_records
+from surgvqa.export.challenge import (
     CHALLENGES,
     export_submission,
     local_datasets,
@@ -20,12 +22,10 @@ from surgvqa.challenge import (
     run_script,
     write_challenge_predictions,
 )
-from surgvqa.config import SUBMISSION_INFO_FIELDS, ConfigError, load_config
-from surgvqa.data.records import read_records, write_records
-from surgvqa.evaluate import run_evaluate
-from surgvqa.modeling import resolve_model_path
-from surgvqa.predict import run_predict
-from surgvqa.prediction_files import read_done
+from surgvqa.inference.prediction_files import read_done
+from surgvqa.models.loading import resolve_model_path
+from surgvqa.stages.evaluate import run_evaluate
+from surgvqa.stages.predict import run_predict
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("one_torch_thread")]
 

@@ -5,8 +5,8 @@ import gzip
 
 import pytest
 
-from surgvqa.nltk_data import LEXNAMES_MAN_PAGE, NltkDataMissing, ensure_nltk_data, lexnames_table
-from surgvqa.text_metrics import MeteorRun, challenge_meteor, text_metrics
+from surgvqa.evaluation.nltk_data import LEXNAMES_MAN_PAGE, NltkDataMissing, ensure_nltk_data, lexnames_table
+from surgvqa.evaluation.text_metrics import MeteorRun, challenge_meteor, text_metrics
 
 
 def meteor(hypothesis: str, reference: str) -> float:

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from surgvqa.cli import app, describe_error
-from surgvqa.modeling import ModelLoadError, load_adapter
+from surgvqa.models.loading import ModelLoadError, load_adapter
 
 SURGVQA = Path(sys.executable).parent / "surgvqa"
 
@@ -163,7 +163,7 @@ def test_error_lines_and_codes(error, line, code):
 
 @pytest.fixture(scope="module")
 def narrow_tiny_model_dir(session_cache) -> Path:
-    from surgvqa.tiny import ensure_tiny_model
+    from surgvqa.models.tiny import ensure_tiny_model
 
     return ensure_tiny_model(session_cache / "models", arch="qwen2_vl", seed=0, min_pixels=56 * 56,
                              max_pixels=112 * 112, hidden_size=32, num_layers=1)

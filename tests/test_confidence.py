@@ -12,8 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from surgvqa.calibration import expected_calibration_error
-from surgvqa.confidence import (
+from surgvqa.core.config import load_config
+from surgvqa.data.records import Record, write_records
+from surgvqa.evaluation.calibration import expected_calibration_error
+from surgvqa.inference.confidence import (
     CANDIDATES,
     LABEL_SET,
     SEQUENCE,
@@ -24,11 +26,9 @@ from surgvqa.confidence import (
     independent_set_probability,
     trie_log_probabilities,
 )
-from surgvqa.config import load_config
-from surgvqa.data.records import Record, write_records
-from surgvqa.decoding import CandidateLogitsProcessor, score_candidates
-from surgvqa.predict import calibration_files, run_predict
-from surgvqa.predictor import Predictor, load_for_prediction
+from surgvqa.inference.decoding import CandidateLogitsProcessor, score_candidates
+from surgvqa.inference.predictor import Predictor, load_for_prediction
+from surgvqa.stages.predict import calibration_files, run_predict
 from surgvqa.tasks.kvasir_vqa import SIZE_BINS, TEMPLATE_BY_ID
 
 PIXELS = 56 * 56
@@ -259,8 +259,8 @@ def test_predict_stage_fits_on_validation_and_marks_sets_and_abstentions(tiny_mo
 
 
 def test_abstained_rows_are_counted_and_scored_as_wrong(tmp_path):
-    from surgvqa.config import EvaluateConfig
-    from surgvqa.evaluate import run_evaluate
+    from surgvqa.core.config import EvaluateConfig
+    from surgvqa.stages.evaluate import run_evaluate
 
     rows = [{"id": f"q{i}", "question": "Is there text?", "question_type": "yes_no", "template": 1,
              "answer": "yes", "prediction": "yes", "raw_text": "yes", "error": None, "confidence_kind": CANDIDATES,

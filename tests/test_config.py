@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from surgvqa.config import ConfigError, load_config, write_resolved_config
+from surgvqa.core.config import ConfigError, load_config, write_resolved_config
 
 
 def test_default_config_is_the_cpu_demo():
@@ -122,7 +122,7 @@ def test_control_characters_in_names_are_rejected(tmp_path):
 def test_scheduler_names_are_transformers_own():
     from transformers.trainer_utils import SchedulerType
 
-    from surgvqa.config import lr_scheduler_names
+    from surgvqa.core.config import lr_scheduler_names
 
     assert lr_scheduler_names() == tuple(member.value for member in SchedulerType)
     for name in ("linear", "constant_with_warmup", "inverse_sqrt"):

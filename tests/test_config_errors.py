@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from surgvqa.cli import app
-from surgvqa.config import ConfigError, default_config_path, load_config
+from surgvqa.core.config import ConfigError, default_config_path, load_config
 
 
 def write_config(folder: Path, text: str) -> Path:

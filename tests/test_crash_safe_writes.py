@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from surgvqa.faults import ENVIRONMENT_VARIABLE
-from surgvqa.io import append_lines, recover_directory, replace_directory
+from surgvqa.core.faults import ENVIRONMENT_VARIABLE
+from surgvqa.core.io import append_lines, recover_directory, replace_directory
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ def test_a_kill_between_the_two_renames_of_a_directory_swap_leaves_the_old_direc
     for folder, text in ((target, "old"), (staged, "new")):
         folder.mkdir()
         (folder / "train.jsonl").write_text(text * 100)
-    swap = f"from surgvqa.io import replace_directory; replace_directory({str(staged)!r}, {str(target)!r})"
+    swap = f"from surgvqa.core.io import replace_directory; replace_directory({str(staged)!r}, {str(target)!r})"
     result = _python(swap, failpoint="io.replace_directory:1")
     assert result.returncode == -signal.SIGKILL, result.stderr
     assert not target.exists()  # the instant between the renames
@@ -56,7 +56,7 @@ def test_a_kill_between_the_two_renames_of_a_directory_swap_leaves_the_old_direc
 def test_a_kill_before_the_rename_of_a_file_leaves_the_old_file(tmp_path):
     path = tmp_path / "metrics.json"
     path.write_text('{"old": true}\n')
-    write = f"from surgvqa.io import atomic_write_json; atomic_write_json({str(path)!r}, {{'new': 1}})"
+    write = f"from surgvqa.core.io import atomic_write_json; atomic_write_json({str(path)!r}, {{'new': 1}})"
     result = _python(write, failpoint="io.write:1")
     assert result.returncode == -signal.SIGKILL
     assert json.loads(path.read_text()) == {"old": True}
@@ -65,7 +65,7 @@ def test_a_kill_before_the_rename_of_a_file_leaves_the_old_file(tmp_path):
 def test_a_full_disk_while_writing_a_file_is_one_clear_error_and_the_old_file_stays(tmp_path):
     path = tmp_path / "metrics.json"
     path.write_text('{"old": true}\n')
-    code = ("from surgvqa.io import atomic_write_text, WriteError\n"
+    code = ("from surgvqa.core.io import atomic_write_text, WriteError\n"
             f"try:\n    atomic_write_text({str(path)!r}, 'x' * 100000)\n"
             "except WriteError as exc:\n    print(exc)\n")
     result = _python(code, file_size_limit=4096)
@@ -80,7 +80,7 @@ def test_a_full_disk_while_appending_cuts_the_partial_lines_back_off(tmp_path):
     path = tmp_path / "predictions.jsonl"
     append_lines(path, ['{"id": "a"}\n', '{"id": "b"}\n'])
     before = path.read_bytes()
-    code = ("from surgvqa.io import append_lines, WriteError\n"
+    code = ("from surgvqa.core.io import append_lines, WriteError\n"
             f"try:\n    append_lines({str(path)!r}, ['{{\"id\": \"c\", \"x\": \"' + 'y' * 9000 + '\"}}\\n'])\n"
             "except WriteError as exc:\n    print(exc)\n")
     result = _python(code, file_size_limit=4096)

@@ -14,11 +14,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from surgvqa.decoding import (
+from surgvqa.data.answers import answer_meaning
+from surgvqa.inference.decoding import (
     CandidateLogitsProcessor,
     CandidateMatcher,
     CandidateScore,
-    answer_meaning,
     best_label,
     best_label_pooled,
     calibrate_threshold,
@@ -26,9 +26,9 @@ from surgvqa.decoding import (
     max_new_tokens,
     select_labels,
 )
-from surgvqa.modeling import register_sentinel_tokens
+from surgvqa.models.loading import register_sentinel_tokens
+from surgvqa.models.tiny import IM_END_ID, build_tokenizer
 from surgvqa.tasks.kvasir_vqa import GRID_CELLS, SIZE_BINS, TEMPLATE_BY_ID
-from surgvqa.tiny import IM_END_ID, build_tokenizer
 
 TRICKY = ["short-segment barretts", "11-20mm", "<5mm", ">20mm", "5-10mm", "lower-rigth", "upper-left", "none",
           "paris iia", "paris is", "paris ip", "0", "1", "10", "16", "yes", "no", "not relevant", "z-line",

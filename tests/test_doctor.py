@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 from typer.testing import CliRunner
 
-from surgvqa import doctor
 from surgvqa.cli import app
-from surgvqa.config import load_config
+from surgvqa.core.config import load_config
+from surgvqa.run import doctor
 
 GIB = 1024**3
 FOREIGN_PID = 4242
@@ -249,7 +249,7 @@ QWEN2_VL_2B_VISION = {"depth": 32, "embed_dim": 1280, "hidden_size": 1536, "num_
 
 
 def test_architecture_image_tokens_and_memory_estimate_are_reported(overrides, session_cache):
-    from surgvqa.tiny import ensure_tiny_model
+    from surgvqa.models.tiny import ensure_tiny_model
 
     model_dir = ensure_tiny_model(session_cache / "models", arch="qwen3_vl", min_pixels=56 * 56,
                                   max_pixels=112 * 112)

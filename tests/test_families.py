@@ -17,17 +17,18 @@ from PIL import Image
 from test_predict import assert_valid_closed, random_head  # tests/ is on the path (rootdir conftest)
 from test_training import _batch
 
-from surgvqa.chat import render_prompt, render_training
-from surgvqa.config import load_config
+from surgvqa.core.config import load_config
 from surgvqa.data.records import read_records, write_records
-from surgvqa.decoding import is_closed
-from surgvqa.diagnostics import diagnose_record
-from surgvqa.modeling import FAMILIES, load_model, load_processor, model_family, processor_token_side
-from surgvqa.predict import run_predict
-from surgvqa.prediction_files import read_done
-from surgvqa.predictor import Predictor
-from surgvqa.tiny import ARCHS, ensure_tiny_model
-from surgvqa.training import TrainResult, supervised_only_loss, train
+from surgvqa.inference.decoding import is_closed
+from surgvqa.inference.prediction_files import read_done
+from surgvqa.inference.predictor import Predictor
+from surgvqa.models.families import FAMILIES
+from surgvqa.models.loading import load_model, load_processor, model_family, processor_token_side
+from surgvqa.models.tiny import ARCHS, ensure_tiny_model
+from surgvqa.prompting.chat import render_prompt, render_training
+from surgvqa.stages.diagnose import diagnose_record
+from surgvqa.stages.predict import run_predict
+from surgvqa.training.trainer import TrainResult, supervised_only_loss, train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: one torch thread for the module
 

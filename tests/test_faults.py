@@ -1,7 +1,7 @@
 """Fault injection: `surgvqa run` killed at seeded points of every stage, rerun until it completes, ends with the
 predictions and metrics of an uninterrupted run, with no id lost or duplicated.
 
-Each kill is a real SIGKILL (or SIGINT) sent by the process to itself at a failpoint (``surgvqa.faults``), so no
+Each kill is a real SIGKILL (or SIGINT) sent by the process to itself at a failpoint (``surgvqa.core.faults``), so no
 cleanup code runs: what survives is what was on disk at that instant.
 """
 

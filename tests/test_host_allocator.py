@@ -8,7 +8,7 @@ import pytest
 
 PAGE_FAULTS_OF_REPEATED_40MB_TEMPORARIES = """
 import resource, torch
-from surgvqa.host_allocator import reuse_large_host_allocations
+from surgvqa.training.host_allocator import reuse_large_host_allocations
 
 def faults():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

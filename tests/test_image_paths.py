@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from surgvqa.config import load_config
-from surgvqa.data.images import allowed_image_roots, resolve_within
+from surgvqa.core.config import load_config
+from surgvqa.data.images import resolve_within
 from surgvqa.data.records import Record, read_records
-from surgvqa.dataset import load_image
-from surgvqa.prepare import prepare
+from surgvqa.data.sources import allowed_image_roots
+from surgvqa.prompting.encoding import load_image
 from surgvqa.report.run_files import report_image_roots, thumbnail_data_uri
+from surgvqa.stages.prepare import prepare
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -99,8 +100,8 @@ def test_records_under_the_image_root_load_with_the_runs_allowed_roots(jsonl_run
 
 
 def test_diagnose_reports_an_escaping_image_as_that_rows_problem(jsonl_run, tiny_model_dir, tmp_path):
-    from surgvqa.diagnostics import diagnose_record
-    from surgvqa.modeling import load_processor
+    from surgvqa.models.loading import load_processor
+    from surgvqa.stages.diagnose import diagnose_record
 
     config, result = jsonl_run
     processor = load_processor(str(tiny_model_dir), config.model, "span")

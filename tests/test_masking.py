@@ -5,13 +5,15 @@ import pytest
 import torch
 from PIL import Image
 
-from surgvqa.chat import ANSWER_CLOSE, render_prompt, render_training
-from surgvqa.config import load_config
+from surgvqa.core.config import load_config
 from surgvqa.data.records import Record, read_records
-from surgvqa.dataset import SampleTooLong, TrainingCollator, encode_example, encode_prompt, load_image
-from surgvqa.masking import IGNORE_INDEX, labels_from_offsets
-from surgvqa.modeling import load_processor, register_sentinel_tokens
+from surgvqa.models.loading import load_processor, register_sentinel_tokens
+from surgvqa.models.special_tokens import ANSWER_CLOSE
+from surgvqa.prompting.chat import render_prompt, render_training
+from surgvqa.prompting.encoding import SampleTooLong, encode_example, encode_prompt, load_image
+from surgvqa.prompting.masking import IGNORE_INDEX, labels_from_offsets
 from surgvqa.tasks.kvasir_vqa import TEMPLATES
+from surgvqa.training.dataset import TrainingCollator
 
 STRATEGIES = ("span", "sentinel")
 

@@ -9,9 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from surgvqa.cli import app
-from surgvqa.config import load_config
-from surgvqa.modeling import load_processor
-from surgvqa.training import build_model_for_training, save_trained
+from surgvqa.core.config import load_config
+from surgvqa.models.loading import load_processor
+from surgvqa.training.trainer import build_model_for_training, save_trained
 
 
 @pytest.fixture(scope="module")

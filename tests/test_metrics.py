@@ -7,13 +7,20 @@ import shutil
 import numpy as np
 import pytest
 
-from surgvqa.bootstrap import bootstrap_mean_ci, percentile_ci, stratified_bootstrap_sums
-from surgvqa.config import EvaluateConfig
-from surgvqa.confusion import confusion_matrix
-from surgvqa.evaluate import EvaluateError, load_predictions, print_metrics_table, run_evaluate
-from surgvqa.metrics import evaluate_predictions
-from surgvqa.scoring import PredictionRow, count_match, score_answer, set_f1, set_jaccard, size_match
-from surgvqa.text_metrics import corpus_bleu, meteor_jar, text_metrics
+from surgvqa.core.config import EvaluateConfig
+from surgvqa.evaluation.bootstrap import bootstrap_mean_ci, percentile_ci, stratified_bootstrap_sums
+from surgvqa.evaluation.confusion import confusion_matrix
+from surgvqa.evaluation.scoring import (
+    PredictionRow,
+    count_match,
+    score_answer,
+    set_f1,
+    set_jaccard,
+    size_match,
+)
+from surgvqa.evaluation.text_metrics import corpus_bleu, meteor_jar, text_metrics
+from surgvqa.stages.evaluate import EvaluateError, load_predictions, print_metrics_table, run_evaluate
+from surgvqa.tasks import evaluate_predictions
 
 # (question_type, template, answer, prediction, extra fields); expectations below are worked out by hand.
 GOOD_ROWS = [

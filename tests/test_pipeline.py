@@ -6,8 +6,8 @@ import pytest
 from typer.testing import CliRunner
 
 from surgvqa.cli import app
-from surgvqa.config import load_config
-from surgvqa.pipeline import STAGE_NAMES, stage_keys
+from surgvqa.core.config import load_config
+from surgvqa.run.pipeline import STAGE_NAMES, stage_keys
 
 # The demo's chain with a shorter gate and training (3 minutes on 2 quiet cores, the full demo 8): every stage
 # runs, the gate still has to pass, and training still has to beat the untrained model (+16 points on closed

@@ -16,15 +16,15 @@ import pytest
 import torch
 from PIL import Image
 
-from surgvqa.confidence import EMPTY_FIELDS
-from surgvqa.config import load_config
+from surgvqa.core.config import load_config
 from surgvqa.data.records import Record, write_records
-from surgvqa.decoding import is_closed
-from surgvqa.predict import run_predict
-from surgvqa.prediction_files import read_done
-from surgvqa.predictor import Predictor, load_for_prediction
+from surgvqa.inference.confidence import EMPTY_FIELDS
+from surgvqa.inference.decoding import is_closed
+from surgvqa.inference.prediction_files import read_done
+from surgvqa.inference.predictor import Predictor, load_for_prediction
+from surgvqa.models.tiny import build_tiny_model
+from surgvqa.stages.predict import run_predict
 from surgvqa.tasks.kvasir_vqa import COLOR_LABELS, GRID_CELLS, SIZE_BINS, TEMPLATE_BY_ID
-from surgvqa.tiny import build_tiny_model
 
 PIXELS = 56 * 56  # 4 image tokens per prompt: small and fast
 REPO = Path(__file__).resolve().parents[1]
@@ -336,7 +336,7 @@ def test_lora_adapter_directory_is_loaded_and_applied(tiny_dir, prepared, tmp_pa
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
 
-    from surgvqa.modeling import load_processor
+    from surgvqa.models.loading import load_processor
 
     config = make_config(tmp_path, tiny_dir, "span")
     torch.manual_seed(0)
@@ -367,7 +367,7 @@ def test_lora_adapter_directory_is_loaded_and_applied(tiny_dir, prepared, tmp_pa
 def test_rows_in_error_are_retried_on_rerun_and_replace_their_lines(tiny_dir, prepared, tmp_path):
     """Unreadable images: their rows are errors and the error rate is refused; once the images are back, the rerun
     predicts those rows only and leaves one row per id, in input order, none in error."""
-    from surgvqa.prediction_errors import PredictionErrors, check_error_rate
+    from surgvqa.inference.prediction_errors import PredictionErrors, check_error_rate
 
     (tmp_path / "images").mkdir()
     for index in (0, 1):

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from surgvqa import pipeline
 from surgvqa.cli import app
-from surgvqa.config import load_config
+from surgvqa.core.config import load_config
+from surgvqa.run import pipeline
 
 
 def _write_predictions(path: Path, rows: int, errors: int) -> None:
@@ -23,10 +23,10 @@ def _write_predictions(path: Path, rows: int, errors: int) -> None:
 
 
 def test_the_pipeline_stops_before_evaluating_predictions_with_errors(tmp_path, monkeypatch, capsys):
-    import surgvqa.predict
+    import surgvqa.stages.predict
 
     out = tmp_path / "predictions.jsonl"
-    monkeypatch.setattr(surgvqa.predict, "run_predict", lambda config, out, **_: _write_predictions(out, 10, 1))
+    monkeypatch.setattr(surgvqa.stages.predict, "run_predict", lambda config, out, **_: _write_predictions(out, 10, 1))
     config = load_config(None, [f"output_dir={tmp_path}"])
     with pytest.raises(pipeline.PipelineStop, match=r"1 of 10 predictions .* the predictions are not evaluated"):
         pipeline._predictions(config, out, "model", True, False)
@@ -50,19 +50,19 @@ def test_evaluate_puts_a_banner_with_the_error_count_in_its_output_and_report(tm
 
 def test_a_changed_key_discards_the_predictions_and_the_shards_of_an_interrupted_multi_process_run(
         tmp_path, monkeypatch):
-    import surgvqa.predict
+    import surgvqa.stages.predict
 
     out = tmp_path / "predictions.jsonl"
     _write_predictions(out, 4, 0)
     _write_predictions(tmp_path / "predictions.rank1.jsonl", 4, 0)  # left by a killed 2-process run
     options = []
-    monkeypatch.setattr(surgvqa.predict, "run_predict",
+    monkeypatch.setattr(surgvqa.stages.predict, "run_predict",
                         lambda config, out, **given: options.append(given) or _write_predictions(out, 10, 0))
     pipeline._predictions(load_config(None, [f"output_dir={tmp_path}"]), out, "model", True, resume=False)
     assert options[0]["restart"] and options[0]["replace_other"]
 
     monkeypatch.undo()
-    surgvqa.predict._check_made_with(out, {"mode": "constrained"}, restart=True, replace_other=True, rank=0, world=1)
+    surgvqa.stages.predict._check_made_with(out, {"mode": "constrained"}, restart=True, replace_other=True, rank=0, world=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.made_with.json"]  # nothing left to merge back
 
 

@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from surgvqa.config import load_config
+from surgvqa.core.config import load_config
 from surgvqa.data.records import read_records
 from surgvqa.data.sources import SourceError, iter_raw_rows
 from surgvqa.data.synthetic import make_synthetic
-from surgvqa.prepare import prepare
+from surgvqa.stages.prepare import prepare
 
 QUESTION = "Is there text?"
 TINY_MODEL: Path | None = None

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from surgvqa.config import EvaluateConfig
-from surgvqa.evaluate import run_evaluate
+from surgvqa.core.config import EvaluateConfig
+from surgvqa.stages.evaluate import run_evaluate
 
 CHROMIUM_ARGS = [
     "--headless",

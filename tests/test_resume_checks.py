@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from surgvqa import training
-from surgvqa.config import load_config
+from surgvqa.core.config import load_config
+from surgvqa.training import trainer as training
 
 VENV_BIN = Path(sys.executable).parent
 # LoRA on the tiny model, 4 steps with a checkpoint every 2, at a constant rate: a step too many changes the weights.

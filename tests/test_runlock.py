@@ -11,13 +11,13 @@ import pytest
 from typer.testing import CliRunner
 
 from surgvqa.cli import app
-from surgvqa.runlock import LOCK_FILE, RunDirectoryBusy, run_directory_lock
+from surgvqa.run.runlock import LOCK_FILE, RunDirectoryBusy, run_directory_lock
 
 SURGVQA = Path(sys.executable).parent / "surgvqa"
 
 HOLDER = """
 import sys, time
-from surgvqa.runlock import run_directory_lock
+from surgvqa.run.runlock import run_directory_lock
 with run_directory_lock(sys.argv[1], command="surgvqa run"):
     print("held", flush=True)
     sys.stdin.read()  # hold until the test closes stdin (or kills this process)

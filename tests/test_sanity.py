@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 from transformers import TrainerControl
 
-from surgvqa.sanity import AnswerCheck, PassEarly, recent_loss
+from surgvqa.stages.overfit import AnswerCheck, PassEarly, recent_loss
 
 
 class ModeRecordingModel:

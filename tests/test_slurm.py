@@ -12,8 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from surgvqa.cli import app
-from surgvqa.config import load_config
-from surgvqa.slurm import render_slurm
+from surgvqa.core.config import load_config
+from surgvqa.run.slurm import render_slurm
 
 STAGE_FILES = ["01_diagnose.sbatch", "02_overfit.sbatch", "03_train.sbatch", "04_predict.sbatch",
                "05_evaluate.sbatch"]

@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 from test_bad_inputs import GOOD_IMAGES, _config, _good_rows, _rejects, _write_jsonl, read_records_of
 
-from surgvqa.config import load_config
-from surgvqa.data.images import allowed_image_roots
-from surgvqa.data.sources import dataset_root, detect_format
-from surgvqa.dataset import load_image
-from surgvqa.prepare import prepare
+from surgvqa.core.config import load_config
+from surgvqa.data.sources import allowed_image_roots, dataset_root, detect_format
+from surgvqa.prompting.encoding import load_image
+from surgvqa.stages.prepare import prepare
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from surgvqa import pipeline
-from surgvqa.config import load_config
-from surgvqa.pipeline import STAGE_NAMES, run_pipeline, stage_keys
+from surgvqa.core.config import load_config
+from surgvqa.run import pipeline
+from surgvqa.run.pipeline import STAGE_NAMES, run_pipeline, stage_keys
 
 OUTPUT = {stage.name: stage.output for stage in pipeline.STAGES}
 
@@ -20,7 +20,7 @@ class StandIns:
     with ``run_predict`` replaced, so that their acceptance check is the real one."""
 
     def __init__(self, monkeypatch):
-        import surgvqa.predict
+        import surgvqa.stages.predict
 
         self.calls: list[tuple[str, bool]] = []
         self.predict_calls: list[dict] = []
@@ -30,7 +30,7 @@ class StandIns:
             monkeypatch.setitem(pipeline.RUNNERS, name, self._writer(name))
         monkeypatch.setitem(pipeline.RUNNERS, "baseline", self._predictor("baseline", "untrained"))
         monkeypatch.setitem(pipeline.RUNNERS, "predict", self._predictor("predict", "model"))
-        monkeypatch.setattr(surgvqa.predict, "run_predict", self._run_predict)
+        monkeypatch.setattr(surgvqa.stages.predict, "run_predict", self._run_predict)
 
     def _content(self, name: str) -> str:
         self.writes += 1

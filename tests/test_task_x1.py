@@ -9,17 +9,16 @@ import pytest
 from typer.testing import CliRunner
 
 from surgvqa.cli import app
-from surgvqa.config import EvaluateConfig, load_config
+from surgvqa.core.config import EvaluateConfig, load_config
 from surgvqa.data.records import Record, read_records
 from surgvqa.data.synthetic_x1 import make_synthetic_x1
-from surgvqa.metrics import evaluate_predictions
-from surgvqa.prepare import prepare
-from surgvqa.scoring import PredictionRow
-from surgvqa.tasks import get_task
-from surgvqa.tasks.atomic_facts import check_facts, facts_of
+from surgvqa.evaluation.scoring import PredictionRow
+from surgvqa.stages.prepare import prepare
+from surgvqa.tasks import evaluate_predictions, get_task
 from surgvqa.tasks.base import official_split_outcome
-from surgvqa.tasks.kvasir_vqa_x1 import normalise_text
-from surgvqa.tasks.x1_metrics import x1_metrics
+from surgvqa.tasks.kvasir_vqa_x1.atomic_facts import check_facts, facts_of
+from surgvqa.tasks.kvasir_vqa_x1.metrics import x1_metrics
+from surgvqa.tasks.kvasir_vqa_x1.text import normalise_text
 
 IMAGES = 16
 

@@ -10,7 +10,7 @@ import torch
 import transformers
 from PIL import Image
 
-from surgvqa.tiny import (
+from surgvqa.models.tiny import (
     build_tiny_model,
     chat_template,
     ensure_tiny_model,
@@ -175,7 +175,7 @@ def test_same_seed_gives_identical_weights(qwen2_vl_dir, tmp_path):
 
 
 def test_ensure_tiny_model_builds_once(tmp_path, monkeypatch):
-    from surgvqa import tiny
+    from surgvqa.models import tiny
 
     calls = []
     real_build = tiny.build_tiny_model
@@ -210,7 +210,7 @@ def test_qwen3_templates_are_the_published_bytes(arch):
 
 
 def test_qwen3_tokenizer_adds_qwen3_tokens_and_renders_each_template():
-    from surgvqa.tiny import build_tokenizer
+    from surgvqa.models.tiny import build_tokenizer
 
     tokenizer = build_tokenizer("qwen3_vl")
     assert len(tokenizer) == 151669

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from surgvqa import tiny
 from surgvqa.cli import app
-from surgvqa.tiny import OccupiedFolderError, build_tiny_model, tiny_model_settings
+from surgvqa.models import tiny
+from surgvqa.models.tiny import OccupiedFolderError, build_tiny_model, tiny_model_settings
 
 
 def model_type(folder: Path) -> str:

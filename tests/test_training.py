@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from surgvqa.config import load_config
-from surgvqa.dataset import TrainingCollator, VQADataset
-from surgvqa.modeling import load_model, load_processor
-from surgvqa.training import (
+from surgvqa.core.config import load_config
+from surgvqa.models.loading import load_model, load_processor
+from surgvqa.training.dataset import TrainingCollator, VQADataset
+from surgvqa.training.trainer import (
     PREEMPTED_EXIT_CODE,
     SupervisedOnlyTrainer,
     build_model_for_training,

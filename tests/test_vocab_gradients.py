@@ -5,16 +5,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgvqa.config import load_config
-from surgvqa.dataset import TrainingCollator, VQADataset
-from surgvqa.modeling import load_model, load_processor
-from surgvqa.training import (
+from surgvqa.core.config import load_config
+from surgvqa.models.loading import load_model, load_processor
+from surgvqa.training.dataset import TrainingCollator, VQADataset
+from surgvqa.training.trainer import (
     SupervisedOnlyTrainer,
     build_model_for_training,
     supervised_only_loss,
     training_arguments,
 )
-from surgvqa.vocab_gradients import route_tied_embedding_rows, summed_cross_entropy
+from surgvqa.training.vocab_gradients import route_tied_embedding_rows, summed_cross_entropy
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -10,7 +10,7 @@ Each command updates its peer's entry in ``benchmarks/results/peers.json`` and r
 entries present. The orchestrator (this file) runs in the project's environment: it prepares the shared data once
 (the tiny Qwen2-VL, the synthetic Kvasir-like set, the first 256 training records), writes that split in each
 tool's own dataset format, starts each tool's documented command in the tool's own virtual environment, and
-scores every tool's predictions with ``surgvqa.evaluate``. What it measures inside a tool's process comes from
+scores every tool's predictions with ``surgvqa.stages.evaluate``. What it measures inside a tool's process comes from
 ``probe/sitecustomize.py`` (per-step times, tokens, supervised labels, RSS), which changes nothing the tool does.
 
 Per peer and seed: full fine-tuning (``--steps``) with the first epoch's batches dumped for the label comparison
@@ -37,7 +37,7 @@ sys.path.insert(0, str(HERE.parent))  # benchmarks/_common.py
 
 from _common import load_average, machine_info
 
-from surgvqa.io import atomic_write_text
+from surgvqa.core.io import atomic_write_text
 
 PEERS = ("surgvqa", "llamafactory", "ms-swift", "trl")
 VENVS = HERE / ".venvs"
@@ -235,14 +235,14 @@ def _records(path: Path):
 
 
 def _prompt_parts(record, prompt):
-    from surgvqa.chat import training_target, user_text
+    from surgvqa.prompting.chat import training_target, user_text
 
     return prompt.system, user_text(record, prompt), training_target(record, prompt)
 
 
 def write_peer_formats(work: Path, split: Path) -> None:
     """The same records in LLaMA-Factory's sharegpt JSON, ms-swift's messages JSONL and TRL's parquet."""
-    from surgvqa.config import load_config
+    from surgvqa.core.config import load_config
 
     prompt = load_config(None, surgvqa_overrides(work, "train256")).prompt
     sets = {name: _records(split / f"{name}.jsonl") for name in ("train", "test")}
@@ -278,7 +278,7 @@ def write_peer_formats(work: Path, split: Path) -> None:
 
     import datasets
 
-    from surgvqa.chat import build_messages
+    from surgvqa.prompting.chat import build_messages
 
     for name, records in sets.items():
         rows = [{"images": [str((split / record.image).resolve())],
@@ -427,8 +427,8 @@ def own_predictions_as_rows(peer: str, raw: Path, test: Path, out: Path) -> Path
 
 
 def closed_accuracy(predictions: Path, baseline: Path | None = None) -> dict:
-    from surgvqa.config import EvaluateConfig
-    from surgvqa.evaluate import run_evaluate
+    from surgvqa.core.config import EvaluateConfig
+    from surgvqa.stages.evaluate import run_evaluate
 
     metrics = run_evaluate(predictions, predictions.parent / "eval", EvaluateConfig(), baseline=baseline,
                            with_report=False, with_meteor=False)

@@ -15,15 +15,15 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from surgvqa.challenge import export_submission, write_challenge_predictions
-from surgvqa.config import PREDICT_MODES, Config, ConfigError, load_config, write_resolved_config
-from surgvqa.doctor import print_report, run_doctor
-from surgvqa.io import WriteError
-from surgvqa.pipeline import STAGE_NAMES, PipelineStop, run_pipeline
-from surgvqa.runlock import RunDirectoryBusy, run_directory_lock
-from surgvqa.slurm import render_slurm
-from surgvqa.slurm import submit as submit_all
-from surgvqa.tiny import ARCHS, build_tiny_model, tiny_model_settings
+from surgvqa.core.config import PREDICT_MODES, Config, ConfigError, load_config, write_resolved_config
+from surgvqa.core.io import WriteError
+from surgvqa.export.challenge import export_submission, write_challenge_predictions
+from surgvqa.models.tiny import ARCHS, build_tiny_model, tiny_model_settings
+from surgvqa.run.doctor import print_report, run_doctor
+from surgvqa.run.pipeline import STAGE_NAMES, PipelineStop, run_pipeline
+from surgvqa.run.runlock import RunDirectoryBusy, run_directory_lock
+from surgvqa.run.slurm import render_slurm
+from surgvqa.run.slurm import submit as submit_all
 
 # The other stages are imported inside their commands: torch and transformers take seconds to import, must not
 # load before the run directory's lock is taken (a second writer is refused first), and `--help` stays fast.
@@ -189,8 +189,8 @@ def make_synthetic(
 def prepare(config: ConfigOption = None, set_: SetOption = None, as_json: JsonOption = False) -> None:
     """Read the raw source, validate, split by image, type the questions, write prepared JSONL."""
     cfg = _config(config, set_, record=True)
-    from surgvqa.prepare import prepare as run_prepare
-    from surgvqa.prepare import print_prepare_summary
+    from surgvqa.stages.prepare import prepare as run_prepare
+    from surgvqa.stages.prepare import print_prepare_summary
 
     result = run_prepare(cfg, quiet=as_json)
     if as_json:
@@ -217,8 +217,8 @@ def diagnose(
 ) -> None:
     """The masking diagnostic: supervised tokens, decoded text, mask ratio, shapes, image tokens per sample."""
     cfg = _config(config, set_)
-    from surgvqa.diagnostics import print_diagnostic, run_diagnostic
-    from surgvqa.modeling import load_processor, resolve_model_path
+    from surgvqa.models.loading import load_processor, resolve_model_path
+    from surgvqa.stages.diagnose import print_diagnostic, run_diagnostic
 
     path = _prepared_file(cfg, data, "train")
     processor = load_processor(resolve_model_path(cfg), cfg.model, cfg.masking.strategy)
@@ -242,8 +242,8 @@ def train(
 ) -> None:
     """Fine-tune (LoRA, or every weight when lora is null) with answer-only supervision."""
     cfg = _config(config, set_, record=True)
-    from surgvqa.training import Preempted
-    from surgvqa.training import train as run_train
+    from surgvqa.training.trainer import Preempted
+    from surgvqa.training.trainer import train as run_train
 
     try:
         result = run_train(cfg, resume=resume, restart=restart)
@@ -266,7 +266,7 @@ def train(
 def overfit(config: ConfigOption = None, set_: SetOption = None, as_json: JsonOption = False) -> None:
     """The sanity gate: memorise the first training samples; exit 1 unless loss and greedy answers pass."""
     cfg = _config(config, set_)
-    from surgvqa.sanity import print_sanity, sanity_overfit
+    from surgvqa.stages.overfit import print_sanity, sanity_overfit
 
     result = sanity_overfit(cfg, quiet=as_json)
     if as_json:
@@ -288,7 +288,7 @@ def merge(
 ) -> None:
     """Fold a LoRA adapter into its base model and write a plain model directory."""
     cfg = _config(config, set_, write=False)
-    from surgvqa.training import merge_adapter
+    from surgvqa.training.trainer import merge_adapter
 
     path = merge_adapter(cfg, adapter, out, force=force)
     typer.echo(f"merged model written to {path}")
@@ -343,7 +343,7 @@ def evaluate(
     """Per-type metrics with tolerance and bootstrap CIs, text metrics, baseline deltas, plots, report.html.
     With --challenge, scores a submission's predictions_1.json against a local copy of the challenge's split."""
     cfg = _config(config, set_)
-    from surgvqa.evaluate import print_metrics_table, run_evaluate
+    from surgvqa.stages.evaluate import print_metrics_table, run_evaluate
 
     own = cfg.run_dir / "predictions.jsonl"
     predictions = predictions or own
@@ -404,8 +404,8 @@ def run(
     if from_stage is not None and from_stage not in STAGE_NAMES:
         fail(f"--from {from_stage!r}: choose one of {', '.join(STAGE_NAMES)}")
     cfg = _config(config, set_, record=True)
-    from surgvqa.evaluate import print_metrics_table
-    from surgvqa.training import Preempted
+    from surgvqa.stages.evaluate import print_metrics_table
+    from surgvqa.training.trainer import Preempted
 
     try:
         outcome = run_pipeline(cfg, from_stage=from_stage, force=force, skip_sanity=skip_sanity)
@@ -439,8 +439,8 @@ def predict(
     if mode is not None and mode not in PREDICT_MODES:
         fail(f"--mode {mode!r}: choose one of {', '.join(PREDICT_MODES)}")
     cfg = _config(config, set_)  # the run directory's lock first: a second writer is refused before slow imports
-    from surgvqa.predict import run_predict
-    from surgvqa.prediction_errors import summarise_errors
+    from surgvqa.inference.prediction_errors import summarise_errors
+    from surgvqa.stages.predict import run_predict
 
     path = _prepared_file(cfg, data, cfg.predict.split)
     written = run_predict(cfg, mode=mode, data=path, out=out, model_path=model, quiet=as_json, restart=restart)
@@ -472,7 +472,7 @@ def web_app(
     """A local web app: ask the trained model about an image and see its answer, confidence and candidates."""
     if importlib.util.find_spec("gradio") is None:
         fail("the app needs the app extra: pip install -e '.[app]' (or run `make app`)")
-    from surgvqa.app import serve
+    from surgvqa.serve.app import serve
 
     cfg = _config(config, set_, write=False)  # a reader of the run: it writes under <run>/app/ only, no lock
     typer.echo(f"surgvqa app for {cfg.run_dir} on http://{host}:{port} (Ctrl-C to stop)")
@@ -489,7 +489,7 @@ def nearest_baseline(
     """Text-only baseline: each question of predict.split answered with the answer of the most similar training
     question (no image); compare with `surgvqa evaluate --baseline`."""
     cfg = _config(config, set_)
-    from surgvqa.baselines import nearest_question_predictions
+    from surgvqa.inference.nearest_question import nearest_question_predictions
 
     prepared = cfg.run_dir / "prepared"
     _prepared_file(cfg, None, cfg.predict.split)

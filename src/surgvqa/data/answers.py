@@ -187,3 +187,14 @@ def parse_count(text: object) -> int | None:
         if token in _NUMBER_WORDS:
             return _NUMBER_WORDS[token]
     return 0 if any(token in _ZERO_WORDS for token in tokens) else None
+
+
+def answer_meaning(question_type: str, label: str) -> object:
+    """What a label means for scoring: its size interval or count for those types (``">20mm"`` and ``">20"`` are
+    one answer), else the label itself."""
+    meaning: object = None
+    if question_type == SIZE_NUMERIC:
+        meaning = parse_size_mm(label)
+    elif question_type == COUNT_NUMERIC:
+        meaning = parse_count(label)
+    return label if meaning is None else meaning

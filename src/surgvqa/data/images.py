@@ -11,12 +11,9 @@ import io
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
-
-if TYPE_CHECKING:
-    from surgvqa.config import Config
 
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 SIXTEEN_BIT_MAX = 65535
@@ -117,16 +114,9 @@ def resolve_within(path: str | Path, roots: Sequence[str | Path]) -> Path | None
     return None
 
 
-def allowed_image_roots(config: Config, base_dir: str | Path | None = None) -> list[Path]:
-    """The folders a run may read images from: the folder of the JSONL being read, the run's prepared folder,
-    the source dataset's image root (``data.image_root``, else the folder of a file source) and the image folder
-    rows are joined to by img_id (``data.images``)."""
-    from surgvqa.data.sources import dataset_root, local_path
-
-    roots = [Path(base_dir)] if base_dir is not None else []
-    roots.append(config.run_dir / "prepared")
-    if (root := dataset_root(config.data.source, config.data.image_root)) is not None:
-        roots.append(root)
-    if config.data.images and local_path(config.data.images).is_dir():
-        roots.append(local_path(config.data.images))  # a folder of <img_id>.jpg files rows are joined to (x1)
-    return roots
+def resolve_image_path(value: Any, base: Path) -> str | None:
+    """The image as an absolute path; `base` (the predictions file's folder) is already absolute."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    path = Path(value)
+    return str(path if path.is_absolute() else base / path)

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from surgvqa.io import iter_jsonl, write_jsonl
+from surgvqa.core.io import iter_jsonl, write_jsonl
 
 SPLITS = ("train", "val", "test")
 

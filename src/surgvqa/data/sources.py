@@ -14,9 +14,12 @@ import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from surgvqa.data.images import resolve_within
+
+if TYPE_CHECKING:
+    from surgvqa.core.config import Config
 
 # Column aliases seen in exported copies and in the seed's JSONL format.
 IMAGE_KEYS = ("image", "image_path", "img_path", "file", "filename")
@@ -412,3 +415,16 @@ def iter_raw_rows(source: str, fmt: str = "auto", *, image_root: str | None = No
         yield from _iter_csv(path, root, required)
     else:
         raise SourceError(f"unknown data.format {fmt!r}")
+
+
+def allowed_image_roots(config: Config, base_dir: str | Path | None = None) -> list[Path]:
+    """The folders a run may read images from: the folder of the JSONL being read, the run's prepared folder,
+    the source dataset's image root (``data.image_root``, else the folder of a file source) and the image folder
+    rows are joined to by img_id (``data.images``)."""
+    roots = [Path(base_dir)] if base_dir is not None else []
+    roots.append(config.run_dir / "prepared")
+    if (root := dataset_root(config.data.source, config.data.image_root)) is not None:
+        roots.append(root)
+    if config.data.images and local_path(config.data.images).is_dir():
+        roots.append(local_path(config.data.images))  # a folder of <img_id>.jpg files rows are joined to (x1)
+    return roots

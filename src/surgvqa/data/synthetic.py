@@ -74,6 +74,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -81,7 +82,10 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from surgvqa.io import atomic_write_text
+from surgvqa.core.io import atomic_write_text
+
+if TYPE_CHECKING:
+    from surgvqa.core.config import Config
 
 PARQUET_NAME = "kvasir_vqa_synthetic.parquet"
 
@@ -681,3 +685,13 @@ def make_synthetic(out_dir: str | Path, images: int = 300, seed: int = 0, image_
     )
     return path
 
+
+def synthetic_source(config: Config) -> Path:
+    """Build (once) and return the synthetic Kvasir-like parquet the default config trains on."""
+    settings = config.data.synthetic
+    folder = Path(config.cache_dir) / f"synthetic-{settings.images}img-seed{settings.seed}-{settings.image_size}px"
+    marker = folder / ".complete"
+    if not marker.exists():
+        make_synthetic(folder, images=settings.images, seed=settings.seed, image_size=settings.image_size)
+        atomic_write_text(marker, "ok\n")
+    return next(folder.glob("*.parquet"))

@@ -20,13 +20,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from surgvqa.core.io import atomic_write_text
 from surgvqa.data import synthetic as kvasir
-from surgvqa.io import atomic_write_text
+
+if TYPE_CHECKING:
+    from surgvqa.core.config import Config
 
 TEST_SHARE = 0.2
 LEAKED_TEST_IMAGES = 2
@@ -214,3 +218,16 @@ def make_synthetic_x1(out_dir: str | Path, images: int = 300, seed: int = 0, ima
         "Not medical data: for pipeline tests and demos only.\n",
     )
     return out_dir
+
+
+def synthetic_x1_source(config: Config) -> Path:
+    """Build (once) and return the folder of the synthetic Kvasir-VQA-x1 set (``parquet/``, ``save_to_disk/``,
+    and the Kvasir-VQA parquet its images are joined from, ``kvasir-vqa/``)."""
+    settings = config.data.synthetic
+    folder = Path(config.cache_dir) / (f"synthetic-x1-{settings.images}img-seed{settings.seed}-"
+                                       f"{settings.image_size}px")
+    marker = folder / ".complete"
+    if not marker.exists():
+        make_synthetic_x1(folder, images=settings.images, seed=settings.seed, image_size=settings.image_size)
+        atomic_write_text(marker, "ok\n")
+    return folder

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from surgvqa.io import atomic_write_bytes, atomic_write_text
+from surgvqa.core.io import atomic_write_bytes, atomic_write_text
 from surgvqa.report.console import rich_tables
 from surgvqa.report.figures import report_figures
 from surgvqa.report.files import confusion_csv, markdown_report, per_type_csv

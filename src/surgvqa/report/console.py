@@ -7,8 +7,8 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from surgvqa.formatting import NOT_AVAILABLE
-from surgvqa.metrics import CLOSED_ALL
+from surgvqa.core.formatting import NOT_AVAILABLE
+from surgvqa.evaluation.comparison import CLOSED_ALL
 from surgvqa.report.contents import (
     average_rows,
     baseline_table,

@@ -6,9 +6,9 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from surgvqa.core.formatting import NOT_AVAILABLE, percent, percent_change, percent_interval
 from surgvqa.data.answers import QUESTION_TYPES
-from surgvqa.formatting import NOT_AVAILABLE, percent, percent_change, percent_interval
-from surgvqa.metrics import CLOSED_ALL
+from surgvqa.evaluation.comparison import CLOSED_ALL
 
 TABLE_TYPES: tuple[str, ...] = (*QUESTION_TYPES, CLOSED_ALL)
 

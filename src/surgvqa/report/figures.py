@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from surgvqa.confidence_report import ALL
+from surgvqa.evaluation.confidence_report import ALL
 from surgvqa.report.contents import TABLE_TYPES, confidence_label, per_type_rows
 
 

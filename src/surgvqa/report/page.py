@@ -13,9 +13,9 @@ from typing import Any
 from jinja2 import BaseLoader, Environment
 from markupsafe import Markup
 
+from surgvqa.core.formatting import percent, percent_interval
 from surgvqa.data.answers import CLOSED_TYPES
-from surgvqa.formatting import percent, percent_interval
-from surgvqa.metrics import CLOSED_ALL
+from surgvqa.evaluation.comparison import CLOSED_ALL
 from surgvqa.report.contents import (
     abstention_table,
     average_rows,

@@ -9,8 +9,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from surgvqa.config import load_config
-from surgvqa.data.images import ImageProblem, allowed_image_roots, open_rgb, resolve_within
+from surgvqa.core.config import load_config
+from surgvqa.data.images import ImageProblem, open_rgb, resolve_within
+from surgvqa.data.sources import allowed_image_roots
 
 THUMBNAIL_PX = 160
 CONFIG_FILE = "config.resolved.yaml"

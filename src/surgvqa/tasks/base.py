@@ -18,8 +18,8 @@ from surgvqa.data.sources import REQUIRED_COLUMNS, RawRow, iter_raw_rows
 from surgvqa.data.split import split_images
 
 if TYPE_CHECKING:
-    from surgvqa.config import Config, EvaluateConfig, PromptConfig
-    from surgvqa.scoring import PredictionRow
+    from surgvqa.core.config import Config, EvaluateConfig, PromptConfig
+    from surgvqa.evaluation.scoring import PredictionRow
 
 # Split names as datasets spell them, mapped to the three a run uses.
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
@@ -54,7 +54,7 @@ class Task:
 
     def resolve_source(self, config: Config) -> str:
         """``data.source`` as a path or hub id; "synthetic" builds the task's synthetic set in the cache."""
-        from surgvqa.prepare import synthetic_source
+        from surgvqa.data.synthetic import synthetic_source
 
         return str(synthetic_source(config)) if config.data.source == "synthetic" else config.data.source
 
@@ -144,7 +144,7 @@ class Task:
                  notes: Sequence[dict[str, Any]], with_text_metrics: bool, with_meteor: bool) -> dict[str, Any]:
         """metrics.json for these rows: exact match per question type (and template), the text metrics and the
         baseline comparison, then the task's own section (`task_metrics`) when it has one."""
-        from surgvqa.metrics import evaluate_by_type
+        from surgvqa.evaluation.metrics import evaluate_by_type
 
         metrics = evaluate_by_type(rows, settings, baseline=baseline, skipped=skipped, notes=notes,
                                    with_text_metrics=with_text_metrics, with_meteor=with_meteor,

@@ -19,18 +19,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from surgvqa.bootstrap import bootstrap_mean_ci
+from surgvqa.core.formatting import percent, percent_interval
 from surgvqa.data.answers import MCQ, OPEN_ENDED, YES_NO, is_bad_answer, normalize_answer
 from surgvqa.data.records import Record
 from surgvqa.data.sources import RawRow
-from surgvqa.formatting import percent, percent_interval
+from surgvqa.evaluation.bootstrap import bootstrap_mean_ci
+from surgvqa.evaluation.text_metrics import bleu_rouge
 from surgvqa.tasks.base import SplitOutcome, Task, official_split_outcome
 from surgvqa.tasks.kvasir_vqa import infer_question_type
-from surgvqa.text_metrics import bleu_rouge
 
 if TYPE_CHECKING:
-    from surgvqa.config import Config, EvaluateConfig
-    from surgvqa.scoring import PredictionRow
+    from surgvqa.core.config import Config, EvaluateConfig
+    from surgvqa.evaluation.scoring import PredictionRow
 
 CLOSED = "closed"
 OPEN = "open"

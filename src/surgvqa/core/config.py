@@ -1,0 +1,604 @@
+"""Typed run configuration: YAML file + ``--set a.b=c`` overrides, validated by pydantic.
+
+Unknown keys, keys given twice and wrong types are errors that name the dotted key and where its value came from
+(the file or a ``--set``), because a silently ignored typo in a config (``lora.aplha``) costs a whole GPU run.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import importlib.util
+import json
+import re
+import string
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, NamedTuple, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from surgvqa.core.io import atomic_write_text
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# A run name is a folder name and part of every SLURM job name: no path separators, spaces or shell syntax.
+RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+# SLURM partitions (comma-separated list) and accounts: plain names.
+SLURM_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*")
+SLURM_MEM_PATTERN = re.compile(r"\d+[KMGT]?")
+# sbatch --time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, or no limit.
+SLURM_TIME_PATTERN = re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}|UNLIMITED|unlimited|infinite")
+# One sbatch option per entry. The value may hold SLURM's own syntax (a100|h100, node[1-4], a@b.c) but nothing that
+# ends or splits an #SBATCH line (whitespace, '#', quotes, backslash) or that a shell would expand.
+SBATCH_OPTION_PATTERN = re.compile(r"--[A-Za-z][A-Za-z0-9-]*(=[^\s#'\"\\$`;<>()]+)?")
+
+
+def _reject_control_characters(value: str, what: str) -> str:
+    if any(ord(char) < 32 or ord(char) == 127 for char in value):
+        raise ValueError(f"{what} must be one line without control characters (got {value!r})")
+    return value
+
+
+def _template_fields(template: str) -> set[str]:
+    """The ``{field}`` names a str.format template uses; a malformed template (a lone brace) is an error."""
+    try:
+        return {field.split(".")[0].split("[")[0] for _, field, _, _ in string.Formatter().parse(template)
+                if field is not None}
+    except ValueError as exc:
+        raise ValueError(f"not a valid format template ({exc}; write a literal brace as {{{{ or }}}})") from None
+
+
+# Schedulers that stop at their first step without settings the training arguments here do not pass
+# (lr_scheduler_kwargs, an evaluation strategy): refused at load rather than after the gates.
+SCHEDULERS_NEEDING_SETTINGS = {
+    "cosine_with_min_lr": "min_lr", "cosine_warmup_with_min_lr": "min_lr",
+    "warmup_stable_decay": "num_decay_steps", "reduce_lr_on_plateau": "an evaluation strategy",
+}
+
+
+@functools.cache
+def lr_scheduler_names() -> tuple[str, ...]:
+    """transformers' ``SchedulerType`` values: what ``TrainingArguments.lr_scheduler_type`` accepts."""
+    # transformers.trainer_utils imports torch (several seconds); every command loads a config, so the enum's values
+    # are read from the module's source. Should its layout ever change, import the enum after all.
+    spec = importlib.util.find_spec("transformers.trainer_utils")
+    if spec is not None and spec.origin:
+        tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+        for node in tree.body:
+            if isinstance(node, ast.ClassDef) and node.name == "SchedulerType":
+                names = tuple(item.value.value for item in node.body if isinstance(item, ast.Assign)
+                              and isinstance(item.value, ast.Constant) and isinstance(item.value.value, str))
+                if names:
+                    return names
+    from transformers.trainer_utils import SchedulerType
+
+    return tuple(member.value for member in SchedulerType)
+
+
+class SplitConfig(_Section):
+    train: float = 0.7
+    val: float = 0.15
+    test: float = 0.15
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self) -> SplitConfig:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6 or min(self.train, self.val, self.test) < 0:
+            raise ValueError(f"split fractions must be >= 0 and sum to 1 (got {total:.4f})")
+        return self
+
+
+class SyntheticConfig(_Section):
+    images: int = Field(300, gt=0)
+    seed: int = 0
+    image_size: int = Field(112, ge=28)
+
+
+class DataConfig(_Section):
+    # A path (parquet file or folder, save_to_disk folder, .jsonl, .csv), a hub id ("hub:SimulaMet-HOST/Kvasir-VQA"),
+    # or "synthetic" for the generated Kvasir-like set in the cache directory.
+    source: str = Field("synthetic", min_length=1)
+    format: Literal["auto", "parquet", "save_to_disk", "jsonl", "csv", "hub"] = "auto"
+    image_root: str | None = None  # where relative image paths of JSONL/CSV sources resolve; default: the file's folder
+    hub_split: str = "raw"
+    # Where rows without an image get theirs, joined by img_id (Kvasir-VQA-x1): a Kvasir-VQA parquet file or
+    # folder, a save_to_disk folder, or a folder of <img_id>.jpg files.
+    images: str | None = None
+    # Official test rows whose image also occurs in the official training split (x1); off: comparable numbers.
+    drop_leaking_test_rows: bool = False
+    max_rows: int | None = Field(None, gt=0)
+    split: SplitConfig = SplitConfig()
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+
+class ModelConfig(_Section):
+    # "tiny" builds the offline demo model into the cache directory; anything else is a local path or hub id.
+    name_or_path: str = Field("tiny", min_length=1)
+    tiny_arch: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"] = "qwen2_vl"
+    tiny_seed: int = 0
+    tiny_hidden_size: int = Field(64, ge=16)
+    tiny_layers: int = Field(2, ge=1)
+    min_pixels: int = Field(56 * 56, gt=0)
+    max_pixels: int = Field(112 * 112, gt=0)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    attn_implementation: str = "auto"  # auto: flash_attention_2 on CUDA when flash-attn is installed, else sdpa
+    gradient_checkpointing: bool = False
+    freeze_vision: bool = True
+    train_merger: bool = False
+
+    @model_validator(mode="after")
+    def _pixels_ordered(self) -> ModelConfig:
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels ({self.min_pixels}) exceeds max_pixels ({self.max_pixels})")
+        return self
+
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a medical visual question answering assistant for gastrointestinal endoscopy. "
+    "Look at the image and answer the question with the answer alone, as briefly as possible."
+)
+
+
+class PromptConfig(_Section):
+    system: str = DEFAULT_SYSTEM_PROMPT
+    user_template: str = "Question type: {question_type}\nQuestion: {question}"
+    list_candidates: bool = False
+    candidates_template: str = "\nOptions: {candidates}"
+    normalize_targets: bool = True  # teach lower-case answers with multi-label sets in one canonical order
+
+    # The fields chat.user_text fills in; any other {name} would fail with a KeyError at the first sample.
+    @field_validator("user_template")
+    @classmethod
+    def _user_fields_known(cls, value: str) -> str:
+        unknown = _template_fields(value) - {"question_type", "question", "source"}
+        if unknown:
+            raise ValueError(f"unknown field(s) {sorted(unknown)}: use {{question}}, {{question_type}}, {{source}}")
+        return value
+
+    @field_validator("candidates_template")
+    @classmethod
+    def _candidate_fields_known(cls, value: str) -> str:
+        unknown = _template_fields(value) - {"candidates"}
+        if unknown:
+            raise ValueError(f"unknown field(s) {sorted(unknown)}: use {{candidates}}")
+        return value
+
+
+class MaskingConfig(_Section):
+    strategy: Literal["span", "sentinel"] = "span"
+    max_length: int = Field(2048, gt=0)  # over-long samples are rejected, never truncated through image tokens
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                      min_length=1)
+    include_vision: bool = False  # also adapt matching modules of the vision tower (off: language model only)
+
+
+class TrainConfig(_Section):
+    per_device_batch_size: int = Field(4, gt=0)
+    grad_accum: int = Field(16, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, ge=-1)  # > 0 overrides epochs
+    lr: float = Field(2e-4, gt=0)
+    # The vision tower and its merger (ms-swift's vit_lr); None: train.lr.
+    vision_lr: float | None = Field(None, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    lr_scheduler: str = "cosine"  # a transformers SchedulerType value
+    max_grad_norm: float = Field(1.0, ge=0)  # 0: no clipping
+    save_steps: int = Field(200, gt=0)
+    save_total_limit: int = Field(2, gt=0)
+    logging_steps: int = Field(10, gt=0)
+    # Off by default: on templated VQA, a length group is a template group, so batches hold one question type
+    # each and the model chases the last one it saw (docs/benchmarks.md, learning benchmark).
+    group_by_length: bool = False
+    num_workers: int = Field(0, ge=0)
+    seed: int = 42
+
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        # Checked here so that a typo fails at load, not when the Trainer starts after prepare and the gates.
+        usable = [name for name in lr_scheduler_names() if name not in SCHEDULERS_NEEDING_SETTINGS]
+        if value in SCHEDULERS_NEEDING_SETTINGS:
+            raise ValueError(f"{value} needs {SCHEDULERS_NEEDING_SETTINGS[value]}, which the training arguments "
+                             f"do not pass; choose one of {', '.join(usable)}")
+        if value not in lr_scheduler_names():
+            raise ValueError(f"unknown scheduler; choose one of {', '.join(usable)}")
+        return value
+
+
+class SanityConfig(_Section):
+    samples: int = Field(64, gt=0)
+    max_steps: int = Field(200, gt=0)
+    loss_threshold: float = Field(2.0, gt=0)
+    min_match: float = Field(0.9, ge=0, le=1)
+    lr: float | None = Field(None, gt=0)  # None: train.lr
+    batch_size: int = Field(8, gt=0)
+    # Greedy answers checked every this many steps too, the gate ending at the first pass (None: at the end only).
+    check_every: int | None = Field(None, gt=0)
+
+
+class PredictConfig(_Section):
+    mode: Literal["generate", "constrained", "rank"] = "constrained"
+    batch_size: int = Field(8, gt=0)
+    split: Literal["train", "val", "test"] = "test"
+    max_new_tokens_open: int = Field(64, gt=0)
+    # rank mode, multi-label records: "constrained" decodes the set through the candidate trie (a label's score
+    # as the whole answer says little about its membership of a set, and 2^n subsets cannot all be scored);
+    # "threshold" adds every label whose per-token score passes multi_label_threshold.
+    multi_label_rank: Literal["constrained", "threshold"] = "constrained"
+    # "threshold" only: a mean log-probability per token (<= 0); None: calibrated on the validation split.
+    multi_label_threshold: float | None = Field(None, le=0)
+    # The share of rows that may stay in error after retries before `predict` exits 1 and `run` stops.
+    max_error_rate: float = Field(0.0, ge=0, le=1)
+    # Confidence (docs/confidence.md), fitted on the validation split's predictions and applied to these:
+    # temperature scaling with one temperature overall or one per question type ("none": the model's own numbers);
+    # split-conformal answer sets for closed questions covering the answer with probability >= 1 - alpha;
+    # abstention below the lowest confidence at which the answered questions' error rate stays within target_risk,
+    # except with probability risk_delta (a binomial test on the validation split; null: the validation split's
+    # own error rate, a point estimate that new questions often exceed).
+    calibration: Literal["none", "overall", "per_type"] = "none"
+    conformal_alpha: float | None = Field(None, gt=0, lt=1)
+    abstain: bool = False
+    target_risk: float = Field(0.05, gt=0, lt=1)
+    risk_delta: float | None = Field(0.1, gt=0, lt=1)
+
+
+# The prediction modes, as the config accepts them (the command line checks --mode against the same list).
+PREDICT_MODES: tuple[str, ...] = get_args(PredictConfig.model_fields["mode"].annotation)
+
+
+class EvaluateConfig(_Section):
+    size_tolerance_mm: float = Field(5.0, ge=0)
+    count_tolerance: int = Field(1, ge=0)
+    bootstrap_samples: int = Field(1000, gt=0)
+    confidence: float = Field(0.95, gt=0, lt=1)
+    seed: int = 0
+    failure_examples: int = Field(6, ge=0)
+
+
+# What `surgvqa export` writes into predictions_1.json's submission_info (the organizers' keys, all required).
+SUBMISSION_INFO_FIELDS: tuple[str, ...] = ("Participant_Names", "Affiliations", "Contact_emails", "Team_Name",
+                                           "Country", "Notes_to_organizers")
+
+
+class ExportConfig(_Section):
+    """`surgvqa export --challenge NAME OUT`: where the submission script loads the model from, who submits, and
+    the local copies of the challenge's data for the validation run (docs/challenge.md)."""
+
+    base_model: str | None = None  # hub id of the base model (e.g. Qwen/Qwen2-VL-2B-Instruct), or a folder
+    adapter: str | None = None  # hub id of the uploaded trained adapter / model (the run's model/ folder)
+    submission_info: dict[str, Any] = {}  # SUBMISSION_INFO_FIELDS
+    # A local copy of the challenge's split (save_to_disk folder or parquet), read where the script loads the hub's.
+    validation_data: str | None = None
+    # Medico: a local copy of Kvasir-VQA (the images Kvasir-VQA-x1 rows name by img_id).
+    validation_images: str | None = None
+
+
+class SlurmConfig(_Section):
+    partition: str = "gpu"
+    account: str | None = None
+    gpus: int = Field(1, ge=0)
+    nodes: int = Field(1, gt=0)
+    cpus_per_task: int = Field(8, gt=0)
+    mem: str = "64G"
+    time: str = "24:00:00"
+    env_setup: str = "source .venv/bin/activate"  # shell code by design, written into every script as it is
+    extra_sbatch: list[str] = []
+
+    # Every value below lands in an #SBATCH line: a newline in one would start a shell command of its own.
+    @field_validator("partition", "account")
+    @classmethod
+    def _plain_slurm_name(cls, value: str | None) -> str | None:
+        if value is not None and not SLURM_NAME_PATTERN.fullmatch(value):
+            raise ValueError("must be a SLURM name (letters, digits, '_', '.', '-'; partitions comma-separated)")
+        return value
+
+    @field_validator("mem")
+    @classmethod
+    def _memory_size(cls, value: str) -> str:
+        if not SLURM_MEM_PATTERN.fullmatch(value):
+            raise ValueError("must be a SLURM memory size like 64G or 16000M")
+        return value
+
+    @field_validator("time")
+    @classmethod
+    def _time_limit(cls, value: str) -> str:
+        if not SLURM_TIME_PATTERN.fullmatch(value):
+            raise ValueError("must be a SLURM time limit like HH:MM:SS or D-HH:MM:SS")
+        return value
+
+    @field_validator("extra_sbatch")
+    @classmethod
+    def _single_options(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if not SBATCH_OPTION_PATTERN.fullmatch(entry):
+                raise ValueError(f"{entry!r} is not one --option or --option=value (no spaces, quotes, '#', "
+                                 "newlines or shell syntax)")
+        return value
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _time_as_text(cls, value: object) -> object:
+        # YAML 1.1 reads an unquoted 48:00:00 as a base-60 integer (172800 seconds); give SLURM its H:MM:SS back.
+        if isinstance(value, int) and not isinstance(value, bool):
+            hours, rest = divmod(value, 3600)
+            return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+        return value
+
+
+class Config(_Section):
+    run_name: str = "demo"
+    output_dir: str = "runs"
+    cache_dir: str = ".cache/surgvqa"
+    seed: int = 42
+    task: Literal["kvasir-vqa", "kvasir-vqa-x1", "vqa-jsonl"] = "kvasir-vqa"  # surgvqa.tasks: the dataset's rules
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    prompt: PromptConfig = PromptConfig()
+    masking: MaskingConfig = MaskingConfig()
+    lora: LoraConfig | None = LoraConfig()  # null = full fine-tuning
+    train: TrainConfig = TrainConfig()
+    sanity: SanityConfig = SanityConfig()
+    predict: PredictConfig = PredictConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    slurm: SlurmConfig = SlurmConfig()
+    export: ExportConfig = ExportConfig()
+
+    @field_validator("run_name")
+    @classmethod
+    def _folder_and_job_name(cls, value: str) -> str:
+        if not RUN_NAME_PATTERN.fullmatch(value):
+            raise ValueError("must be a folder name of letters, digits, '.', '_', '+', '-' (it names the run "
+                             "directory and the SLURM jobs)")
+        return value
+
+    @field_validator("output_dir", "cache_dir")
+    @classmethod
+    def _one_line_path(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must be a folder path")
+        return _reject_control_characters(value, "a folder path")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def section_hash(self, *sections: str) -> str:
+        """A stable hash of the named config sections or dotted keys (``model.max_pixels``): a stage reruns when
+        what it reads changes."""
+        tree = self.to_dict()
+        payload = {}
+        for name in sections:
+            value: Any = tree
+            for part in name.split("."):
+                value = value[part]
+            payload[name] = value
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+DEFAULT_CONFIG_NAME = "default.yaml"
+
+
+def default_config_path() -> Path:
+    return Path(str(resources.files("surgvqa") / "configs" / DEFAULT_CONFIG_NAME))
+
+
+class RepeatedKeyError(yaml.YAMLError):
+    """A key given twice in one YAML mapping: ``key_path`` is its dotted path, ``lines`` the two lines it is on."""
+
+    def __init__(self, key_path: str, lines: tuple[int, int]):
+        super().__init__(f"key '{key_path}' is given twice, at lines {lines[0]} and {lines[1]}")
+        self.key_path, self.lines = key_path, lines
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping. PyYAML keeps the last one silently, so a second
+    ``train:`` section would drop the first one's settings and the run would use defaults nobody chose."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        # Where each node sits (id -> keys from the top), so that the error names the dotted key. A parent is
+        # constructed before its children, so its own place is known when its keys are checked.
+        self._key_paths: dict[int, tuple[str, ...]] = {}
+
+    def construct_sequence(self, node: yaml.SequenceNode, deep: bool = False) -> list[Any]:
+        path = self._key_paths.get(id(node), ())
+        for index, item in enumerate(node.value):
+            self._key_paths.setdefault(id(item), (*path, str(index)))
+        return super().construct_sequence(node, deep=deep)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        path = self._key_paths.get(id(node), ())
+        first_lines: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # the keys that `<<: *shared` brings are there to be overridden
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                hash(key)
+            except TypeError:
+                continue  # an unhashable key (a list): PyYAML's own construct_mapping reports it
+            if key in first_lines:
+                raise RepeatedKeyError(".".join((*path, str(key))), (first_lines[key], line))
+            first_lines[key] = line
+            self._key_paths.setdefault(id(value_node), (*path, str(key)))
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader: plain data only, like yaml.safe_load
+
+
+class _Override(NamedTuple):
+    """One ``--set key.sub=value``: the argument as given, the key's path, the value as YAML reads it and as typed."""
+
+    argument: str
+    key_path: tuple[str, ...]
+    value: Any
+    text: str
+
+
+def _parse_override(item: str) -> _Override:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key.sub=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: empty key")
+    # YAML parses the value so that numbers, booleans, null and lists work as they do in the file.
+    try:
+        value = _load_yaml(raw) if raw.strip() else ""
+    except RepeatedKeyError as exc:
+        raise ConfigError(f"--set {key}: key '{key}.{exc.key_path}' is given twice (YAML would keep only the last; "
+                          "give it once)") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: the value is not valid YAML ({_describe_yaml_error(exc)}); "
+                          "quote it to pass text") from None
+    return _Override(item, tuple(key.split(".")), value, raw.strip())
+
+
+def _apply_override(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    node = tree
+    for depth, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = {}
+            node[part] = child
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {'.'.join(path)}: {'.'.join(path[: depth + 1])} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _source_override(key_path: tuple[str, ...], overrides: list[_Override]) -> _Override | None:
+    """The override that gave the value at ``key_path``: the last one applied to that key or a section above it."""
+    source = None
+    for override in overrides:
+        if key_path[: len(override.key_path)] == override.key_path:
+            source = override
+    return source
+
+
+def _keep_typed_text(tree: dict[str, Any], error: ValidationError, overrides: list[_Override]) -> bool:
+    """Where a text key got a number or boolean from an override, give it the text as typed instead: YAML reads
+    ``--set run_name=2024`` as 2024 and ``--set slurm.partition=on`` as True, but a name or a partition is what
+    was meant. Returns whether any value changed (the tree is then validated again)."""
+    kept = False
+    for item in error.errors():
+        key_path = tuple(str(part) for part in item["loc"])
+        source = _source_override(key_path, overrides)
+        if (item["type"] == "string_type" and source is not None and source.key_path == key_path
+                and isinstance(source.value, (bool, int, float))):
+            _apply_override(tree, key_path, source.text)
+            kept = True
+    return kept
+
+
+def _error_origin(key_path: tuple[str, ...], config_path: Path, overrides: list[_Override]) -> str:
+    """Where the value a validation error is about came from: an override, the file, or both (a check over a
+    whole section, such as the split fractions, where an override changed one of its keys)."""
+    source = _source_override(key_path, overrides)
+    if source is not None:
+        return f"--set {_shortened(source.argument)}"
+    inside = [override for override in overrides if override.key_path[: len(key_path)] == key_path]
+    if inside:
+        return f"{config_path} with " + " ".join(f"--set {_shortened(override.argument)}" for override in inside)
+    return str(config_path)
+
+
+def _shortened(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _format_validation_error(error: ValidationError, config_path: Path, overrides: list[_Override]) -> str:
+    problems_by_origin: dict[str, list[str]] = {}
+    for item in error.errors():
+        key_path = tuple(str(part) for part in item["loc"])
+        key = ".".join(key_path) or "<root>"
+        if item["type"] == "extra_forbidden":
+            problem = f"unknown key '{key}'"
+        else:
+            got = _shortened(repr(item.get("input")))
+            if item["type"] == "string_type" and isinstance(item.get("input"), (bool, int, float)):
+                got += "; write it in quotes to make it text"  # YAML read `run_name: 2024` as a number
+            message = item["msg"].removeprefix("Value error, ")
+            problem = f"'{key}': {message} (got {got})"
+        problems_by_origin.setdefault(_error_origin(key_path, config_path, overrides), []).append(problem)
+    return "; ".join(f"{origin}: " + "; ".join(problems) for origin, problems in problems_by_origin.items())
+
+
+def _describe_yaml_error(exc: yaml.YAMLError) -> str:
+    """PyYAML's message spans several lines with a caret drawing; the error line is one line."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        return f"{exc.problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(exc).split())
+
+
+def _read_config_text(config_path: Path) -> str:
+    try:
+        data = config_path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {config_path}: {exc.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{config_path}: not a UTF-8 text file (byte {exc.start} cannot be decoded); "
+                          "is it a binary file?") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (the embedded default when ``path`` is None) and apply ``key.sub=value`` overrides."""
+    config_path = Path(path) if path is not None else default_config_path()
+    if not config_path.is_file():
+        raise ConfigError(f"config file not found: {config_path}")
+    text = _read_config_text(config_path)
+    try:
+        tree = _load_yaml(text) or {}
+    except RepeatedKeyError as exc:
+        raise ConfigError(f"{config_path}: {exc} (YAML would keep only the last; merge them into one)") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{config_path}: not valid YAML ({_describe_yaml_error(exc)})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{config_path}: the top level must be a mapping of sections")
+    applied: list[_Override] = []
+    for item in overrides or []:
+        override = _parse_override(item)
+        _apply_override(tree, override.key_path, override.value)
+        applied.append(override)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        error = exc
+    if _keep_typed_text(tree, error, applied):
+        try:
+            return Config.model_validate(tree)
+        except ValidationError as exc:
+            error = exc
+    raise ConfigError(_format_validation_error(error, config_path, applied)) from None
+
+
+def write_resolved_config(config: Config, run_dir: str | Path | None = None) -> Path:
+    target = Path(run_dir or config.run_dir) / "config.resolved.yaml"
+    atomic_write_text(target, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return target
