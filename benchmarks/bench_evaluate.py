@@ -20,7 +20,7 @@ from pathlib import Path
 from _common import write_result
 
 from surgvqa.core.config import EvaluateConfig
-from surgvqa.stages.evaluate import run_evaluate
+from surgvqa.stages.evaluate import run_on_file
 from surgvqa.tasks.kvasir_vqa import TEMPLATES
 
 ROWS = 60_000
@@ -72,7 +72,7 @@ def _timed(
     predictions: Path, out_dir: Path, settings: EvaluateConfig, with_meteor: bool
 ) -> tuple[float, dict]:
     start = time.perf_counter()
-    metrics = run_evaluate(predictions, out_dir, settings, with_report=False, with_meteor=with_meteor)
+    metrics = run_on_file(predictions, out_dir, settings, with_report=False, with_meteor=with_meteor)
     return time.perf_counter() - start, metrics
 
 

@@ -21,8 +21,9 @@ from pathlib import Path
 
 from surgvqa.core.config import load_config
 from surgvqa.core.io import atomic_write_json
-from surgvqa.stages.evaluate import run_evaluate
-from surgvqa.stages.predict import calibration_files, run_predict
+from surgvqa.stages.evaluate import run_on_file
+from surgvqa.stages.predict import calibration_files
+from surgvqa.stages.predict import run as run_predict
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -74,7 +75,7 @@ def main() -> None:
     out = run_dir / f"confidence.{args.mode}.jsonl"
     run_predict(config, mode=args.mode, out=out, model_path=str(model), quiet=True)
     predict_seconds = time.perf_counter() - started
-    metrics = run_evaluate(out, run_dir / f"eval-confidence-{args.mode}", config.evaluate, run_dir=run_dir,
+    metrics = run_on_file(out, run_dir / f"eval-confidence-{args.mode}", config.evaluate, run_dir=run_dir,
                            with_meteor=False)
     section = metrics["confidence"]
     calibration = json.loads(calibration_files(out)[1].read_text(encoding="utf-8"))

@@ -27,8 +27,8 @@ from surgvqa.core.io import atomic_write_json, write_jsonl
 from surgvqa.data.answers import normalize_answer
 from surgvqa.data.records import read_records
 from surgvqa.models.loading import resolve_model_path
-from surgvqa.stages.evaluate import run_evaluate
-from surgvqa.stages.predict import run_predict
+from surgvqa.stages.evaluate import run_on_file
+from surgvqa.stages.predict import run as run_predict
 from surgvqa.stages.prepare import prepare
 
 RESULTS = Path(__file__).parent / "results"
@@ -144,10 +144,10 @@ def main() -> None:
     untrained = run_predict(config, mode="constrained", out=run_dir / "untrained.constrained.jsonl",
                             model_path=resolve_model_path(config), quiet=True)
     majority = majority_predictions(prepared, run_dir / "majority.jsonl")
-    results: dict = {"untrained_constrained": summarise(run_evaluate(untrained, run_dir / "eval-untrained",
+    results: dict = {"untrained_constrained": summarise(run_on_file(untrained, run_dir / "eval-untrained",
                                                                       config.evaluate, with_report=False,
                                                                       with_meteor=False)),
-                     "majority": summarise(run_evaluate(majority, run_dir / "eval-majority", config.evaluate,
+                     "majority": summarise(run_on_file(majority, run_dir / "eval-majority", config.evaluate,
                                                         with_report=False, with_meteor=False))}
     for mode in MODES:
         out = run_dir / f"trained.{mode}.jsonl"
@@ -156,7 +156,7 @@ def main() -> None:
         run_predict(config, mode=mode, out=out, model_path=str(result.model_dir), quiet=True)
         seconds = time.perf_counter() - mode_started
         for name, baseline in (("untrained", untrained), ("majority", majority)):
-            metrics = run_evaluate(out, run_dir / f"eval-{mode}-vs-{name}", config.evaluate, baseline=baseline,
+            metrics = run_on_file(out, run_dir / f"eval-{mode}-vs-{name}", config.evaluate, baseline=baseline,
                                    with_report=False, with_meteor=False)
             results.setdefault(f"trained_{mode}", summarise(metrics))
             results[f"trained_{mode}"][f"vs_{name}"] = summarise(metrics).get("vs_baseline")

@@ -7,7 +7,7 @@ Per size: the synthetic Kvasir-like set is generated first (not timed; kept in t
 - ``prepare``: read the parquet, validate, split by image, type, write prepared/ (``surgvqa.stages.prepare.prepare``);
 - ``encode``: ``encode_example`` (image read + the one processor call + labels) over every train record, one
   process, as ``VQADataset.__getitem__`` does it;
-- ``evaluate``: ``run_evaluate`` without the HTML report and without METEOR, on predictions built from the prepared
+- ``evaluate``: ``run_on_file`` without the HTML report and without METEOR, on predictions built from the prepared
   records of all three splits (the reference answer for even rows, a wrong candidate for odd rows; 1,000
   bootstrap resamples). The test split alone is 118 rows at 1x: evaluated in 20 ms, all fixed cost, no slope.
 Everything runs with one torch thread (``--threads``; a DataLoader worker's setting too): on a shared 2-core machine
@@ -38,7 +38,7 @@ from surgvqa.data.records import Record, read_records
 from surgvqa.data.synthetic import synthetic_source
 from surgvqa.models.loading import load_processor, resolve_model_path
 from surgvqa.prompting.encoding import encode_example, load_image
-from surgvqa.stages.evaluate import run_evaluate
+from surgvqa.stages.evaluate import run_on_file
 from surgvqa.stages.prepare import prepare
 
 
@@ -86,7 +86,7 @@ def measure(images: int, workdir: Path, processor, repeats: int) -> dict:
     predictions = workdir / f"predictions-{images}.jsonl"
     write_jsonl(predictions, synthetic_predictions(every))
     settings = EvaluateConfig()
-    evaluate_seconds = best_of(repeats, lambda: run_evaluate(predictions, workdir / f"eval-{images}", settings,
+    evaluate_seconds = best_of(repeats, lambda: run_on_file(predictions, workdir / f"eval-{images}", settings,
                                                              with_report=False, with_meteor=False))
     return {"images": images, "rows": rows, "train_records": len(train), "evaluated_rows": rows,
             "synthetic_generation_s_untimed": round(generation, 3),

@@ -17,7 +17,7 @@ import surgvqa.serve.app
 from surgvqa.core.config import load_config
 from surgvqa.data.records import read_records, write_records
 from surgvqa.inference.prediction_files import read_done
-from surgvqa.stages.predict import run_predict
+from surgvqa.stages.predict import run as run_predict
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.usefixtures("one_torch_thread")]
 

@@ -24,8 +24,8 @@ from surgvqa.export.challenge import (
 )
 from surgvqa.inference.prediction_files import read_done
 from surgvqa.models.loading import resolve_model_path
-from surgvqa.stages.evaluate import run_evaluate
-from surgvqa.stages.predict import run_predict
+from surgvqa.stages.evaluate import run_on_file
+from surgvqa.stages.predict import run as run_predict
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("one_torch_thread")]
 
@@ -96,7 +96,7 @@ def test_evaluate_scores_the_submission_against_the_local_split(exported):
     payload = json.loads((out / "predictions_1.json").read_text(encoding="utf-8"))
     rows = write_challenge_predictions(out / "predictions_1.json", "gi-2025", config.export.validation_data,
                                        work / "scored")
-    metrics = run_evaluate(rows, work / "scored", config.evaluate, with_report=False)
+    metrics = run_on_file(rows, work / "scored", config.evaluate, with_report=False)
     assert metrics["n"] == len(records) and metrics["n_skipped"] == 0
     for key, value in payload["public_scores"].items():  # the script's own numbers, by the same definitions
         assert metrics["text_metrics"][key] == pytest.approx(value)

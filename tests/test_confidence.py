@@ -28,7 +28,8 @@ from surgvqa.inference.confidence import (
 )
 from surgvqa.inference.decoding import CandidateLogitsProcessor, score_candidates
 from surgvqa.inference.predictor import Predictor, load_for_prediction
-from surgvqa.stages.predict import calibration_files, run_predict
+from surgvqa.stages.predict import calibration_files
+from surgvqa.stages.predict import run as run_predict
 from surgvqa.tasks.kvasir_vqa import SIZE_BINS, TEMPLATE_BY_ID
 
 PIXELS = 56 * 56
@@ -260,14 +261,14 @@ def test_predict_stage_fits_on_validation_and_marks_sets_and_abstentions(tiny_mo
 
 def test_abstained_rows_are_counted_and_scored_as_wrong(tmp_path):
     from surgvqa.core.config import EvaluateConfig
-    from surgvqa.stages.evaluate import run_evaluate
+    from surgvqa.stages.evaluate import run_on_file
 
     rows = [{"id": f"q{i}", "question": "Is there text?", "question_type": "yes_no", "template": 1,
              "answer": "yes", "prediction": "yes", "raw_text": "yes", "error": None, "confidence_kind": CANDIDATES,
              "confidence_raw": 0.6 + 0.1 * i, "confidence": 0.6 + 0.1 * i, "abstained": i == 0} for i in range(3)]
     predictions = tmp_path / "predictions.jsonl"
     predictions.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    metrics = run_evaluate(predictions, tmp_path / "eval", EvaluateConfig(bootstrap_samples=50),
+    metrics = run_on_file(predictions, tmp_path / "eval", EvaluateConfig(bootstrap_samples=50),
                            with_report=False, with_meteor=False)
     assert metrics["per_type"]["yes_no"]["strict"] == pytest.approx(2 / 3)  # right, but it abstained
     assert metrics["n_empty_predictions"] == 0

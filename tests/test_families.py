@@ -27,7 +27,7 @@ from surgvqa.models.loading import load_model, load_processor, model_family, pro
 from surgvqa.models.tiny import ARCHS, ensure_tiny_model
 from surgvqa.prompting.chat import render_prompt, render_training
 from surgvqa.stages.diagnose import diagnose_record
-from surgvqa.stages.predict import run_predict
+from surgvqa.stages.predict import run as run_predict
 from surgvqa.training.trainer import TrainResult, supervised_only_loss, train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: one torch thread for the module

@@ -19,7 +19,7 @@ from surgvqa.evaluation.scoring import (
     size_match,
 )
 from surgvqa.evaluation.text_metrics import corpus_bleu, meteor_jar, text_metrics
-from surgvqa.stages.evaluate import EvaluateError, load_predictions, print_metrics_table, run_evaluate
+from surgvqa.stages.evaluate import EvaluateError, load_predictions, print_metrics_table, run_on_file
 from surgvqa.tasks import evaluate_predictions
 
 # (question_type, template, answer, prediction, extra fields); expectations below are worked out by hand.
@@ -303,7 +303,7 @@ def test_confusion_matrix_pools_rare_answers():
 
 def test_run_evaluate_writes_outputs(predictions_file, tmp_path, capsys):
     out = tmp_path / "eval"
-    metrics = run_evaluate(predictions_file, out, SETTINGS, with_report=False, with_meteor=False)
+    metrics = run_on_file(predictions_file, out, SETTINGS, with_report=False, with_meteor=False)
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["overall"]["micro_strict"] == pytest.approx(8 / 19)
     assert saved["outputs"]["csv"].endswith("metrics_per_type.csv")
@@ -318,6 +318,6 @@ def test_run_evaluate_writes_outputs(predictions_file, tmp_path, capsys):
     empty = tmp_path / "bad.jsonl"
     empty.write_text("nonsense\n")
     with pytest.raises(EvaluateError, match="no scorable prediction.*bad.jsonl:1"):
-        run_evaluate(empty, out, SETTINGS, with_report=False)
+        run_on_file(empty, out, SETTINGS, with_report=False)
     with pytest.raises(EvaluateError, match="not found"):
-        run_evaluate(tmp_path / "missing.jsonl", out, SETTINGS)
+        run_on_file(tmp_path / "missing.jsonl", out, SETTINGS)

@@ -23,7 +23,7 @@ from surgvqa.inference.decoding import is_closed
 from surgvqa.inference.prediction_files import read_done
 from surgvqa.inference.predictor import Predictor, load_for_prediction
 from surgvqa.models.tiny import build_tiny_model
-from surgvqa.stages.predict import run_predict
+from surgvqa.stages.predict import run as run_predict
 from surgvqa.tasks.kvasir_vqa import COLOR_LABELS, GRID_CELLS, SIZE_BINS, TEMPLATE_BY_ID
 
 PIXELS = 56 * 56  # 4 image tokens per prompt: small and fast

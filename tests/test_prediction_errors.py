@@ -28,7 +28,7 @@ def test_the_pipeline_stops_before_evaluating_predictions_with_errors(tmp_path, 
     out = tmp_path / "predictions.jsonl"
     monkeypatch.setattr(surgvqa.stages.predict, "run_predict", lambda config, out, **_: _write_predictions(out, 10, 1))
     config = load_config(None, [f"output_dir={tmp_path}"])
-    with pytest.raises(pipeline.PipelineStop, match=r"1 of 10 predictions .* the predictions are not evaluated"):
+    with pytest.raises(pipeline.GateFailed, match=r"1 of 10 predictions .* the predictions are not evaluated"):
         pipeline._predictions(config, out, "model", True, False)
     accepting = load_config(None, [f"output_dir={tmp_path}", "predict.max_error_rate=0.1"])
     pipeline._predictions(accepting, out, "model", True, False)

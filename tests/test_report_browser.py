@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from surgvqa.core.config import EvaluateConfig
-from surgvqa.stages.evaluate import run_evaluate
+from surgvqa.stages.evaluate import run_on_file
 
 CHROMIUM_ARGS = [
     "--headless",
@@ -114,7 +114,7 @@ def test_report_opens_in_headless_chromium(tmp_path):
 
     run_dir = tmp_path / "run"
     predictions, baseline = _write_run(run_dir)
-    metrics = run_evaluate(
+    metrics = run_on_file(
         predictions,
         run_dir / "eval",
         EvaluateConfig(bootstrap_samples=200),

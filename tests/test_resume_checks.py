@@ -73,7 +73,7 @@ REFUSED = [
     (["lora.r=8"], "lora.r 4 → 8"),
     (["lora=null"], 'lora {"r": 4, "alpha": 8, "dropout": 0.05, "… → null'),
     (["train.max_steps=3"], "train.max_steps 4 → 3"),  # lowered: only a longer training continues
-    (["prompt.system=Answer."], "prompt.system \"You are a medical visual question answ… → Answer."),
+    (["prompt.system=Answer."], "prompt.system null → Answer."),  # null: the task's own system prompt
 ]
 
 

@@ -131,7 +131,7 @@ def test_a_stage_rerun_in_an_earlier_run_invalidates_the_stages_after_it_that_di
     # a manual `surgvqa predict` replaces the predictions; the run that redoes them stops at their check ...
     (config.run_dir / "predictions.jsonl").write_text("")
     stand_ins.rows_in_error = 3
-    with pytest.raises(pipeline.PipelineStop, match="3 of 10 predictions"):
+    with pytest.raises(pipeline.GateFailed, match="3 of 10 predictions"):
         run_pipeline(config, quiet=True)
     # ... so evaluate, recorded as done under the same key, was made from the predictions before
     accepting = _config(tmp_path, "predict.max_error_rate=0.5")
@@ -281,7 +281,7 @@ def test_lowering_save_steps_after_a_kill_continues_training_from_its_checkpoint
 def test_a_raised_max_error_rate_lets_a_stopped_chain_evaluate_without_predicting_again(tmp_path, stand_ins):
     stand_ins.rows_in_error = 2
     config = _config(tmp_path)
-    with pytest.raises(pipeline.PipelineStop, match=r"2 of 10 predictions .* not evaluated"):
+    with pytest.raises(pipeline.GateFailed, match=r"2 of 10 predictions .* not evaluated"):
         run_pipeline(config, quiet=True)
     assert stand_ins.ran() == ["prepare", "diagnose", "overfit", "train", "baseline"]
 
@@ -291,6 +291,6 @@ def test_a_raised_max_error_rate_lets_a_stopped_chain_evaluate_without_predictin
 
     # lowered again: the check runs on the skipped stage too, and the rerun retries the rows in error only
     stand_ins.predict_calls.clear()
-    with pytest.raises(pipeline.PipelineStop, match="2 of 10 predictions"):
+    with pytest.raises(pipeline.GateFailed, match="2 of 10 predictions"):
         run_pipeline(config, quiet=True)
     assert stand_ins.predict_calls == [{"out": "predictions.untrained.jsonl", "restart": False}]

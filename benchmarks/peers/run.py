@@ -428,9 +428,9 @@ def own_predictions_as_rows(peer: str, raw: Path, test: Path, out: Path) -> Path
 
 def closed_accuracy(predictions: Path, baseline: Path | None = None) -> dict:
     from surgvqa.core.config import EvaluateConfig
-    from surgvqa.stages.evaluate import run_evaluate
+    from surgvqa.stages.evaluate import run_on_file
 
-    metrics = run_evaluate(predictions, predictions.parent / "eval", EvaluateConfig(), baseline=baseline,
+    metrics = run_on_file(predictions, predictions.parent / "eval", EvaluateConfig(), baseline=baseline,
                            with_report=False, with_meteor=False)
     closed = metrics["per_type"]["closed_all"]
     result = {"closed_strict": closed.get("strict"), "closed_strict_ci": closed.get("strict_ci"),

@@ -17,16 +17,18 @@ from typer.core import TyperGroup
 
 from surgvqa.core.config import PREDICT_MODES, Config, ConfigError, load_config, write_resolved_config
 from surgvqa.core.io import WriteError
-from surgvqa.export.challenge import export_submission, write_challenge_predictions
+from surgvqa.export.challenge import export_submission
 from surgvqa.models.tiny import ARCHS, build_tiny_model, tiny_model_settings
 from surgvqa.run.doctor import print_report, run_doctor
-from surgvqa.run.pipeline import STAGE_NAMES, PipelineStop, run_pipeline
+from surgvqa.run.pipeline import STAGE_NAMES, run_pipeline
 from surgvqa.run.runlock import RunDirectoryBusy, run_directory_lock
 from surgvqa.run.slurm import render_slurm
 from surgvqa.run.slurm import submit as submit_all
+from surgvqa.stages import GateFailed, stage
 
-# The other stages are imported inside their commands: torch and transformers take seconds to import, must not
-# load before the run directory's lock is taken (a second writer is refused first), and `--help` stays fast.
+# The stages are imported inside their commands (surgvqa.stages.stage): torch and transformers take seconds to
+# import, must not load before the run directory's lock is taken (a second writer is refused first), and `--help`
+# stays fast.
 
 DEBUG_ENV = "SURGVQA_DEBUG"  # set to 1 to see the traceback of an unexpected error
 INTERRUPTED_EXIT_CODE = 130  # the shell's code for a process stopped by Ctrl-C (128 + SIGINT)
@@ -189,14 +191,9 @@ def make_synthetic(
 def prepare(config: ConfigOption = None, set_: SetOption = None, as_json: JsonOption = False) -> None:
     """Read the raw source, validate, split by image, type the questions, write prepared JSONL."""
     cfg = _config(config, set_, record=True)
-    from surgvqa.stages.prepare import prepare as run_prepare
-    from surgvqa.stages.prepare import print_prepare_summary
-
-    result = run_prepare(cfg, quiet=as_json)
+    result = stage("prepare").run(cfg, quiet=as_json)
     if as_json:
         _print_json(json.loads((result.prepared_dir / "summary.json").read_text()))
-    else:
-        print_prepare_summary(result)
 
 
 def _prepared_file(cfg: Config, data: Path | None, split: str) -> Path:
@@ -217,16 +214,13 @@ def diagnose(
 ) -> None:
     """The masking diagnostic: supervised tokens, decoded text, mask ratio, shapes, image tokens per sample."""
     cfg = _config(config, set_)
-    from surgvqa.models.loading import load_processor, resolve_model_path
-    from surgvqa.stages.diagnose import print_diagnostic, run_diagnostic
-
-    path = _prepared_file(cfg, data, "train")
-    processor = load_processor(resolve_model_path(cfg), cfg.model, cfg.masking.strategy)
-    report = run_diagnostic(cfg, processor, path, per_type=n, full_summary=whole_file, quiet=as_json)
+    diagnose_stage = stage("diagnose")
+    report = diagnose_stage.run(cfg, data=_prepared_file(cfg, data, "train"), per_type=n, full_summary=whole_file,
+                                quiet=as_json)
     if as_json:
         _print_json(report.to_json())
     else:
-        print_diagnostic(report)
+        diagnose_stage.print_diagnostic(report)
     if report.failing:
         raise typer.Exit(1)
 
@@ -243,10 +237,9 @@ def train(
     """Fine-tune (LoRA, or every weight when lora is null) with answer-only supervision."""
     cfg = _config(config, set_, record=True)
     from surgvqa.training.trainer import Preempted
-    from surgvqa.training.trainer import train as run_train
 
     try:
-        result = run_train(cfg, resume=resume, restart=restart)
+        result = stage("train").run(cfg, resume=resume, restart=restart)
     except Preempted as exc:
         typer.echo(f"stopped: {exc}", err=True)
         raise typer.Exit(exc.exit_code) from None
@@ -266,13 +259,9 @@ def train(
 def overfit(config: ConfigOption = None, set_: SetOption = None, as_json: JsonOption = False) -> None:
     """The sanity gate: memorise the first training samples; exit 1 unless loss and greedy answers pass."""
     cfg = _config(config, set_)
-    from surgvqa.stages.overfit import print_sanity, sanity_overfit
-
-    result = sanity_overfit(cfg, quiet=as_json)
+    result = stage("overfit").run(cfg, quiet=as_json)
     if as_json:
         _print_json(json.loads((cfg.run_dir / "sanity.json").read_text()))
-    else:
-        print_sanity(result)
     if not result.passed:
         raise typer.Exit(1)
 
@@ -343,27 +332,13 @@ def evaluate(
     """Per-type metrics with tolerance and bootstrap CIs, text metrics, baseline deltas, plots, report.html.
     With --challenge, scores a submission's predictions_1.json against a local copy of the challenge's split."""
     cfg = _config(config, set_)
-    from surgvqa.stages.evaluate import print_metrics_table, run_evaluate
-
-    own = cfg.run_dir / "predictions.jsonl"
-    predictions = predictions or own
-    if challenge is not None:
-        local_copy = references or cfg.export.validation_data
-        if local_copy is None:
-            fail("--challenge needs --references (or export.validation_data): a local copy of the challenge's split")
-        out = out or predictions.parent
-        predictions = write_challenge_predictions(predictions, challenge, str(local_copy), out)
-    elif out is None:
-        # Other predictions (the untrained model's, another mode's) must not overwrite the run's own metrics.json
-        # and report.html, which `surgvqa run` would then take for up to date.
-        is_own = predictions.absolute() == own.absolute()
-        out = cfg.run_dir if is_own else predictions.with_name(f"{predictions.stem}.evaluation")
-    metrics = run_evaluate(predictions, out, cfg.evaluate,
-                           baseline=baseline, run_dir=cfg.run_dir, with_report=report)
+    evaluate_stage = stage("evaluate")
+    metrics = evaluate_stage.run(cfg, predictions=predictions, baseline=baseline, out=out, with_report=report,
+                                 challenge=challenge, references=references)
     if as_json:
         _print_json(metrics)
     else:
-        print_metrics_table(metrics)
+        evaluate_stage.print_metrics_table(metrics)
 
 
 @app.command()
@@ -404,18 +379,17 @@ def run(
     if from_stage is not None and from_stage not in STAGE_NAMES:
         fail(f"--from {from_stage!r}: choose one of {', '.join(STAGE_NAMES)}")
     cfg = _config(config, set_, record=True)
-    from surgvqa.stages.evaluate import print_metrics_table
     from surgvqa.training.trainer import Preempted
 
     try:
         outcome = run_pipeline(cfg, from_stage=from_stage, force=force, skip_sanity=skip_sanity)
-    except PipelineStop as exc:
+    except GateFailed as exc:
         fail(f"stopped: {exc}", code=1)
     except Preempted as exc:
         typer.echo(f"stopped: {exc}", err=True)
         raise typer.Exit(exc.exit_code) from None
     if outcome.metrics is not None:
-        print_metrics_table(outcome.metrics)
+        stage("evaluate").print_metrics_table(outcome.metrics)
     typer.echo(f"stages run: {', '.join(outcome.ran) or 'none'}; up to date: {', '.join(outcome.skipped) or 'none'}")
     if outcome.report is not None:
         typer.echo(f"report: {outcome.report.resolve()}")
@@ -440,10 +414,9 @@ def predict(
         fail(f"--mode {mode!r}: choose one of {', '.join(PREDICT_MODES)}")
     cfg = _config(config, set_)  # the run directory's lock first: a second writer is refused before slow imports
     from surgvqa.inference.prediction_errors import summarise_errors
-    from surgvqa.stages.predict import run_predict
 
     path = _prepared_file(cfg, data, cfg.predict.split)
-    written = run_predict(cfg, mode=mode, data=path, out=out, model_path=model, quiet=as_json, restart=restart)
+    written = stage("predict").run(cfg, mode=mode, data=path, out=out, model_path=model, quiet=as_json, restart=restart)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # rank 0 reports the merged file
     summary = summarise_errors(written)

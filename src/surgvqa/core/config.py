@@ -144,15 +144,10 @@ class ModelConfig(_Section):
         return self
 
 
-DEFAULT_SYSTEM_PROMPT = (
-    "You are a medical visual question answering assistant for gastrointestinal endoscopy. "
-    "Look at the image and answer the question with the answer alone, as briefly as possible."
-)
-
-
 class PromptConfig(_Section):
-    system: str = DEFAULT_SYSTEM_PROMPT
-    user_template: str = "Question type: {question_type}\nQuestion: {question}"
+    # None: the task's own (surgvqa.tasks: Kvasir-VQA asks for the answer alone, x1 for sentences); "" for none.
+    system: str | None = None
+    user_template: str | None = None
     list_candidates: bool = False
     candidates_template: str = "\nOptions: {candidates}"
     normalize_targets: bool = True  # teach lower-case answers with multi-label sets in one canonical order
@@ -160,7 +155,9 @@ class PromptConfig(_Section):
     # The fields chat.user_text fills in; any other {name} would fail with a KeyError at the first sample.
     @field_validator("user_template")
     @classmethod
-    def _user_fields_known(cls, value: str) -> str:
+    def _user_fields_known(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         unknown = _template_fields(value) - {"question_type", "question", "source"}
         if unknown:
             raise ValueError(f"unknown field(s) {sorted(unknown)}: use {{question}}, {{question_type}}, {{source}}")

@@ -130,7 +130,7 @@ def script_settings(config: Config, challenge: Challenge) -> dict[str, Any]:
     if config.predict.mode == "rank":
         raise ConfigError("predict.mode is rank: the submission decodes closed questions through their candidate "
                           "tries; export a run with predict.mode constrained (or generate)")
-    if "{source}" in config.prompt.user_template:
+    if "{source}" in get_task(config.task).user_template(config.prompt):
         raise ConfigError("prompt.user_template uses {source}, which the challenge's test rows do not carry")
     model_dir = config.run_dir / "model"
     if not model_dir.is_dir():

@@ -20,13 +20,12 @@ from surgvqa.core.io import (
     recover_directory,
     remove_stale_temporaries,
 )
+from surgvqa.data.sources import SourceError, dataset_root, detect_format, local_path
+from surgvqa.stages import GateFailed
+from surgvqa.stages import stage as load_stage
 
 
-class PipelineStop(RuntimeError):
-    """A gate failed (masking diagnostic, sanity overfit); the message says what and how to continue."""
-
-
-class RejectedOutput(PipelineStop):
+class RejectedOutput(GateFailed):
     """A stage completed, but its output fails a check whose setting is not part of the stage's key (rows in error
     beyond ``predict.max_error_rate``): the output is kept, and judged again on every run."""
 
@@ -65,8 +64,6 @@ BOOKKEEPING_SETTINGS = ("train.save_steps", "train.logging_steps", "train.save_t
 
 def _source_fingerprint(config: Config) -> str:
     """The local data source's files with their sizes and modification times: a changed file reruns ``prepare``."""
-    from surgvqa.data.sources import local_path
-
     path = local_path(config.data.source)  # `~/kvasir.jsonl` is the file prepare reads, to be fingerprinted too
     if config.data.source == "synthetic" or not path.exists():
         return config.data.source
@@ -77,8 +74,6 @@ def _image_folders(config: Config) -> list[Path]:
     """The image files ``prepare`` reads beside ``data.source``: the dataset root that JSONL and CSV rows name
     their images in, and ``data.images`` (the x1 layout's images, joined by img_id). Parquet, save_to_disk, hub
     and synthetic sources embed their images, which the source's own fingerprint covers."""
-    from surgvqa.data.sources import SourceError, dataset_root, detect_format, local_path
-
     folders = []
     source = config.data.source
     if source != "synthetic" and not source.startswith("hub:") and local_path(source).exists():
@@ -262,56 +257,36 @@ class RunOutcome:
 
 
 def _run_prepare(config: Config, quiet: bool, resume: bool) -> None:
-    from surgvqa.stages.prepare import prepare, print_prepare_summary
-
-    result = prepare(config, quiet=quiet)
-    if not quiet:
-        print_prepare_summary(result)
+    load_stage("prepare").run(config, quiet=quiet)
 
 
 def _run_diagnose(config: Config, quiet: bool, resume: bool) -> None:
-    from surgvqa.models.loading import load_processor, resolve_model_path
-    from surgvqa.stages.diagnose import run_diagnostic
-
-    processor = load_processor(resolve_model_path(config), config.model, config.masking.strategy)
-    report = run_diagnostic(config, processor, config.run_dir / "prepared" / "train.jsonl", per_type=2,
-                            quiet=quiet)
-    atomic_write_json(config.run_dir / "diagnose.json", report.to_json())
+    report = load_stage("diagnose").run(config, quiet=quiet)
     print(f"masking diagnostic: {report.total} samples, {report.failing} would fail, "
           f"mean supervised ratio {report.mean_mask_ratio:.3f}")
     if report.failing:
-        raise PipelineStop(f"the masking diagnostic found {report.failing} failing sample(s) "
-                           f"(first: {report.failing_ids[:5]}); run `surgvqa diagnose` for the details")
+        raise GateFailed(f"the masking diagnostic found {report.failing} failing sample(s) "
+                         f"(first: {report.failing_ids[:5]}); run `surgvqa diagnose` for the details")
 
 
 def _run_overfit(config: Config, quiet: bool, resume: bool) -> None:
-    from surgvqa.stages.overfit import print_sanity, sanity_overfit
-
-    result = sanity_overfit(config, quiet=quiet)
-    print_sanity(result)
+    result = load_stage("overfit").run(config, quiet=quiet)
+    if quiet:
+        load_stage("overfit").print_sanity(result)
     if not result.passed:
-        raise PipelineStop(f"the sanity overfit gate failed ({result.reason}); fix the set-up, or rerun with "
-                           f"--skip-sanity to train anyway")
+        raise GateFailed(f"the sanity overfit gate failed ({result.reason}); fix the set-up, or rerun with "
+                         f"--skip-sanity to train anyway")
 
 
 def _run_train(config: Config, quiet: bool, resume: bool) -> None:
-    from surgvqa.training.trainer import train
-
-    result = train(config, resume=resume, restart=not resume)  # not resumed: checkpoints of another stage key
+    result = load_stage("train").run(config, resume=resume, restart=not resume)  # not resumed: another stage key
     continued = f" (continued from {result.resumed_from})" if result.resumed_from else ""
     print(f"trained {result.global_step} steps{continued}; model saved to {result.model_dir}")
 
 
-def _predictions(config: Config, out: Path, model_path: str, quiet: bool, resume: bool) -> None:
-    from surgvqa.stages.predict import run_predict
-
-    # Predictions made under another stage key must not be resumed; nor rows a manual `surgvqa predict` made there.
-    run_predict(config, out=out, model_path=model_path, quiet=quiet, restart=not resume, replace_other=True)
-    _check_predictions(config, out)
-
-
 def _check_predictions(config: Config, out: Path) -> None:
     """Rows left in error beyond ``predict.max_error_rate`` are never evaluated silently."""
+    # Imported here: the prediction files load torch, which `surgvqa --help` (importing this module) must not.
     from surgvqa.inference.prediction_errors import PredictionErrors, check_error_rate
 
     try:
@@ -322,23 +297,20 @@ def _check_predictions(config: Config, out: Path) -> None:
         print(f"{out.name}: {summary.errors} of {summary.rows} rows in error, within predict.max_error_rate")
 
 
+# Predictions made under another stage key must not be resumed; nor rows a manual `surgvqa predict` made there.
 def _run_baseline(config: Config, quiet: bool, resume: bool) -> None:
-    from surgvqa.models.loading import resolve_model_path
-
-    _predictions(config, config.run_dir / "predictions.untrained.jsonl", resolve_model_path(config), quiet, resume)
+    _check_predictions(config, load_stage("baseline").run(config, quiet=quiet, restart=not resume, replace_other=True))
 
 
 def _run_predict(config: Config, quiet: bool, resume: bool) -> None:
-    _predictions(config, config.run_dir / "predictions.jsonl", str(config.run_dir / "model"), quiet, resume)
+    out = load_stage("predict").run(config, out=config.run_dir / "predictions.jsonl",
+                               model_path=str(config.run_dir / "model"), quiet=quiet, restart=not resume,
+                               replace_other=True)
+    _check_predictions(config, out)
 
 
 def _run_evaluate(config: Config, quiet: bool, resume: bool) -> None:
-    from surgvqa.stages.evaluate import run_evaluate
-
-    run_dir = config.run_dir
-    baseline = run_dir / "predictions.untrained.jsonl"
-    run_evaluate(run_dir / "predictions.jsonl", run_dir, config.evaluate,
-                 baseline=baseline if baseline.exists() else None, run_dir=run_dir)
+    load_stage("evaluate").run(config)
 
 
 # Each runner gets (config, quiet, resume): resume is true when the stage was interrupted under the same key, or

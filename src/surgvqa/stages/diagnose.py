@@ -15,8 +15,10 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from surgvqa.core.config import Config
+from surgvqa.core.io import atomic_write_json
 from surgvqa.data.records import Record, read_records
 from surgvqa.data.sources import allowed_image_roots
+from surgvqa.models.loading import load_processor, resolve_model_path
 from surgvqa.prompting.encoding import SampleTooLong, encode_example, load_image
 from surgvqa.prompting.masking import IGNORE_INDEX
 
@@ -125,6 +127,19 @@ def run_diagnostic(config: Config, processor: Any, data: Path, per_type: int = 5
     total = len(records) if full_summary else len(shown)
     return DiagnosticReport(str(data), config.masking.strategy, detailed, total, len(failing_ids),
                             sum(ratios) / len(ratios) if ratios else 0.0, failing_ids)
+
+
+def run(config: Config, *, data: Path | None = None, per_type: int = 2, full_summary: bool = True,
+        quiet: bool = False) -> DiagnosticReport:
+    """The diagnostic of ``data`` (default: the run's training split); for the run's own split it is also kept as
+    ``diagnose.json``, the record `surgvqa run` checks."""
+    own = config.run_dir / "prepared" / "train.jsonl"
+    data = data or own
+    processor = load_processor(resolve_model_path(config), config.model, config.masking.strategy)
+    report = run_diagnostic(config, processor, data, per_type=per_type, full_summary=full_summary, quiet=quiet)
+    if data.absolute() == own.absolute():
+        atomic_write_json(config.run_dir / "diagnose.json", report.to_json())
+    return report
 
 
 def print_diagnostic(report: DiagnosticReport) -> None:

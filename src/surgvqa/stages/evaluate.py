@@ -14,11 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from surgvqa.core.config import EvaluateConfig
+from surgvqa import report
+from surgvqa.core.config import Config, EvaluateConfig
 from surgvqa.core.io import atomic_write_json, atomic_write_text
 from surgvqa.data.answers import QUESTION_TYPES, is_bad_answer, normalize_answer
 from surgvqa.data.images import resolve_image_path
+from surgvqa.evaluation.confidence_report import confidence_metrics
 from surgvqa.evaluation.scoring import PredictionRow
+from surgvqa.export.challenge import write_challenge_predictions
 from surgvqa.tasks import evaluate_predictions
 from surgvqa.tasks.kvasir_vqa import TEMPLATE_BY_ID, infer_question_type
 
@@ -177,7 +180,7 @@ def load_predictions(path: str | Path) -> LoadedPredictions:
     return loaded
 
 
-def run_evaluate(
+def run_on_file(
     predictions: Path,
     out_dir: Path,
     settings: EvaluateConfig,
@@ -213,8 +216,6 @@ def run_evaluate(
         with_meteor=with_meteor,
     )
     metrics = {"predictions": str(predictions), "n_lines": loaded.lines, **metrics}
-    from surgvqa.evaluation.confidence_report import confidence_metrics
-
     if (confidence := confidence_metrics(predictions, settings, QUESTION_TYPES)) is not None:
         metrics["confidence"] = confidence
     summary = Path(run_dir or predictions.parent) / "prepared" / "summary.json"
@@ -227,8 +228,6 @@ def run_evaluate(
             "skipped": baseline_loaded.skipped,
             **metrics["baseline"],
         }
-
-    from surgvqa import report
 
     out_dir.mkdir(parents=True, exist_ok=True)
     outputs = {"metrics": str(out_dir / "metrics.json")}
@@ -245,11 +244,38 @@ def run_evaluate(
     return metrics
 
 
+def run(config: Config, *, predictions: Path | None = None, baseline: Path | None = None, out: Path | None = None,
+        with_report: bool = True, challenge: str | None = None, references: Path | None = None) -> dict:
+    """Evaluate the run's predictions (or ``predictions``); with ``challenge``, a submission's predictions_1.json
+    scored against a local copy of the challenge's split (``references``, else export.validation_data).
+
+    The run's own predictions are written into the run directory, any other file's beside it (``<stem>.evaluation``),
+    so that another model's or mode's numbers never replace the run's own metrics.json, which ``surgvqa run`` would
+    then take for up to date. Without ``baseline``, the run's own untrained predictions are the baseline of its own
+    predictions when they exist.
+    """
+    own = config.run_dir / "predictions.jsonl"
+    predictions = predictions or own
+    if challenge is not None:
+        local_copy = references or config.export.validation_data
+        if local_copy is None:
+            raise ValueError("--challenge needs --references (or export.validation_data): a local copy of the "
+                             "challenge's split")
+        out = out or predictions.parent
+        predictions = write_challenge_predictions(predictions, challenge, str(local_copy), out)
+    elif out is None:
+        is_own = predictions.absolute() == own.absolute()
+        out = config.run_dir if is_own else predictions.with_name(f"{predictions.stem}.evaluation")
+        untrained = config.run_dir / "predictions.untrained.jsonl"
+        if baseline is None and is_own and untrained.exists():
+            baseline = untrained
+    return run_on_file(predictions, out, config.evaluate, baseline=baseline, run_dir=config.run_dir,
+                       with_report=with_report)
+
+
 def print_metrics_table(metrics: dict) -> None:
     """The per-type table, overall averages, text metrics and what was skipped, on the terminal (rich)."""
     from rich.console import Console
-
-    from surgvqa import report
 
     console = Console()
     for renderable in report.rich_tables(metrics):

@@ -155,6 +155,14 @@ def sanity_overfit(config: Config, *, quiet: bool = False) -> SanityResult:
     return result
 
 
+def run(config: Config, *, quiet: bool = False) -> SanityResult:
+    """The gate; its result is printed unless ``quiet``. A failed gate is the caller's to act on."""
+    result = sanity_overfit(config, quiet=quiet)
+    if not quiet:
+        print_sanity(result)
+    return result
+
+
 def print_sanity(result: SanityResult) -> None:
     from rich.console import Console
 

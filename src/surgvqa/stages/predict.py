@@ -98,7 +98,7 @@ def _check_made_with(out: Path, key: dict[str, Any], restart: bool, replace_othe
     barrier(world)  # no rank appends before rank 0 has discarded what is not to be resumed
 
 
-def run_predict(config: Config, mode: str | None = None, data: Path | None = None, out: Path | None = None,
+def run(config: Config, mode: str | None = None, data: Path | None = None, out: Path | None = None,
                 model_path: str | None = None, quiet: bool = False,
                 load_predictor: Callable[[], Predictor] | None = None, *, restart: bool = False,
                 replace_other: bool = False) -> Path:
@@ -224,7 +224,7 @@ def calibrate_predictions(config: Config, mode: str, data: Path, out: Path, mode
                 atomic_write_json(calibration_path, {"key": key})
         barrier(world)
         plain = config.predict.model_copy(update={"calibration": "none", "conformal_alpha": None, "abstain": False})
-        run_predict(config.model_copy(update={"predict": plain}), mode, val, val_out, model_path, quiet,
+        run(config.model_copy(update={"predict": plain}), mode, val, val_out, model_path, quiet,
                     load_predictor)
     calibration = None
     if rank == 0:

@@ -263,6 +263,14 @@ def _rows_per_group(task: Task, records: list[Record]) -> tuple[dict[str, dict[s
     return by_type, by_template
 
 
+def run(config: Config, *, quiet: bool = False) -> PrepareResult:
+    """Prepare the run's data; the summary is printed unless ``quiet`` (a caller printing JSON instead)."""
+    result = prepare(config, quiet=quiet)
+    if not quiet:
+        print_prepare_summary(result)
+    return result
+
+
 def print_prepare_summary(result: PrepareResult) -> None:
     from rich.console import Console
     from rich.table import Table

@@ -31,6 +31,13 @@ def official_split_name(value: object) -> str | None:
     return SPLIT_ALIASES.get(value.strip().lower()) if isinstance(value, str) else None
 
 
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a medical visual question answering assistant for gastrointestinal endoscopy. "
+    "Look at the image and answer the question with the answer alone, as briefly as possible."
+)
+DEFAULT_USER_TEMPLATE = "Question type: {question_type}\nQuestion: {question}"
+
+
 @dataclass
 class SplitOutcome:
     records: list[Record]  # the records kept, each with its split set
@@ -94,13 +101,18 @@ class Task:
 
     # -- prompt and training target ---------------------------------------------------------------------------
 
+    # The prompt this task asks with when the config leaves prompt.system / prompt.user_template unset.
+    default_system: str = DEFAULT_SYSTEM_PROMPT
+    default_user_template: str = DEFAULT_USER_TEMPLATE
+
     def system_text(self, prompt: PromptConfig) -> str:
-        """The system prompt ("" for none)."""
-        return prompt.system
+        """The system prompt ("" for none): the config's, else the task's own."""
+        return self.default_system if prompt.system is None else prompt.system
 
     def user_template(self, prompt: PromptConfig) -> str:
-        """The user turn's format template (fields ``{question_type}``, ``{question}``, ``{source}``)."""
-        return prompt.user_template
+        """The user turn's format template (fields ``{question_type}``, ``{question}``, ``{source}``): the
+        config's, else the task's own."""
+        return self.default_user_template if prompt.user_template is None else prompt.user_template
 
     def user_text(self, record: Record, prompt: PromptConfig) -> str:
         text = self.user_template(prompt).format(question_type=record.question_type, question=record.question,

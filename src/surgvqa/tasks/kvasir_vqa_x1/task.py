@@ -26,7 +26,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from surgvqa.core.config import DEFAULT_SYSTEM_PROMPT
 from surgvqa.data.answers import OPEN_ENDED
 from surgvqa.data.records import Record
 from surgvqa.data.sources import ANSWER_KEYS, QUESTION_KEYS, RawRow, SourceError, iter_raw_rows, local_path
@@ -42,7 +41,6 @@ X1_SYSTEM_PROMPT = (
     "Look at the image and answer the question in one or more short, complete sentences."
 )
 X1_USER_TEMPLATE = "Question: {question}"
-DEFAULT_USER_TEMPLATE = "Question type: {question_type}\nQuestion: {question}"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 
@@ -117,6 +115,8 @@ class KvasirVQAx1(Task):
     question_types = (OPEN_ENDED,)
     required_columns: ClassVar[Mapping[str, tuple[str, ...]]] = {"question": QUESTION_KEYS, "answer": ANSWER_KEYS}
     official_splits = True
+    default_system = X1_SYSTEM_PROMPT
+    default_user_template = X1_USER_TEMPLATE
 
     # -- reading ----------------------------------------------------------------------------------------------
 
@@ -170,12 +170,6 @@ class KvasirVQAx1(Task):
         return f"complexity {complexity}" if complexity else "complexity unknown"
 
     # -- prompt, target, prediction ----------------------------------------------------------------------------
-
-    def system_text(self, prompt: PromptConfig) -> str:
-        return X1_SYSTEM_PROMPT if prompt.system == DEFAULT_SYSTEM_PROMPT else prompt.system
-
-    def user_template(self, prompt: PromptConfig) -> str:
-        return X1_USER_TEMPLATE if prompt.user_template == DEFAULT_USER_TEMPLATE else prompt.user_template
 
     def training_target(self, record: Record, prompt: PromptConfig) -> str:
         """The sentence as written: lower-casing or reordering "labels" would garble free text."""
