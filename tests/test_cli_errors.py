@@ -11,7 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from surgvqa.cli import app, describe_error
-from surgvqa.models.loading import ModelLoadError, load_adapter
+from surgvqa.models.families import ModelLoadError
+from surgvqa.models.loading import load_adapter
 
 SURGVQA = Path(sys.executable).parent / "surgvqa"
 

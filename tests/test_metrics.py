@@ -19,8 +19,13 @@ from surgvqa.evaluation.scoring import (
     size_match,
 )
 from surgvqa.evaluation.text_metrics import corpus_bleu, meteor_jar, text_metrics
-from surgvqa.stages.evaluate import EvaluateError, load_predictions, print_metrics_table, run_on_file
-from surgvqa.tasks import evaluate_predictions
+from surgvqa.stages.evaluate import (
+    EvaluateError,
+    evaluate_predictions,
+    load_predictions,
+    print_metrics_table,
+    run_on_file,
+)
 
 # (question_type, template, answer, prediction, extra fields); expectations below are worked out by hand.
 GOOD_ROWS = [

@@ -10,7 +10,8 @@ from PIL import Image
 from surgvqa.core.config import EvaluateConfig, load_config
 from surgvqa.data.records import Record
 from surgvqa.evaluation.scoring import PredictionRow
-from surgvqa.tasks import TASK_NAMES, evaluate_predictions, get_task
+from surgvqa.stages.evaluate import evaluate_predictions
+from surgvqa.tasks import TASK_NAMES, get_task
 from surgvqa.tasks.vqa_jsonl import answer_type_of, open_recall, vqa_metrics
 
 ROWS = [

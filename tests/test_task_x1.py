@@ -13,8 +13,9 @@ from surgvqa.core.config import EvaluateConfig, load_config
 from surgvqa.data.records import Record, read_records
 from surgvqa.data.synthetic_x1 import make_synthetic_x1
 from surgvqa.evaluation.scoring import PredictionRow
+from surgvqa.stages.evaluate import evaluate_predictions
 from surgvqa.stages.prepare import prepare
-from surgvqa.tasks import evaluate_predictions, get_task
+from surgvqa.tasks import get_task
 from surgvqa.tasks.base import official_split_outcome
 from surgvqa.tasks.kvasir_vqa_x1.atomic_facts import check_facts, facts_of
 from surgvqa.tasks.kvasir_vqa_x1.metrics import x1_metrics

@@ -17,9 +17,7 @@ from typer.core import TyperGroup
 
 from surgvqa.core.config import PREDICT_MODES, Config, ConfigError, load_config, write_resolved_config
 from surgvqa.core.io import WriteError
-from surgvqa.export.challenge import export_submission
 from surgvqa.models.tiny import ARCHS, build_tiny_model, tiny_model_settings
-from surgvqa.run.doctor import print_report, run_doctor
 from surgvqa.run.pipeline import STAGE_NAMES, run_pipeline
 from surgvqa.run.runlock import RunDirectoryBusy, run_directory_lock
 from surgvqa.run.slurm import render_slurm
@@ -304,6 +302,8 @@ def slurm(
 @app.command()
 def doctor(config: ConfigOption = None, set_: SetOption = None, as_json: JsonOption = False) -> None:
     """Preflight: torch/CUDA, GPU memory held by other processes, model and data paths, disk, image tokens."""
+    from surgvqa.run.doctor import print_report, run_doctor
+
     report = run_doctor(_config(config, set_, write=False))
     if as_json:
         _print_json(report.to_json())
@@ -355,6 +355,8 @@ def export(
     """A ready challenge submission from a trained run: submission_task1.py, requirements.txt, README.md and a
     local validation run's predictions_1.json (docs/challenge.md)."""
     cfg = _config(config, set_, write=False)  # reads the run; writes only OUT
+    from surgvqa.export.challenge import export_submission
+
     try:
         path = export_submission(cfg, challenge, out, validate=validate, quiet=as_json)
     except RuntimeError as exc:

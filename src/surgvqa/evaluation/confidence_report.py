@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 
 from surgvqa.core.io import iter_jsonl
+from surgvqa.data.answers import answer_meaning, normalize_answer
+from surgvqa.data.images import resolve_image_path
 from surgvqa.evaluation.calibration import (
     COVERAGE_POINTS,
     calibration_bins,
@@ -22,6 +24,7 @@ from surgvqa.evaluation.calibration import (
     risk_coverage_curve,
     selective_summary,
 )
+from surgvqa.evaluation.scoring import strict_correct
 
 ALL = "all"
 CURVE_POINTS = 200  # risk-coverage points kept per group in metrics.json
@@ -79,8 +82,6 @@ def _group_metrics(rows: list[dict[str, Any]], correct: np.ndarray, settings: An
 
 def _covers(row: dict[str, Any]) -> bool:
     """Whether the conformal set holds the reference (compared by meaning, as the set was built)."""
-    from surgvqa.data.answers import answer_meaning, normalize_answer
-
     question_type = row.get("question_type", "")
     reference = answer_meaning(question_type, normalize_answer(row.get("answer", "")))
     return any(answer_meaning(question_type, normalize_answer(label)) == reference for label in row["answer_set"])
@@ -88,9 +89,6 @@ def _covers(row: dict[str, Any]) -> bool:
 
 def confidence_metrics(predictions: Path, settings: Any, type_order: Sequence[str] = ()) -> dict[str, Any] | None:
     """metrics.json's ``confidence`` section, or None when no row carries a confidence."""
-    from surgvqa.data.images import resolve_image_path
-    from surgvqa.evaluation.scoring import strict_correct
-
     rows = read_confidence_rows(predictions)
     if not rows:
         return None

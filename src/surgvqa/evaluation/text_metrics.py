@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from surgvqa.evaluation.nltk_data import NltkDataMissing, ensure_nltk_data
+
 METEOR_TIMEOUT_S = 600
 
 
@@ -123,7 +125,6 @@ METEOR_ALPHA, METEOR_BETA, METEOR_GAMMA = 0.9, 3.0, 0.5
 
 def challenge_meteor(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     """METEOR as the challenges score it (`nltk_meteor`), with NLTK's WordNet and tokenizer data built offline."""
-    from surgvqa.evaluation.nltk_data import ensure_nltk_data
 
     if not hypotheses:
         return 0.0
@@ -133,7 +134,6 @@ def challenge_meteor(hypotheses: Sequence[str], references: Sequence[str]) -> fl
 
 def _challenge_meteor_or_reason(hypotheses: Sequence[str], references: Sequence[str]) -> float | dict:
     # A GPU node or cluster without root cannot always install Debian's WordNet: the other metrics still count.
-    from surgvqa.evaluation.nltk_data import NltkDataMissing
 
     try:
         return challenge_meteor(hypotheses, references)

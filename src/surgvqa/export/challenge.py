@@ -24,7 +24,13 @@ from string import Template
 from typing import Any
 
 from surgvqa.core.config import SUBMISSION_INFO_FIELDS, Config, ConfigError
-from surgvqa.core.io import atomic_write_text, replace_directory, shown_names
+from surgvqa.core.io import atomic_write_text, replace_directory, shown_names, write_jsonl
+from surgvqa.evaluation.nltk_data import ensure_nltk_data
+from surgvqa.export.inline import inline_definitions
+from surgvqa.models.families import family_pixel_budget
+from surgvqa.models.loading import processor_token_side
+from surgvqa.tasks import get_task
+from surgvqa.tasks.kvasir_vqa import infer_question_type
 
 LOCAL_DATASETS_ENV = "SURGVQA_LOCAL_DATASETS"  # hub id -> {"path": local copy, "split": name}: read by the shim
 KVASIR_IMAGES = "SimulaMet-HOST/Kvasir-VQA"  # where Kvasir-VQA-x1 rows find their images, by img_id
@@ -114,9 +120,6 @@ def submission_info(config: Config) -> dict[str, Any]:
 
 def script_settings(config: Config, challenge: Challenge) -> dict[str, Any]:
     """The run's prompt, pixel limits, vocabulary and decoding settings as the script's JSON literal."""
-    from surgvqa.models.families import family_pixel_budget
-    from surgvqa.models.loading import processor_token_side
-    from surgvqa.tasks import get_task
 
     if config.task != challenge.task:
         raise ConfigError(f"task is {config.task}, but {challenge.name} scores {challenge.task} runs: export a "
@@ -162,8 +165,6 @@ def script_settings(config: Config, challenge: Challenge) -> dict[str, Any]:
 
 
 def render_script(config: Config, challenge: Challenge) -> str:
-    from surgvqa.export.inline import inline_definitions
-
     return Template(_asset("submission_task1.py.tmpl")).substitute(
         title=challenge.title, challenge=challenge.name, run_name=config.run_name,
         dataset_statement=challenge.statement,
@@ -207,8 +208,6 @@ def run_script(script: Path, work_dir: Path, mapping: dict[str, dict[str, str]],
                ) -> subprocess.CompletedProcess:
     """Run a submission script as the organizers' runner does (its folder as working directory), with its
     ``load_dataset`` reading the local copies in ``mapping`` and NLTK's data from surgvqa's offline build."""
-    from surgvqa.evaluation.nltk_data import ensure_nltk_data
-
     shim = Path(str(resources.files("surgvqa") / "assets" / "challenge"))
     env = {**os.environ, LOCAL_DATASETS_ENV: json.dumps(mapping), "NLTK_DATA": str(ensure_nltk_data()),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(shim), os.environ.get("PYTHONPATH")]))}
@@ -329,8 +328,6 @@ def challenge_rows(challenge: Challenge, local_copy: str) -> Any:
 
 def challenge_prediction_rows(predictions_file: Path, challenge_name: str, local_copy: str) -> list[dict[str, Any]]:
     """A predictions_1.json as prediction rows (JSON objects of a predictions.jsonl) against the local split."""
-    from surgvqa.tasks.kvasir_vqa import infer_question_type
-
     challenge = get_challenge(challenge_name)
     try:
         payload = json.loads(Path(predictions_file).read_text(encoding="utf-8"))
@@ -366,8 +363,6 @@ def challenge_prediction_rows(predictions_file: Path, challenge_name: str, local
 
 def write_challenge_predictions(predictions_file: Path, challenge_name: str, local_copy: str, out_dir: Path) -> Path:
     """The predictions.jsonl that evaluate scores, written beside its other outputs."""
-    from surgvqa.core.io import write_jsonl
-
     target = Path(out_dir) / (Path(predictions_file).stem + ".jsonl")
     write_jsonl(target, challenge_prediction_rows(predictions_file, challenge_name, local_copy))
     return target

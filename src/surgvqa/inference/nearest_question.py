@@ -18,6 +18,9 @@ import numpy as np
 
 from surgvqa.core.io import write_jsonl
 from surgvqa.data.records import Record, read_records
+from surgvqa.inference.prediction_files import prediction_row
+from surgvqa.inference.predictor import Outcome
+from surgvqa.tasks import get_task
 
 MODE = "nearest-question"
 _WORD = re.compile(r"[a-z0-9]+")
@@ -54,10 +57,6 @@ def nearest_training_rows(train: Sequence[Record], questions: Sequence[str]) -> 
 
 def nearest_question_predictions(prepared_dir: Path, split: str, out: Path) -> Path:
     """Write ``out``: one prediction row per record of ``split``, answered from the training split's answers."""
-    from surgvqa.inference.prediction_files import prediction_row
-    from surgvqa.inference.predictor import Outcome
-    from surgvqa.tasks import get_task
-
     train = read_records(prepared_dir / "train.jsonl")
     records = read_records(prepared_dir / f"{split}.jsonl")
     if not train:

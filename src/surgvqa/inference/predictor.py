@@ -39,6 +39,13 @@ from surgvqa.inference.decoding import (
     score_candidates,
     select_labels,
 )
+from surgvqa.models.loading import (
+    check_model_source,
+    load_adapter,
+    load_model,
+    load_processor,
+    resolve_model_path,
+)
 from surgvqa.models.special_tokens import ANSWER_CLOSE, ANSWER_OPEN
 from surgvqa.prompting.chat import END_OF_TURN
 from surgvqa.prompting.encoding import collate, encode_prompt, load_image
@@ -54,8 +61,6 @@ log = logging.getLogger(__name__)
 
 def default_model_path(config: Config) -> str:
     """The trained model or adapter the training stage saved, else the base model."""
-    from surgvqa.models.loading import resolve_model_path
-
     trained = config.run_dir / "model"
     return str(trained) if trained.exists() else resolve_model_path(config)
 
@@ -71,13 +76,6 @@ def load_for_prediction(config: Config, model_path: str, quiet: bool = False) ->
     model keeps its own (trained) sentinel rows; they are initialised only if the checkpoint lacks them.
     """
 
-    from surgvqa.models.loading import (
-        check_model_source,
-        load_adapter,
-        load_model,
-        load_processor,
-        resolve_model_path,
-    )
 
     if quiet:
         from transformers.utils import logging as hf_logging

@@ -26,6 +26,7 @@ from surgvqa.models.families import (
     family_pixel_budget,
 )
 from surgvqa.models.special_tokens import ANSWER_CLOSE, ANSWER_OPEN
+from surgvqa.models.tiny import ensure_tiny_model
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,6 @@ def resolve_model_path(config: Config) -> str:
     model = config.model
     if model.name_or_path != "tiny":
         return check_model_source(model.name_or_path)
-    from surgvqa.models.tiny import ensure_tiny_model
 
     return str(ensure_tiny_model(Path(config.cache_dir) / "models", arch=model.tiny_arch, seed=model.tiny_seed,
                                  min_pixels=model.min_pixels, max_pixels=model.max_pixels,

@@ -25,6 +25,7 @@ from importlib import resources
 from pathlib import Path
 
 from surgvqa.core.io import replace_directory, shown_names
+from surgvqa.models.families import FAMILIES, family_pixel_budget
 
 # The Qwen2 pre-tokenizer regex. It differs from tiktoken's cl100k default in `\p{N}` (single digits, not
 # runs of up to three), which changes how every number in an answer ("5mm", "11-20") is split.
@@ -180,7 +181,6 @@ def build_processor(arch: str, tokenizer, min_pixels: int, max_pixels: int):
         Qwen3VLVideoProcessor,
     )
 
-    from surgvqa.models.families import FAMILIES, family_pixel_budget
 
     family = FAMILIES[arch]
     min_pixels, max_pixels = family_pixel_budget(min_pixels, max_pixels, family.token_side)

@@ -6,6 +6,7 @@ from typing import Any
 
 from surgvqa.core.config import Config
 from surgvqa.data.records import Record
+from surgvqa.models.loading import load_processor, resolve_model_path
 from surgvqa.prompting.chat import render_training, training_target
 
 
@@ -80,7 +81,6 @@ class SampleLengths:
 
 
 def _load_processor(config: Config) -> Any:
-    from surgvqa.models.loading import load_processor, resolve_model_path
 
     path = resolve_model_path(config)
     try:

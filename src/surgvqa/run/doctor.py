@@ -19,6 +19,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from surgvqa.core.config import Config
+from surgvqa.core.io import iter_jsonl
+from surgvqa.data.records import Record
+from surgvqa.data.sources import allowed_image_roots
+from surgvqa.models.families import CONFIG_TOKEN_SIDE, family_of, family_pixel_budget
+from surgvqa.models.loading import load_processor, max_image_tokens, resolve_model_path
+from surgvqa.models.tiny import build_config
+from surgvqa.prompting.encoding import SampleTooLong, encode_example, load_image
+from surgvqa.training.trainer import lora_target_regex
 
 GIB = 1024**3
 DISK_WARN_GIB = 20.0
@@ -347,11 +355,6 @@ def check_image_tokens(report: DoctorReport, config: Config, model_ok: bool) -> 
     if not model_ok:
         report.add("image tokens", "warn", "skipped: the model is not readable (see the model check)")
         return
-    from surgvqa.core.io import iter_jsonl
-    from surgvqa.data.records import Record
-    from surgvqa.data.sources import allowed_image_roots
-    from surgvqa.models.loading import load_processor, resolve_model_path
-    from surgvqa.prompting.encoding import SampleTooLong, encode_example, load_image
 
     try:
         first = next((obj for _, obj in iter_jsonl(data)), None)
@@ -490,9 +493,6 @@ def estimate_training_memory(model_config: Any, config: Config) -> MemoryEstimat
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from surgvqa.models.families import family_of
-    from surgvqa.models.loading import max_image_tokens
-    from surgvqa.training.trainer import lora_target_regex
 
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(model_config)
@@ -544,7 +544,6 @@ def estimate_training_memory(model_config: Any, config: Config) -> MemoryEstimat
 def _model_config(config: Config) -> Any:
     """The checkpoint's config (the tiny model's without building it)."""
     if config.model.name_or_path == "tiny":
-        from surgvqa.models.tiny import build_config
 
         return build_config(config.model.tiny_arch, hidden_size=config.model.tiny_hidden_size,
                             num_layers=config.model.tiny_layers)
@@ -556,8 +555,6 @@ def _model_config(config: Config) -> Any:
 
 def check_architecture(report: DoctorReport, config: Config, model_ok: bool, gpu_free: list[int]) -> None:
     """The checkpoint's family, the image tokens the pixel budget gives, and the peak-memory estimate."""
-    from surgvqa.models.families import CONFIG_TOKEN_SIDE, family_of, family_pixel_budget
-    from surgvqa.models.loading import max_image_tokens
 
     if not model_ok:
         report.add("architecture", "warn", "skipped: the model is not readable (see the model check)")

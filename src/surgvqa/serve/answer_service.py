@@ -32,6 +32,7 @@ from surgvqa.inference.confidence import apply_calibration, candidate_confidence
 from surgvqa.inference.decoding import is_closed
 from surgvqa.inference.prediction_files import prediction_row
 from surgvqa.inference.predictor import Outcome, Predictor, default_model_path, load_for_prediction
+from surgvqa.models.loading import resolve_model_path
 from surgvqa.prompting.encoding import encode_prompt
 from surgvqa.stages.predict import calibration_files
 from surgvqa.tasks import get_task
@@ -107,7 +108,6 @@ class AnswerService:
         self.predictor = self._load(self.model_path, quiet)
         self.base = None
         if compare_base:
-            from surgvqa.models.loading import resolve_model_path
 
             self.base = self._load(resolve_model_path(config), quiet)
         self.lock = threading.Lock()  # one model instance: its calls one at a time, whatever the sessions

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,10 @@ from surgvqa.core.io import atomic_write_json, atomic_write_text
 from surgvqa.data.answers import QUESTION_TYPES, is_bad_answer, normalize_answer
 from surgvqa.data.images import resolve_image_path
 from surgvqa.evaluation.confidence_report import confidence_metrics
+from surgvqa.evaluation.metrics import task_of
 from surgvqa.evaluation.scoring import PredictionRow
 from surgvqa.export.challenge import write_challenge_predictions
-from surgvqa.tasks import evaluate_predictions
+from surgvqa.tasks import get_task
 from surgvqa.tasks.kvasir_vqa import TEMPLATE_BY_ID, infer_question_type
 
 ABSTAINED = "(abstained)"
@@ -178,6 +180,24 @@ def load_predictions(path: str | Path) -> LoadedPredictions:
                 first_line_of_id[row.id] = number
             loaded.rows.append(row)
     return loaded
+
+
+def evaluate_predictions(
+    rows: Sequence[PredictionRow],
+    settings: EvaluateConfig | None = None,
+    *,
+    baseline: Sequence[PredictionRow] | None = None,
+    skipped: Sequence[dict[str, Any]] = (),
+    notes: Sequence[dict[str, Any]] = (),
+    with_text_metrics: bool = True,
+    with_meteor: bool = True,
+) -> dict[str, Any]:
+    """All metrics of a set of scored rows as one JSON-ready dict, as the rows' task reports them."""
+    if not rows:
+        raise ValueError("no scorable prediction rows")
+    return get_task(task_of(rows)).evaluate(rows, settings or EvaluateConfig(), baseline=baseline, skipped=skipped,
+                                            notes=notes, with_text_metrics=with_text_metrics,
+                                            with_meteor=with_meteor)
 
 
 def run_on_file(

@@ -13,6 +13,7 @@ from surgvqa.core.config import Config
 from surgvqa.core.io import atomic_write_json
 from surgvqa.data.records import read_records
 from surgvqa.data.sources import allowed_image_roots
+from surgvqa.inference.predictor import Predictor
 from surgvqa.tasks import get_task
 from surgvqa.training.dataset import VQADataset
 from surgvqa.training.trainer import build_trainer, load_for_training, training_arguments
@@ -92,8 +93,6 @@ class PassEarly(TrainerCallback):
 
 def greedy_answers(model: Any, processor: Any, config: Config, records: list) -> AnswerCheck:
     """Greedy (free generation) answers to ``records``, matched against their references by each record's task."""
-    from surgvqa.inference.predictor import Predictor
-
     predictor = Predictor(model, processor, config, config.run_dir / "prepared")
     mismatches = []
     matched = 0

@@ -6,13 +6,8 @@ Task modules are imported when first asked for, so that importing a stage does n
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
 from functools import cache
-from typing import TYPE_CHECKING, Any
-
-from surgvqa.core.config import EvaluateConfig
-from surgvqa.evaluation.metrics import task_of
-from surgvqa.evaluation.scoring import PredictionRow
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from surgvqa.tasks.base import Task
@@ -36,21 +31,3 @@ def get_task(name: str | None = None) -> Task:
     module_name, class_name = TASK_MODULES[name].split(":")
     module = importlib.import_module(f"surgvqa.tasks.{module_name}")
     return getattr(module, class_name)()
-
-
-def evaluate_predictions(
-    rows: Sequence[PredictionRow],
-    settings: EvaluateConfig | None = None,
-    *,
-    baseline: Sequence[PredictionRow] | None = None,
-    skipped: Sequence[dict[str, Any]] = (),
-    notes: Sequence[dict[str, Any]] = (),
-    with_text_metrics: bool = True,
-    with_meteor: bool = True,
-) -> dict[str, Any]:
-    """All metrics of a set of scored rows as one JSON-ready dict, as the rows' task reports them."""
-    if not rows:
-        raise ValueError("no scorable prediction rows")
-    return get_task(task_of(rows)).evaluate(rows, settings or EvaluateConfig(), baseline=baseline, skipped=skipped,
-                                            notes=notes, with_text_metrics=with_text_metrics,
-                                            with_meteor=with_meteor)

@@ -16,6 +16,8 @@ from surgvqa.data.answers import OPEN_ENDED, QUESTION_TYPES, normalize_answer
 from surgvqa.data.records import SPLITS, Record
 from surgvqa.data.sources import REQUIRED_COLUMNS, RawRow, iter_raw_rows
 from surgvqa.data.split import split_images
+from surgvqa.data.synthetic import synthetic_source
+from surgvqa.evaluation.metrics import evaluate_by_type
 
 if TYPE_CHECKING:
     from surgvqa.core.config import Config, EvaluateConfig, PromptConfig
@@ -61,8 +63,6 @@ class Task:
 
     def resolve_source(self, config: Config) -> str:
         """``data.source`` as a path or hub id; "synthetic" builds the task's synthetic set in the cache."""
-        from surgvqa.data.synthetic import synthetic_source
-
         return str(synthetic_source(config)) if config.data.source == "synthetic" else config.data.source
 
     def read_rows(self, config: Config, source: str) -> Iterator[RawRow]:
@@ -156,8 +156,6 @@ class Task:
                  notes: Sequence[dict[str, Any]], with_text_metrics: bool, with_meteor: bool) -> dict[str, Any]:
         """metrics.json for these rows: exact match per question type (and template), the text metrics and the
         baseline comparison, then the task's own section (`task_metrics`) when it has one."""
-        from surgvqa.evaluation.metrics import evaluate_by_type
-
         metrics = evaluate_by_type(rows, settings, baseline=baseline, skipped=skipped, notes=notes,
                                    with_text_metrics=with_text_metrics, with_meteor=with_meteor,
                                    templates_by_id=self.templates_by_id)

@@ -29,7 +29,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from surgvqa.data.answers import OPEN_ENDED
 from surgvqa.data.records import Record
 from surgvqa.data.sources import ANSWER_KEYS, QUESTION_KEYS, RawRow, SourceError, iter_raw_rows, local_path
+from surgvqa.data.synthetic_x1 import synthetic_x1_source
 from surgvqa.tasks.base import SplitOutcome, Task, official_split_outcome
+from surgvqa.tasks.kvasir_vqa_x1.metrics import x1_metrics, x1_tables
 from surgvqa.tasks.kvasir_vqa_x1.text import normalise_text, question_classes
 
 if TYPE_CHECKING:
@@ -122,7 +124,6 @@ class KvasirVQAx1(Task):
 
     def resolve_source(self, config: Config) -> str:
         if config.data.source == "synthetic":
-            from surgvqa.data.synthetic_x1 import synthetic_x1_source
 
             return str(synthetic_x1_source(config) / "parquet")
         return config.data.source
@@ -131,7 +132,6 @@ class KvasirVQAx1(Task):
         if config.data.images:
             return config.data.images
         if config.data.source == "synthetic":
-            from surgvqa.data.synthetic_x1 import synthetic_x1_source
 
             return str(synthetic_x1_source(config) / "kvasir-vqa")
         return None
@@ -188,9 +188,6 @@ class KvasirVQAx1(Task):
 
     def task_metrics(self, rows: Sequence[PredictionRow], settings: EvaluateConfig, *,
                      baseline: Sequence[PredictionRow] | None, with_text_metrics: bool) -> dict[str, Any]:
-        # Imported here: x1_metrics imports this module's text normalisation.
-        from surgvqa.tasks.kvasir_vqa_x1.metrics import x1_metrics, x1_tables
-
         x1 = x1_metrics(rows, settings, baseline)
         return {"x1": x1, "task_tables": x1_tables(x1)}
 
