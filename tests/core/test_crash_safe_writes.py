@@ -14,7 +14,7 @@ import pytest
 from surgvqa.core.faults import ENVIRONMENT_VARIABLE
 from surgvqa.core.io import append_lines, recover_directory, replace_directory
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _python(code: str, *, failpoint: str | None = None, file_size_limit: int | None = None,

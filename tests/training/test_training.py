@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.training_batches import training_batch
 
 from surgvqa.core.config import load_config
 from surgvqa.models.loading import load_model, load_processor
@@ -25,19 +26,12 @@ from surgvqa.training.trainer import (
 VENV_BIN = Path(sys.executable).parent
 
 
-def _batch(processor, config, prepared_demo, n=6, split="train"):
-    dataset = VQADataset.from_jsonl(prepared_demo / f"{split}.jsonl", processor, config.prompt, config.masking,
-                                    limit=n)
-    batch = TrainingCollator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
-    return batch, batch.pop("labels")
-
-
 @pytest.mark.parametrize("strategy", ["span", "sentinel"])
 def test_supervised_positions_loss_equals_the_models_own_loss(strategy, tiny_model_dir, prepared_demo):
     config = load_config(None, [f"masking.strategy={strategy}"])
     processor = load_processor(str(tiny_model_dir), config.model, strategy)
     model = load_model(str(tiny_model_dir), config, processor)
-    batch, labels = _batch(processor, config, prepared_demo)
+    batch, labels = training_batch(processor, config, prepared_demo)
     reference = model(**batch, labels=labels).loss
     reference.backward()
     reference_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -79,7 +73,7 @@ def test_lora_trains_adapter_only_and_round_trips(tiny_model_dir, prepared_demo,
 
     adapter_dir = save_trained(model, processor, tmp_path / "adapter")
     assert (adapter_dir / "adapter_config.json").is_file() and (adapter_dir / "adapter_model.safetensors").is_file()
-    batch, _ = _batch(processor, config, prepared_demo, n=3, split="val")
+    batch, _ = training_batch(processor, config, prepared_demo, n=3, split="val")
     model.eval()
     expected = _logits(model, batch)
 

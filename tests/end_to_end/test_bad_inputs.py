@@ -11,6 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from support.raw_rows import (
+    GOOD_IMAGES,
+    QUESTION,
+    good_rows,
+    read_records_of,
+    rejects_of,
+    rows_config,
+    write_jsonl_rows,
+)
 
 from surgvqa.core.config import load_config
 from surgvqa.data.images import open_rgb, to_rgb
@@ -23,14 +32,7 @@ from surgvqa.stages.prepare import prepare
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-QUESTION = "Is there text?"
 COLOR_QUESTION = "What color is the abnormality? If more than one separate with ;"
-GOOD_IMAGES = 12
-
-
-def _config(root: Path, source: Path | str, model_dir: Path, *extra: str):
-    return load_config(None, [f"output_dir={root / 'runs'}", f"data.source={source}", f"cache_dir={root / 'cache'}",
-                              f"model.name_or_path={model_dir}", *extra])
 
 
 def _encoded(image: Image.Image, image_format: str, **options) -> bytes:
@@ -93,21 +95,6 @@ BAD_IMAGES = {  # rejected, with the reason code
 }
 
 
-def _good_rows(folder: Path, count: int = GOOD_IMAGES, sources: list[str] | None = None) -> list[dict]:
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(count):
-        Image.new("RGB", (32, 32), (15 * i, 100, 160)).save(folder / f"good{i}.png")
-        rows.append({"img_id": f"good{i}", "image": f"{folder.name}/good{i}.png", "question": QUESTION,
-                     "answer": "yes" if i % 2 else "no", "source": sources[i] if sources else "Polyps"})
-    return rows
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
 def _write_parquet(path: Path, rows: list[dict]) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -115,10 +102,6 @@ def _write_parquet(path: Path, rows: list[dict]) -> Path:
     columns = {key: [row[key] for row in rows] for key in rows[0]}
     pq.write_table(pa.table(columns), path)
     return path
-
-
-def _rejects(prepared: Path) -> list[dict]:
-    return [json.loads(line) for line in (prepared / "rejects.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +116,7 @@ def odd_run(tmp_path_factory, tiny_model_dir):
     """One JSONL source: twelve good rows beside every odd or bad input; prepared once for the module."""
     root = tmp_path_factory.mktemp("odd")
     data = root / "data"
-    rows = _good_rows(data / "images")
+    rows = good_rows(data / "images")
     for name, make in ODD_IMAGES.items():
         (data / "images" / name).write_bytes(make())
         rows.append({"img_id": name, "image": f"images/{name}", "question": QUESTION, "answer": "no"})
@@ -159,11 +142,11 @@ def odd_run(tmp_path_factory, tiny_model_dir):
                  "answer": "2"})  # same img_id, same bytes
     path = data / "mixed.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))  # json.dumps escapes the lone surrogate
-    config = _config(root, path, tiny_model_dir)
+    config = rows_config(root, path, tiny_model_dir)
     result = prepare(config, quiet=True)
     records = {r.img_id: r for name in ("train", "val", "test")
                for r in read_records(result.prepared_dir / f"{name}.jsonl")}
-    return config, result, {item["img_id"]: item for item in _rejects(result.prepared_dir)}, records
+    return config, result, {item["img_id"]: item for item in rejects_of(result.prepared_dir)}, records
 
 
 @pytest.mark.parametrize("name", sorted(BAD_IMAGES))
@@ -231,7 +214,7 @@ def test_list_answer_becomes_a_multi_label_answer(odd_run):
 
 def test_same_img_id_with_other_bytes_is_rejected_same_bytes_kept(odd_run):
     _, result, _, _ = odd_run
-    rejects = _rejects(result.prepared_dir)
+    rejects = rejects_of(result.prepared_dir)
     conflicts = [item for item in rejects if item["reason"] == "img_id_conflict"]
     assert len(conflicts) == 1 and conflicts[0]["img_id"] == "good1"
     assert "mixed.jsonl line 2" in conflicts[0]["detail"]  # names where the img_id was first read
@@ -280,8 +263,8 @@ def previous_run(tmp_path_factory, tiny_model_dir):
     """A run folder with a prepared/ from a good source; returns (root, prepared train.jsonl bytes). Shared by
     the failing runs below: none of them may change it."""
     root = tmp_path_factory.mktemp("previous")
-    source = _write_jsonl(root / "good.jsonl", _good_rows(root / "images"))
-    prepared = prepare(_config(root, source, tiny_model_dir), quiet=True).prepared_dir
+    source = write_jsonl_rows(root / "good.jsonl", good_rows(root / "images"))
+    prepared = prepare(rows_config(root, source, tiny_model_dir), quiet=True).prepared_dir
     return root, (prepared / "train.jsonl").read_bytes()
 
 
@@ -298,7 +281,7 @@ def test_truncated_parquet_names_the_file(previous_run, tiny_model_dir):
     path = _write_parquet(root / "kvasir.parquet", rows)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(SourceError, match=r"kvasir\.parquet: cannot read parquet file .*truncated or damaged"):
-        prepare(_config(root, path, tiny_model_dir), quiet=True)
+        prepare(rows_config(root, path, tiny_model_dir), quiet=True)
     _assert_previous_survives(root, before)
 
 
@@ -309,12 +292,12 @@ def test_missing_answer_column_is_named(previous_run, tiny_model_dir, fmt):
     if fmt == "parquet":
         path = _write_parquet(root / "no_answer.parquet", rows)
     elif fmt == "jsonl":
-        path = _write_jsonl(root / "no_answer.jsonl", rows)
+        path = write_jsonl_rows(root / "no_answer.jsonl", rows)
     else:
         path = root / "no_answer.csv"
         path.write_text("image,question,img_id\n" + "".join(f"{r['image']},{QUESTION},{r['img_id']}\n" for r in rows))
     with pytest.raises(SourceError) as caught:
-        prepare(_config(root, path, tiny_model_dir), quiet=True)
+        prepare(rows_config(root, path, tiny_model_dir), quiet=True)
     message = str(caught.value)
     expected = "no line has the required field(s) 'answer'" if fmt == "jsonl" else \
         "missing required column(s) 'answer'"
@@ -354,21 +337,21 @@ def test_empty_source_is_a_source_error(previous_run, tiny_model_dir, kind):
         pq.write_table(pa.table({"image": pa.array([], pa.binary()), "question": pa.array([], pa.string()),
                                  "answer": pa.array([], pa.string())}), path)
     with pytest.raises(SourceError, match="holds no rows"):
-        prepare(_config(root, path, tiny_model_dir), quiet=True)
+        prepare(rows_config(root, path, tiny_model_dir), quiet=True)
     _assert_previous_survives(root, before)
 
 
 def test_every_row_rejected_names_counts_reasons_and_an_existing_rejects_file(previous_run, tiny_model_dir):
     root, before = previous_run
-    rows = [{**row, "answer": "nan"} for row in _good_rows(root / "images")]
+    rows = [{**row, "answer": "nan"} for row in good_rows(root / "images")]
     rows.append({"image": "images/good0.png", "question": "", "answer": "no"})
-    path = _write_jsonl(root / "all_bad.jsonl", rows)
+    path = write_jsonl_rows(root / "all_bad.jsonl", rows)
     with pytest.raises(ValueError, match=r"no usable rows: all 13 row\(s\) rejected \(12 bad_answer") as caught:
-        prepare(_config(root, path, tiny_model_dir), quiet=True)
+        prepare(rows_config(root, path, tiny_model_dir), quiet=True)
     listed = re.search(r"listed in (\S+)$", str(caught.value)).group(1)
     assert len(Path(listed).read_text().splitlines()) == 13
     _assert_previous_survives(root, before)
-    prepare(_config(root, root / "good.jsonl", tiny_model_dir), quiet=True)
+    prepare(rows_config(root, root / "good.jsonl", tiny_model_dir), quiet=True)
     assert not Path(listed).exists()  # a later good run removes the failed run's list
 
 
@@ -376,16 +359,16 @@ def test_too_few_images_for_three_splits_is_an_error_naming_the_counts(previous_
     root, before = previous_run
     rows = [{"img_id": f"good{i % 2}", "image": f"images/good{i % 2}.png", "question": f"Is there text {i}?",
              "answer": "no"} for i in range(12)]
-    path = _write_jsonl(root / "two_images.jsonl", rows)
+    path = write_jsonl_rows(root / "two_images.jsonl", rows)
     with pytest.raises(ValueError, match=r"2 usable image\(s\) after rejects, .*needs at least 3"):
-        prepare(_config(root, path, tiny_model_dir), quiet=True)
+        prepare(rows_config(root, path, tiny_model_dir), quiet=True)
     _assert_previous_survives(root, before)
 
 
 def test_twelve_images_from_twelve_sources_fill_every_split(tmp_path, tiny_model_dir):
     sources = [f"source {i}" for i in range(GOOD_IMAGES)]
-    path = _write_jsonl(tmp_path / "spread.jsonl", _good_rows(tmp_path / "images", sources=sources))
-    result = prepare(_config(tmp_path, path, tiny_model_dir), quiet=True)
+    path = write_jsonl_rows(tmp_path / "spread.jsonl", good_rows(tmp_path / "images", sources=sources))
+    result = prepare(rows_config(tmp_path, path, tiny_model_dir), quiet=True)
     assert all(result.counts[name] > 0 for name in ("train", "val", "test")), result.counts
     assignment = split_images({f"i{i}": f"s{i}" for i in range(3)})
     assert sorted(assignment.values()) == ["test", "train", "val"]
@@ -400,7 +383,7 @@ def test_parquet_list_answer_becomes_a_multi_label_answer(tmp_path, tiny_model_d
     pq.write_table(pa.table({"image": images, "question": [COLOR_QUESTION] * GOOD_IMAGES,
                              "answer": [["red", "pink"]] * GOOD_IMAGES,
                              "img_id": [f"p{i}" for i in range(GOOD_IMAGES)]}), path)
-    result = prepare(_config(tmp_path, path, tiny_model_dir), quiet=True)
+    result = prepare(rows_config(tmp_path, path, tiny_model_dir), quiet=True)
     records = [r for name in ("train", "val", "test") for r in read_records(result.prepared_dir / f"{name}.jsonl")]
     assert len(records) == GOOD_IMAGES and {r.answer for r in records} == {"red; pink"}
 
@@ -412,20 +395,14 @@ def test_embedded_images_with_a_reused_img_id_are_conflicts_every_time(tmp_path,
     rows += [{"image": other, "question": f"How many polyps are in the image? {n}", "answer": "1", "img_id": "p0"}
              for n in range(2)]  # consecutive rows with the same other bytes: both conflict
     rows.append({"image": images[1], "question": "How many polyps are in the image?", "answer": "1", "img_id": "p1"})
-    result = prepare(_config(tmp_path, _write_parquet(tmp_path / "reused.parquet", rows), tiny_model_dir), quiet=True)
-    conflicts = [item for item in _rejects(result.prepared_dir) if item["reason"] == "img_id_conflict"]
+    result = prepare(rows_config(tmp_path, _write_parquet(tmp_path / "reused.parquet", rows), tiny_model_dir), quiet=True)
+    conflicts = [item for item in rejects_of(result.prepared_dir) if item["reason"] == "img_id_conflict"]
     assert [item["origin"] for item in conflicts] == ["reused.parquet row 12", "reused.parquet row 13"]
     assert "first read at reused.parquet row 0" in conflicts[0]["detail"]
     assert sum(result.counts.values()) == GOOD_IMAGES + 1
     # The rejected rows' bytes never replace the kept image's file.
     kept = next(r for r in read_records_of(result.prepared_dir) if r.img_id == "p0")
     assert (result.prepared_dir / kept.image).read_bytes() == images[0]
-
-
-def read_records_of(prepared: Path) -> list:
-    from surgvqa.data.records import read_records
-
-    return [record for split in ("train", "val", "test") for record in read_records(prepared / f"{split}.jsonl")]
 
 
 @pytest.mark.parametrize("strategy", ["span", "sentinel"])

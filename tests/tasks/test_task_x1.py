@@ -272,5 +272,5 @@ def test_make_synthetic_cli_writes_x1(tmp_path):
 
 def test_x1_configs_load():
     for name in ("x1.yaml", "x1-demo.yaml"):
-        config = load_config(Path(__file__).resolve().parents[1] / "configs" / name)
+        config = load_config(Path(__file__).resolve().parents[2] / "configs" / name)
         assert config.task == "kvasir-vqa-x1" and config.predict.mode == "generate"

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from test_predict import assert_valid_closed, random_head  # tests/ is on the path (rootdir conftest)
-from test_training import _batch
+from support.model_checks import assert_valid_closed, random_head
+from support.training_batches import training_batch
 
 from surgvqa.core.config import load_config
 from surgvqa.data.records import read_records, write_records
@@ -93,7 +93,7 @@ def test_masking_diagnostic_loss_constrained_decoding_and_rank(arch, loaded, pre
         assert render_prompt(processor, record, config.prompt).endswith("<think>\n\n</think>\n\n")
 
     # The supervised-only loss and its gradients equal the model's own.
-    batch, labels = _batch(processor, config, prepared_demo, n=3)
+    batch, labels = training_batch(processor, config, prepared_demo, n=3)
     model.zero_grad()
     reference = model(**batch, labels=labels).loss
     reference.backward()

@@ -7,7 +7,14 @@ import json
 from pathlib import Path
 
 import pytest
-from test_bad_inputs import GOOD_IMAGES, _config, _good_rows, _rejects, _write_jsonl, read_records_of
+from support.raw_rows import (
+    GOOD_IMAGES,
+    good_rows,
+    read_records_of,
+    rejects_of,
+    rows_config,
+    write_jsonl_rows,
+)
 
 from surgvqa.core.config import load_config
 from surgvqa.data.sources import allowed_image_roots, dataset_root, detect_format
@@ -24,7 +31,7 @@ def _csv_line(row: dict) -> str:
 
 
 def _origins(prepared: Path) -> dict[str, str]:
-    return {item["origin"]: item["reason"] for item in _rejects(prepared)}
+    return {item["origin"]: item["reason"] for item in rejects_of(prepared)}
 
 
 def _prepare_cli(root: Path, source: Path | str, model_dir: Path):
@@ -42,13 +49,13 @@ def _prepare_cli(root: Path, source: Path | str, model_dir: Path):
 def test_a_source_under_the_home_folder_is_expanded_for_rows_and_images(tmp_path, tiny_model_dir, monkeypatch):
     home = tmp_path / "home"
     monkeypatch.setenv("HOME", str(home))
-    _write_jsonl(home / "kv" / "data.jsonl", _good_rows(home / "kv" / "images"))
+    write_jsonl_rows(home / "kv" / "data.jsonl", good_rows(home / "kv" / "images"))
     source = "~/kv/data.jsonl"
     assert detect_format(source) == "jsonl"
     assert dataset_root(source, None) == home / "kv" and dataset_root("x.csv", "~/kv/images") == home / "kv/images"
-    config = _config(tmp_path, source, tiny_model_dir)
+    config = rows_config(tmp_path, source, tiny_model_dir)
     result = prepare(config, quiet=True)
-    assert sum(result.counts.values()) == GOOD_IMAGES and not _rejects(result.prepared_dir)
+    assert sum(result.counts.values()) == GOOD_IMAGES and not rejects_of(result.prepared_dir)
     # Training and prediction find the images through the same expanded root.
     record = read_records_of(result.prepared_dir)[0]
     assert load_image(record, result.prepared_dir, roots=allowed_image_roots(config)).size == (32, 32)
@@ -61,22 +68,22 @@ def test_a_source_under_the_home_folder_is_expanded_for_rows_and_images(tmp_path
 
 
 def test_a_carriage_return_inside_an_unquoted_csv_field_rejects_that_row_naming_its_line(tmp_path, tiny_model_dir):
-    rows = _good_rows(tmp_path / "images")
+    rows = good_rows(tmp_path / "images")
     lines = [CSV_HEADER, *map(_csv_line, rows[:2])]
     lines.append(_csv_line(rows[2]).replace("Is there text?", "Is there\rtext?"))  # line 4
     lines.append(_csv_line({**rows[3], "question": ""}))  # line 5: a reject after the broken one keeps its number
     lines += map(_csv_line, rows[4:])
     path = tmp_path / "data.csv"
     path.write_bytes("\n".join(lines).encode() + b"\n")
-    result = prepare(_config(tmp_path, path, tiny_model_dir), quiet=True)
+    result = prepare(rows_config(tmp_path, path, tiny_model_dir), quiet=True)
     assert _origins(result.prepared_dir) == {"data.csv line 4": "bad_csv", "data.csv line 5": "empty_question"}
-    broken = next(item for item in _rejects(result.prepared_dir) if item["reason"] == "bad_csv")
+    broken = next(item for item in rejects_of(result.prepared_dir) if item["reason"] == "bad_csv")
     assert "carriage return" in broken["detail"] and "universal-newline" not in broken["detail"]
     assert sum(result.counts.values()) == GOOD_IMAGES - 2
 
 
 def test_a_carriage_return_in_the_csv_header_is_one_error_line_naming_file_and_line(tmp_path, tiny_model_dir):
-    rows = _good_rows(tmp_path / "images")
+    rows = good_rows(tmp_path / "images")
     path = tmp_path / "data.csv"
     path.write_text("image,question\r,answer,img_id,source\n" + "".join(_csv_line(row) + "\n" for row in rows))
     result = _prepare_cli(tmp_path, path, tiny_model_dir)
@@ -87,18 +94,18 @@ def test_a_carriage_return_in_the_csv_header_is_one_error_line_naming_file_and_l
 
 
 def test_a_csv_with_a_byte_order_mark_and_a_line_not_in_utf8_keeps_its_header(tmp_path, tiny_model_dir):
-    rows = _good_rows(tmp_path / "images")
+    rows = good_rows(tmp_path / "images")
     lines = [line.encode() for line in [CSV_HEADER, *map(_csv_line, rows)]]
     lines[3] = lines[3].replace(b"Is there", b"Is th\xffere")  # line 4
     path = tmp_path / "data.csv"
     path.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")
-    result = prepare(_config(tmp_path, path, tiny_model_dir), quiet=True)
+    result = prepare(rows_config(tmp_path, path, tiny_model_dir), quiet=True)
     assert _origins(result.prepared_dir) == {"data.csv line 4": "not_utf8"}
     assert sum(result.counts.values()) == GOOD_IMAGES - 1
 
 
 def test_csv_rejects_name_physical_lines_after_dropped_lines_and_multi_line_fields(tmp_path, tiny_model_dir):
-    rows = _good_rows(tmp_path / "images", count=GOOD_IMAGES + 1)
+    rows = good_rows(tmp_path / "images", count=GOOD_IMAGES + 1)
     lines = [line.encode() for line in [CSV_HEADER, *map(_csv_line, rows[:2])]]
     lines.append(_csv_line(rows[2]).encode().replace(b"Is there", b"Is th\xffere"))  # line 4: dropped
     lines.append(_csv_line(rows[3]).encode().replace(b"Is there", b"Is th\xfeere"))  # line 5: dropped
@@ -111,7 +118,7 @@ def test_csv_rejects_name_physical_lines_after_dropped_lines_and_multi_line_fiel
     lines += [_csv_line(row).encode() for row in rows[8:]]
     path = tmp_path / "data.csv"
     path.write_bytes(b"\r\n".join(lines) + b"\r\n")
-    result = prepare(_config(tmp_path, path, tiny_model_dir), quiet=True)
+    result = prepare(rows_config(tmp_path, path, tiny_model_dir), quiet=True)
     assert _origins(result.prepared_dir) == {"data.csv line 4": "not_utf8", "data.csv line 5": "not_utf8",
                                              "data.csv line 6": "empty_question", "data.csv line 7": "bad_answer",
                                              "data.csv line 9": "empty_question", "data.csv line 10": "not_utf8",
@@ -122,12 +129,12 @@ def test_csv_rejects_name_physical_lines_after_dropped_lines_and_multi_line_fiel
 
 
 def test_an_unreadable_image_on_an_img_ids_first_row_does_not_claim_the_img_id(tmp_path, tiny_model_dir):
-    rows = _good_rows(tmp_path / "images")
+    rows = good_rows(tmp_path / "images")
     first = {**rows[0], "image": "images/no_such_file.png", "question": "How many polyps are in the image?"}
     (tmp_path / "images" / "empty.png").write_bytes(b"")
     second = {**rows[1], "image": "images/empty.png", "question": "How many polyps are in the image?"}
-    path = _write_jsonl(tmp_path / "data.jsonl", [first, second, *rows])
-    result = prepare(_config(tmp_path, path, tiny_model_dir), quiet=True)
+    path = write_jsonl_rows(tmp_path / "data.jsonl", [first, second, *rows])
+    result = prepare(rows_config(tmp_path, path, tiny_model_dir), quiet=True)
     assert _origins(result.prepared_dir) == {"data.jsonl line 1": "missing_image", "data.jsonl line 2": "empty_image"}
     kept = {record.img_id for record in read_records_of(result.prepared_dir)}
     assert kept == {f"good{i}" for i in range(GOOD_IMAGES)}
@@ -137,26 +144,26 @@ def test_an_unreadable_image_on_an_img_ids_first_row_does_not_claim_the_img_id(t
 
 
 def test_a_pretty_printed_json_array_reads_each_element_as_a_row(tmp_path, tiny_model_dir):
-    rows = _good_rows(tmp_path / "images")
+    rows = good_rows(tmp_path / "images")
     elements = [*rows[:3], "not a row", {**rows[3], "question": ""}, *rows[4:]]
     path = tmp_path / "data.json"
     path.write_text(json.dumps(elements, indent=2))
     assert detect_format(str(path)) == "jsonl"  # one reader for both: it looks at the file's first character
-    result = prepare(_config(tmp_path, path, tiny_model_dir), quiet=True)
+    result = prepare(rows_config(tmp_path, path, tiny_model_dir), quiet=True)
     assert _origins(result.prepared_dir) == {"data.json element 3": "bad_json",
                                              "data.json element 4": "empty_question"}
     assert sum(result.counts.values()) == GOOD_IMAGES - 1
 
 
 def test_a_json_file_holding_json_lines_reads_as_before(tmp_path, tiny_model_dir):
-    rows = _good_rows(tmp_path / "images")
-    path = _write_jsonl(tmp_path / "data.json", [*rows[:2], {**rows[2], "question": ""}, *rows[3:]])
-    result = prepare(_config(tmp_path, path, tiny_model_dir), quiet=True)
+    rows = good_rows(tmp_path / "images")
+    path = write_jsonl_rows(tmp_path / "data.json", [*rows[:2], {**rows[2], "question": ""}, *rows[3:]])
+    result = prepare(rows_config(tmp_path, path, tiny_model_dir), quiet=True)
     assert _origins(result.prepared_dir) == {"data.json line 3": "empty_question"}
 
 
 def test_a_damaged_json_array_is_one_error_naming_file_and_line(tmp_path, tiny_model_dir):
-    rows = _good_rows(tmp_path / "images")
+    rows = good_rows(tmp_path / "images")
     path = tmp_path / "data.json"
     path.write_text(json.dumps(rows, indent=2)[:-40])  # cut inside the last element
     result = _prepare_cli(tmp_path, path, tiny_model_dir)

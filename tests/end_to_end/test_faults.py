@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(900)
 
 MAX_STEPS, SAVE_STEPS = 6, 2  # the small run of conftest.py: 6 training steps, a checkpoint every 2

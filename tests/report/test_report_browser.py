@@ -4,26 +4,13 @@ Needs Debian's chromium (SURGVQA_CHROMIUM overrides the path): a missing browser
 """
 
 import json
-import os
-import shutil
 from pathlib import Path
 
-import pytest
 from PIL import Image
+from support.browser import CHROMIUM_ARGS, chromium_path
 
 from surgvqa.core.config import EvaluateConfig
 from surgvqa.stages.evaluate import run_on_file
-
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 CASES = [  # (type, template, question, answer, prediction, baseline prediction)
     ("yes_no", 1, "Is there text?", "yes", "yes", "no"),
@@ -53,17 +40,6 @@ CASES = [  # (type, template, question, answer, prediction, baseline prediction)
     ("mcq", 15, "Where in the image is the abnormality?", "center; center-left", "center", "upper-left"),
     ("open_ended", None, "Describe the image.", "a small polyp", "a polyp", "nothing"),
 ]
-
-
-def chromium_path() -> str:
-    path = os.environ.get("SURGVQA_CHROMIUM", "/usr/bin/chromium")
-    resolved = shutil.which(path) or (path if Path(path).is_file() else None)
-    if resolved is None:
-        pytest.fail(
-            f"Chromium not found at {path!r}: install Debian's chromium (apt-get install chromium) or set "
-            "SURGVQA_CHROMIUM to a Chromium/Chrome binary. This test does not skip."
-        )
-    return resolved
 
 
 def _write_run(run_dir: Path) -> tuple[Path, Path]:

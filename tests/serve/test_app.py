@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from test_report_browser import CHROMIUM_ARGS, chromium_path
+from support.browser import CHROMIUM_ARGS, chromium_path
 
 import surgvqa.serve.answer_service
 import surgvqa.serve.app
