@@ -26,7 +26,7 @@ def test_the_pipeline_stops_before_evaluating_predictions_with_errors(tmp_path, 
     import surgvqa.stages.predict
 
     out = tmp_path / "predictions.jsonl"
-    monkeypatch.setattr(surgvqa.stages.predict, "run_predict", lambda config, out, **_: _write_predictions(out, 10, 1))
+    monkeypatch.setattr(surgvqa.stages.predict, "run", lambda config, out, **_: _write_predictions(out, 10, 1))
     config = load_config(None, [f"output_dir={tmp_path}"])
     with pytest.raises(pipeline.GateFailed, match=r"1 of 10 predictions .* the predictions are not evaluated"):
         pipeline._predictions(config, out, "model", True, False)
@@ -56,7 +56,7 @@ def test_a_changed_key_discards_the_predictions_and_the_shards_of_an_interrupted
     _write_predictions(out, 4, 0)
     _write_predictions(tmp_path / "predictions.rank1.jsonl", 4, 0)  # left by a killed 2-process run
     options = []
-    monkeypatch.setattr(surgvqa.stages.predict, "run_predict",
+    monkeypatch.setattr(surgvqa.stages.predict, "run",
                         lambda config, out, **given: options.append(given) or _write_predictions(out, 10, 0))
     pipeline._predictions(load_config(None, [f"output_dir={tmp_path}"]), out, "model", True, resume=False)
     assert options[0]["restart"] and options[0]["replace_other"]

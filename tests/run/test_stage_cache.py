@@ -17,7 +17,7 @@ OUTPUT = {stage.name: stage.output for stage in pipeline.STAGES}
 class StandIns:
     """Every stage replaced by a function that writes its output (a little longer each time, so that a rewrite is
     seen even where modification times are coarse); baseline and predict keep the pipeline's own prediction step
-    with ``run_predict`` replaced, so that their acceptance check is the real one."""
+    with ``stages.predict.run`` replaced, so that their acceptance check is the real one."""
 
     def __init__(self, monkeypatch):
         import surgvqa.stages.predict
@@ -30,7 +30,7 @@ class StandIns:
             monkeypatch.setitem(pipeline.RUNNERS, name, self._writer(name))
         monkeypatch.setitem(pipeline.RUNNERS, "baseline", self._predictor("baseline", "untrained"))
         monkeypatch.setitem(pipeline.RUNNERS, "predict", self._predictor("predict", "model"))
-        monkeypatch.setattr(surgvqa.stages.predict, "run_predict", self._run_predict)
+        monkeypatch.setattr(surgvqa.stages.predict, "run", self._run_predict)
 
     def _content(self, name: str) -> str:
         self.writes += 1

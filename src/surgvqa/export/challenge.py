@@ -77,7 +77,7 @@ INLINED = (
     ("surgvqa.inference.decoding", "candidate_set"),
     ("surgvqa.inference.decoding", "max_new_tokens"),
     ("surgvqa.inference.decoding", "CandidateLogitsProcessor"),
-    ("surgvqa.models.loading", "chat_template_kwargs"),
+    ("surgvqa.models.special_tokens", "chat_template_kwargs"),
     ("surgvqa.evaluation.text_metrics", "corpus_bleu"),
     ("surgvqa.evaluation.text_metrics", "mean_rouge"),
     ("surgvqa.evaluation.text_metrics", "nltk_meteor"),

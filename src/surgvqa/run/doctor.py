@@ -40,7 +40,7 @@ def _load_pynvml() -> Any:
     return importlib.import_module("pynvml")
 
 
-# Tests replace this with a function returning a fake module (see tests/test_doctor.py).
+# Tests replace this with a function returning a fake module (see tests/run/test_doctor.py).
 NVML_MODULE_LOADER: Callable[[], Any] = _load_pynvml
 
 

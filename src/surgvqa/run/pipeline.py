@@ -297,16 +297,20 @@ def _check_predictions(config: Config, out: Path) -> None:
         print(f"{out.name}: {summary.errors} of {summary.rows} rows in error, within predict.max_error_rate")
 
 
-# Predictions made under another stage key must not be resumed; nor rows a manual `surgvqa predict` made there.
+def _predictions(config: Config, out: Path, model_path: str, quiet: bool, resume: bool) -> None:
+    # Predictions made under another stage key must not be resumed; nor rows a manual `surgvqa predict` made there.
+    load_stage("predict").run(config, out=out, model_path=model_path, quiet=quiet, restart=not resume,
+                              replace_other=True)
+    _check_predictions(config, out)
+
+
 def _run_baseline(config: Config, quiet: bool, resume: bool) -> None:
-    _check_predictions(config, load_stage("baseline").run(config, quiet=quiet, restart=not resume, replace_other=True))
+    _check_predictions(config, load_stage("baseline").run(config, quiet=quiet, restart=not resume,
+                                                          replace_other=True))
 
 
 def _run_predict(config: Config, quiet: bool, resume: bool) -> None:
-    out = load_stage("predict").run(config, out=config.run_dir / "predictions.jsonl",
-                               model_path=str(config.run_dir / "model"), quiet=quiet, restart=not resume,
-                               replace_other=True)
-    _check_predictions(config, out)
+    _predictions(config, config.run_dir / "predictions.jsonl", str(config.run_dir / "model"), quiet, resume)
 
 
 def _run_evaluate(config: Config, quiet: bool, resume: bool) -> None:

@@ -16,7 +16,7 @@ DEFAULT_TASK = "kvasir-vqa"
 # Task name -> "module:class" under surgvqa.tasks.
 TASK_MODULES = {
     "kvasir-vqa": "kvasir_vqa:KvasirVQA",
-    "kvasir-vqa-x1": "kvasir_vqa_x1:KvasirVQAx1",
+    "kvasir-vqa-x1": "kvasir_vqa_x1.task:KvasirVQAx1",
     "vqa-jsonl": "vqa_jsonl:VQAJsonl",
 }
 TASK_NAMES = tuple(TASK_MODULES)

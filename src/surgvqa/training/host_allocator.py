@@ -1,13 +1,9 @@
 """Large host allocations reused from step to step rather than mapped anew (CPU training on glibc).
 
-glibc serves every allocation above its mmap threshold (32 MiB at most by default) with a fresh ``mmap`` and
-unmaps it on free. A training step on the CPU allocates several vocabulary-sized temporaries (151,936 ids × hidden
-size floats: 39 MB each on the tiny model, more with more supervised positions), so every step page-faults all of
-them in again: measured here, a 39 MB log-softmax took 22 ms that way and 13 ms from reused heap memory, and a
-tiny-model training step about 12 % less time. Raising the threshold keeps such blocks on the heap, where the next
-step reuses them; raising the trim threshold with it stops glibc from handing the freed top of the heap straight
-back. The cost is up to ``TRIM_THRESHOLD`` of freed memory kept mapped per process (DataLoader workers forked
-afterwards inherit the thresholds); peak RSS was measured within 2 %.
+glibc serves every allocation above its mmap threshold with a fresh ``mmap`` and unmaps it on free, so the
+vocabulary-sized temporaries of a CPU training step are page-faulted in again every step. Raising the threshold
+(and the trim threshold with it) keeps such blocks on the heap, where the next step reuses them, at the cost of up
+to ``TRIM_THRESHOLD`` of freed memory kept mapped per process. Measurements: docs/benchmarks.md, "Host allocator".
 """
 
 from __future__ import annotations
