@@ -31,6 +31,16 @@ def official_split_name(value: object) -> str | None:
     return SPLIT_ALIASES.get(value.strip().lower()) if isinstance(value, str) else None
 
 
+def reject_unknown_split(raw: RawRow) -> RawRow:
+    """Mark a row whose shipped split is no known name ("foo", "eval", "holdout"): counted as training it would
+    train on rows its source meant to hold out."""
+    if raw.problem is None and raw.split is not None and official_split_name(raw.split) is None:
+        raw.problem, raw.detail = "unknown_split", (
+            f"split {str(raw.split)[:40]!r} is none of {', '.join(SPLIT_ALIASES)}; rename it, or remove the field "
+            f"to let prepare split the row by image")
+    return raw
+
+
 @dataclass
 class SplitOutcome:
     records: list[Record]  # the records kept, each with its split set

@@ -32,7 +32,7 @@ from surgvqa.config import DEFAULT_SYSTEM_PROMPT
 from surgvqa.data.answers import OPEN_ENDED
 from surgvqa.data.records import Record
 from surgvqa.data.sources import ANSWER_KEYS, QUESTION_KEYS, RawRow, SourceError, iter_raw_rows, local_path
-from surgvqa.tasks.base import SplitOutcome, Task, official_split_outcome
+from surgvqa.tasks.base import SplitOutcome, Task, official_split_outcome, reject_unknown_split
 
 if TYPE_CHECKING:
     from surgvqa.config import Config, EvaluateConfig, PromptConfig
@@ -138,6 +138,26 @@ def _complexity(value: Any) -> int | None:
     return number if 1 <= number <= 9 else None
 
 
+def original_problem(value: Any) -> str | None:
+    """Why an x1 ``original`` cannot be read as JSON (None when it can, or is absent): such a row would drop out
+    of atomic-fact recall without a word."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    try:
+        json.loads(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _reject_unreadable_original(raw: RawRow) -> RawRow:
+    if raw.problem is None and (problem := original_problem(raw.extra.get("original"))):
+        raw.problem, raw.detail = "bad_original", (
+            f"'original' is not valid JSON ({problem}); atomic-fact recall could not check this row: fix the "
+            f"field or remove it")
+    return raw
+
+
 # ------------------------------------------------------------------------------------------------- the task
 
 
@@ -178,7 +198,7 @@ class KvasirVQAx1(Task):
                 else:
                     raw.detail = "the row has no image and data.images (where x1 images are joined by img_id) " \
                                  "is not set"
-            yield raw
+            yield _reject_unreadable_original(reject_unknown_split(raw))
 
     def record_meta(self, raw: RawRow) -> dict[str, Any]:
         original = raw.extra.get("original")
