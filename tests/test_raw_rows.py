@@ -126,6 +126,19 @@ def test_no_punctuation_becomes_a_candidate_and_no_kept_answer_normalises_to_not
     assert next(r for r in records if r.img_id == "yes_zw").answer == "yes"  # the zero-width space removed
 
 
+def test_the_masking_diagnostic_calls_an_empty_training_target_a_problem(rows_run, tiny_model_dir):
+    from surgvqa.diagnostics import diagnose_record
+    from surgvqa.modeling import load_processor
+
+    config, result, _, records = rows_run
+    processor = load_processor(str(tiny_model_dir), config.model, config.masking.strategy)
+    record = next(r for r in records if r.img_id == "good1")
+    assert diagnose_record(processor, record, result.prepared_dir, config).ok
+    record.answer = ";"  # a record prepared before prepare rejected such answers
+    diagnosis = diagnose_record(processor, record, result.prepared_dir, config)
+    assert not diagnosis.ok and "empty training target" in "; ".join(diagnosis.problems)
+
+
 @pytest.mark.parametrize("img_id", sorted(BAD_COUNTS))
 def test_counts_that_are_not_non_negative_whole_numbers_are_rejected(rows_run, img_id):
     _, result, rejects, _ = rows_run

@@ -14,6 +14,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from surgvqa.chat import training_target
 from surgvqa.config import Config
 from surgvqa.data.images import allowed_image_roots
 from surgvqa.data.records import Record, read_records
@@ -66,6 +67,9 @@ def diagnose_record(processor: Any, record: Record, base_dir: Path, config: Conf
     for position in example.straddling:
         result.problems.append(f"token {position} {tokenizer.convert_ids_to_tokens(input_ids[position])!r} "
                                f"straddles the supervised-span boundary")
+    if not training_target(record, config.prompt).strip():
+        # Only the end-of-turn token would be taught: the sample teaches the model to say nothing.
+        result.problems.append(f"empty training target: the answer {record.answer[:40]!r} normalises to nothing")
     if not result.supervised_positions:
         result.problems.append("no supervised tokens")
     elif result.supervised_text != result.expected_text:
