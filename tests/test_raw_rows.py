@@ -327,3 +327,18 @@ def test_the_apps_tables_show_cells_as_text(tmp_path):
     assert all(table.datatype == "str" for table in tables.values())
     answer_box = next(block for block in page.blocks.values() if getattr(block, "elem_id", None) == "answer")
     assert answer_box.latex_delimiters == []
+
+
+def test_test_rows_dropped_as_leaking_are_listed_in_rejects(tmp_path, tiny_model_dir):
+    folder = tmp_path / "data" / "images"
+    rows = _x1_or_vqa_rows(folder, split="train")
+    for row in rows[-4:]:
+        row["split"] = "test"
+    rows.append({**rows[0], "question": "Is there a fracture?", "split": "test"})  # a test row on a training image
+    path = tmp_path / "data" / "vqa.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = prepare(_config(tmp_path, path, tiny_model_dir, "task=vqa-jsonl", "data.drop_leaking_test_rows=true"),
+                     quiet=True)
+    reject = next(item for item in _rejects(result.prepared_dir) if item["reason"] == "test_row_on_train_image")
+    assert reject["origin"] == f"vqa.jsonl line {len(rows)}" and "'good0'" in reject["detail"]
+    assert sum(result.counts.values()) == GOOD_IMAGES  # was: dropped, in no split and no reject
