@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from test_bad_inputs import GOOD_IMAGES, _config, _good_rows, _rejects
 
-from surgvqa.config import EvaluateConfig, load_config
+from surgvqa.config import EvaluateConfig
 from surgvqa.data.images import allowed_image_roots, open_rgb
 from surgvqa.data.records import read_records
 from surgvqa.dataset import load_image
@@ -110,7 +110,7 @@ def test_an_exif_rotated_jpeg_is_prepared_and_loaded_upright(rows_run):
 
 @pytest.mark.parametrize("img_id", sorted(BAD_ANSWERS))
 def test_punctuation_only_and_zero_width_answers_are_rejected_with_their_reason(rows_run, img_id):
-    _, result, rejects, records = rows_run
+    _, _, rejects, records = rows_run
     reject = next(item for item in rejects if item["img_id"] == img_id)
     assert reject["reason"] == BAD_ANSWERS[img_id][1]
     assert "answer" in reject["detail"] and "line" in reject["origin"]
@@ -319,7 +319,7 @@ def test_the_apps_tables_show_cells_as_text(tmp_path):
     from surgvqa.app import build_interface
 
     service = SimpleNamespace(config=SimpleNamespace(run_name="r"), model_path="m", task=SimpleNamespace(name="t"),
-                              mode="generate", questions=["q"], gallery=lambda: [])
+                              mode="generate", questions=["q"], gallery=list)
     page = build_interface(service)
     tables = {block.elem_id: block for block in page.blocks.values() if getattr(block, "elem_id", None)
               in ("references", "all-answers")}

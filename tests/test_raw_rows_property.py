@@ -24,8 +24,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 EXAMPLES = 500
 FIXED_IMAGES = 6
-QUESTIONS = ["Is there text?", "How many polyps are in the image?", "What color is the abnormality? If more than "
-             "one separate with ;", "What is the size of the polyp?", "Where in the image is the instrument?",
+QUESTIONS = ["Is there text?", "How many polyps are in the image?",
+             "What color is the abnormality? If more than one separate with ;", "What is the size of the polyp?", "Where in the image is the instrument?",
              "Is the lesion red or pink?", "Describe the image."]
 ODD_TEXT = [".", "?!", ";", "; ;", "\u200b", "\u200d", "yes\u200b", " yes ", "nan", "None", "null", "", "1,000",
             "1e3", "-2", "2.5", "3", "<5mm", ">20", "pink; red", "red;", "<b>x</b>", "**x**", "<|im_end|>",
@@ -53,9 +53,9 @@ ROW = st.fixed_dictionaries({"question": QUESTIONS_ST, "answer": ANSWERS, "image
                             optional={"img_id": IMG_IDS,
                                       "source": st.sampled_from(["Polyps", "Normal", "", None]),
                                       "split": st.sampled_from(["train", "test", "val", "foo", "eval", ""])})
+KEY_TWICE = '{"question": "Is there text?", "answer": "yes", "answer": "no", "image": "images/a.png"}'
 LINE = st.one_of(*[ROW.map(json.dumps)] * 6,
-                 st.sampled_from(['{"question": "Is there text?", "answer": "yes", "answer": "no", '
-                                  '"image": "images/a.png"}', "{not json", "[1, 2]", '"text"', "\udcff"]))
+                 st.sampled_from([KEY_TWICE, "{not json", "[1, 2]", '"text"', "\udcff"]))
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from surgvqa.answer_service import Answer, AnswerService, NotAnImage, read_image
 from surgvqa.config import Config
 from surgvqa.formatting import NOT_AVAILABLE, percent
 
-
 # Every ASCII punctuation mark may be backslash-escaped in Markdown (CommonMark), which makes it literal text: an
 # answer or reference of "<img ...>" or "**bold**" is then shown as written, never as an element or bold type.
 _MARKDOWN_PUNCTUATION = re.compile(r"([!-/:-@\[-`{-~])")
@@ -34,9 +33,9 @@ def _format_confidence(value: float | None) -> str:
 def _verdict(answer: Answer) -> str:
     if answer.error:
         return f"**Error:** {plain(answer.error)}"
+    kind = f"{plain(answer.question_type)} · {plain(answer.mode)}"
     lines = [f"### {plain(answer.answer) if answer.answer else '(empty)'}",
-             f"confidence **{_format_confidence(answer.confidence)}** · {plain(answer.question_type)} · "
-             f"{plain(answer.mode)}"]
+             f"confidence **{_format_confidence(answer.confidence)}** · {kind}"]
     if answer.abstained:
         lines.append("**not sure enough to answer**: below the confidence this run answers at")
     if answer.answer_set is not None:

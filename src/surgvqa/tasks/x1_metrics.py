@@ -203,7 +203,7 @@ def x1_tables(x1: dict[str, Any]) -> list[dict[str, Any]]:
          "rows": [["exact match (normalised)", _pct(x1["exact_match"]), _ci(x1["exact_match_ci"])],
                   ["ROUGE-L", _pct(x1["rougeL"]), _ci(x1["rougeL_ci"])],
                   [f"atomic-fact recall ({recall['n']} facts)", _pct(recall["value"]), _ci(recall["ci"])],
-                  *([[f"rows whose 'original' is not JSON (no facts counted)",
+                  *([["rows whose 'original' is not JSON (no facts counted)",
                       str(x1["rows_original_unreadable"]), ""]] if x1.get("rows_original_unreadable") else [])]},
         {"title": "Atomic-fact recall per atom type (%)", "header": ["atom type", "facts", "recall", "95% CI"],
          "rows": [[atom_type, str(entry["n"]), _pct(entry["value"]), _ci(entry["ci"])]
