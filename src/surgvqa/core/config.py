@@ -117,6 +117,10 @@ class DataConfig(_Section):
     images: str | None = None
     # Official test rows whose image also occurs in the official training split (x1); off: comparable numbers.
     drop_leaking_test_rows: bool = False
+    # The same question about the same image with different answers: "report" keeps the rows and lists them in
+    # prepared/summary.json and the terminal; "drop" rejects every row of such a question (which one is right
+    # cannot be told).
+    contradictory_duplicates: Literal["report", "drop"] = "report"
     max_rows: int | None = Field(None, gt=0)
     split: SplitConfig = SplitConfig()
     synthetic: SyntheticConfig = SyntheticConfig()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import math
 import re
+import unicodedata
 from dataclasses import dataclass
 
 # --------------------------------------------------------------------------------------------------------------
@@ -56,6 +57,31 @@ def label_set(text: object) -> frozenset[str]:
 def normalize_answer(text: object) -> str:
     """Canonical answer string: lower case, single spaces, no trailing period, labels sorted and joined by "; "."""
     return "; ".join(split_labels(text))
+
+
+def has_text(label: str) -> bool:
+    """True when ``label`` holds a letter or a digit: an answer of punctuation, symbols or invisible characters
+    alone (".", "?!", ";", a zero-width space) teaches nothing and normalises to an empty training target."""
+    return any(unicodedata.category(char)[0] in "LN" for char in label)
+
+
+def answer_problem(answer: str, question_type: str) -> tuple[str, str] | None:
+    """(reason, detail) when a clean, non-empty answer must not be trained on; None when it may.
+
+    Rejected: an answer, or one of its ";"-separated labels, without a letter or digit (``punctuation_answer``),
+    and a count answer holding a number that is not a plain non-negative whole number (``bad_count``: "1,000",
+    "1e3", "-2", "2.5"), which :func:`parse_count` refuses rather than misread.
+    """
+    if not has_text(answer) or not normalize_answer(answer):
+        return "punctuation_answer", f"answer {answer!r} has no letter or digit"
+    if empty := [part.strip() for part in answer.split(";") if part.strip() and not has_text(part)]:
+        return "punctuation_answer", f"label {empty[0]!r} of answer {answer!r} has no letter or digit"
+    if question_type == COUNT_NUMERIC:
+        for label in split_labels(answer):
+            if re.search(r"[0-9]", label) and parse_count(label) is None:
+                return "bad_count", (f"count answer {answer!r} is not a non-negative whole number "
+                                     f"({label!r}: write a count as digits alone, e.g. 1000)")
+    return None
 
 
 def is_bad_answer(text: object) -> bool:
@@ -169,18 +195,26 @@ _NUMBER_WORDS = {
         "nineteen", "twenty",
     ))
 }
-_COUNT_TOKEN = re.compile(r"[0-9]+(?:\.[0-9]+)?|[a-z]+", re.ASCII)
+# A number with its sign, thousands separators and exponent taken whole, so that "-2", "1,000" and "1e3" are seen
+# as what they are (not a count) instead of as the count 2 or 1. A "-" after a digit or letter is a hyphen ("2-3").
+_COUNT_TOKEN = re.compile(r"(?:(?<![0-9a-z])[-+])?[0-9][0-9.,]*(?:e[-+]?[0-9]+)?|[a-z]+", re.ASCII)
+_PLAIN_NUMBER = re.compile(r"[0-9]+(?:\.[0-9]+)?", re.ASCII)
 _ZERO_WORDS = frozenset({"none", "no", "nothing"})
 
 
 def parse_count(text: object) -> int | None:
-    """The first count in an answer ("3", "3 polyps", "there are two", "none" -> 0); None if there is none."""
+    """The first count in an answer ("3", "3 polyps", "there are two", "none" -> 0); None if there is none.
+
+    A count is a non-negative whole number: a first number written with a sign, a thousands separator, an
+    exponent or a fraction ("-2", "1,000", "1e3", "2.5") is no count (None), never the digits before its mark.
+    """
     if not isinstance(text, str):
         return None
     tokens = _COUNT_TOKEN.findall(text.lower())
     for token in tokens:
-        if token[0].isdigit():
-            if len(token) > 9:
+        if token[0] in "+-" or token[0].isdigit():
+            token = token.rstrip(".,")  # a sentence's full stop or comma after the number
+            if not _PLAIN_NUMBER.fullmatch(token) or len(token) > 9:
                 return None
             value = float(token)
             return int(value) if value.is_integer() else None

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 SIXTEEN_BIT_MAX = 65535
@@ -74,7 +74,8 @@ def decode_image(source: bytes | str | Path) -> tuple[Image.Image, str]:
     Raises :class:`ImageProblem` for a decompression bomb, a file that is not an image, truncated or damaged
     pixel data and a mode with no RGB conversion. Of a multi-frame image (animated GIF, multi-page TIFF) the
     first frame is used: endoscopy stills exported as GIF carry the picture in frame 0, and a fixed frame keeps
-    training and prediction on the same pixels.
+    training and prediction on the same pixels. An EXIF orientation is applied here, once, as every image viewer
+    applies it: a camera's portrait JPEG is stored sideways with a tag saying so.
     """
     stream = io.BytesIO(source) if isinstance(source, bytes) else source
     with warnings.catch_warnings():
@@ -99,7 +100,12 @@ def decode_image(source: bytes | str | Path) -> tuple[Image.Image, str]:
                 raise ImageProblem("truncated_image",
                                    f"{image.format or 'image'} {image.width}x{image.height}: pixel data is "
                                    f"truncated or damaged ({exc})") from None
-            return to_rgb(image), (image.format or "png").lower()
+            image_format = (image.format or "png").lower()
+            try:
+                upright = ImageOps.exif_transpose(image)
+            except (SyntaxError, ValueError, OSError, TypeError) as exc:  # a damaged EXIF block
+                raise ImageProblem("corrupt_image", f"image EXIF data cannot be read ({exc})") from None
+            return to_rgb(upright), image_format
 
 
 def resolve_within(path: str | Path, roots: Sequence[str | Path]) -> Path | None:

@@ -193,6 +193,36 @@ def _iter_hub(name: str, split: str, cache_dir: Path,
     yield from _iter_dataset(dataset, name, cache_dir, required, split)
 
 
+class _JsonObject(dict):
+    """A parsed JSON object that remembers the keys its text gave more than once (``json`` keeps the last)."""
+
+    repeated: tuple[str, ...] = ()
+
+
+def _object_pairs(pairs: list[tuple[str, Any]]) -> _JsonObject:
+    """``object_pairs_hook`` for every JSON row: a key given twice ("answer" twice) is remembered, nested objects'
+    too, so that the row is rejected instead of silently keeping the last value."""
+    obj = _JsonObject(pairs)
+    keys = [key for key, _ in pairs]
+    repeated = [key for index, key in enumerate(keys) if key in keys[:index]]
+    for value in obj.values():
+        if isinstance(value, _JsonObject):
+            repeated += value.repeated
+    if repeated:
+        obj.repeated = tuple(dict.fromkeys(repeated))
+    return obj
+
+
+def _repeated_key_row(row: Any, origin: str) -> RawRow | None:
+    """The reject of a JSON object that gives a key twice, or None."""
+    repeated = getattr(row, "repeated", ())
+    if not repeated:
+        return None
+    return RawRow(origin, None, None, None, None, problem="duplicate_key",
+                  detail=f"key {repeated[0]!r} is given twice in this JSON object (JSON readers keep only the "
+                         f"last value); keep one")
+
+
 def _decode_lines(path: Path) -> Iterator[tuple[int, str | None]]:
     """Each line (split at "\\n", ends kept) decoded on its own, None for one that is not UTF-8; a byte-order
     mark, which editors on Windows write, is no part of the first line."""
@@ -225,7 +255,7 @@ def _iter_json_array(path: Path, root: Path, required: Mapping[str, tuple[str, .
                           f"file as UTF-8 (or as JSON lines, where only the bad line is rejected)") from None
     try:
         # One parse of the whole file: a damaged array has no rows to recover, and the real files are megabytes.
-        elements = json.loads(text)
+        elements = json.loads(text, object_pairs_hook=_object_pairs)
     except json.JSONDecodeError as exc:
         raise SourceError(f"{path}: not a valid JSON array (line {exc.lineno} column {exc.colno}: {exc.msg}); "
                           f"the file is truncated or damaged") from None
@@ -238,7 +268,7 @@ def _iter_json_array(path: Path, root: Path, required: Mapping[str, tuple[str, .
                          detail=f"element is a JSON {type(element).__name__}, not an object")
             continue
         keys_seen.update(element)
-        yield _row_from_mapping(element, origin, root)
+        yield _repeated_key_row(element, origin) or _row_from_mapping(element, origin, root)
     if keys_seen:
         _require_columns(keys_seen, str(path), kind="field", required=required)
 
@@ -258,7 +288,7 @@ def _iter_jsonl(path: Path, root: Path, required: Mapping[str, tuple[str, ...]] 
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(line, object_pairs_hook=_object_pairs)
         except ValueError as exc:
             yield RawRow(origin, None, None, None, None, problem="bad_json", detail=str(exc))
             continue
@@ -267,7 +297,7 @@ def _iter_jsonl(path: Path, root: Path, required: Mapping[str, tuple[str, ...]] 
             continue
         objects += 1
         keys_seen.update(row)
-        yield _row_from_mapping(row, origin, root)
+        yield _repeated_key_row(row, origin) or _row_from_mapping(row, origin, root)
     # A key that some rows lack is those rows' problem; a key that no row has is the file's.
     if objects:
         _require_columns(keys_seen, str(path), kind="field", required=required)
@@ -354,6 +384,11 @@ def _iter_csv(path: Path, root: Path, required: Mapping[str, tuple[str, ...]] = 
         if cut:
             yield RawRow(f"{path.name} line {lines.record_start}", None, None, None, None, problem="not_utf8",
                          detail="a line inside this record's quoted field is not valid UTF-8")
+        elif values and len(values) != len(header):
+            # An unquoted comma shifts every later field (the answer becomes the question's tail): never guess.
+            yield RawRow(f"{path.name} line {lines.record_start}", None, None, None, None, problem="bad_csv",
+                         detail=f"line {lines.record_start} has {len(values)} fields but the header has "
+                                f"{len(header)}; quote a field that holds a comma")
         elif values:  # a blank line is no row
             yield _row_from_mapping(dict(zip(header, values)), f"{path.name} line {lines.record_start}", root)
 

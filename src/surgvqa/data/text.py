@@ -11,10 +11,18 @@ from typing import Any
 # a NUL ends strings in C code under the tokenizer, and a lone surrogate cannot be written as UTF-8. Tab and
 # newline stay. A regular expression because no library function removes exactly these.
 _UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+# Invisible characters that never carry meaning (zero-width space, word joiner, byte-order mark) go everywhere,
+# so that "yes\u200b" is "yes"; the joiners and direction marks, which shape some scripts, only at the ends.
+_INVISIBLE = re.compile("[\u200b\u2060\ufeff]")
+_INVISIBLE_ENDS = "\u200c\u200d\u200e\u200f\u2061\u2062\u2063\u2064"
 
 
 def clean_text(value: str) -> str:
-    return _UNPRINTABLE.sub("", value).strip()
+    text = _INVISIBLE.sub("", _UNPRINTABLE.sub("", value))
+    previous = None
+    while previous != text:  # white space and invisible marks may alternate at an end
+        previous, text = text, text.strip().strip(_INVISIBLE_ENDS)
+    return text
 
 
 def question_text(value: Any) -> str | None:
@@ -51,4 +59,6 @@ def answer_text(value: Any) -> str | None:
         return ""
     if isinstance(value, dict):
         return None
+    if isinstance(value, bool):  # a JSON true/false answers a yes/no question; str() would give "True"
+        return "yes" if value else "no"
     return clean_text(str(value))

@@ -7,6 +7,7 @@ Everything the app writes (uploads, batch results) stays under ``<run>/app/``.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 from PIL import Image
@@ -15,6 +16,15 @@ from surgvqa.core.config import Config
 from surgvqa.core.formatting import NOT_AVAILABLE, percent
 from surgvqa.serve.answer_service import Answer, AnswerService, NotAnImage, read_image
 
+# Every ASCII punctuation mark may be backslash-escaped in Markdown (CommonMark), which makes it literal text: an
+# answer or reference of "<img ...>" or "**bold**" is then shown as written, never as an element or bold type.
+_MARKDOWN_PUNCTUATION = re.compile(r"([!-/:-@\[-`{-~])")
+
+
+def plain(text: object) -> str:
+    """Text from the data or the model, safe to put into Markdown: shown as written, never as markup."""
+    return _MARKDOWN_PUNCTUATION.sub(r"\\\1", " ".join(str(text).split()))
+
 
 def _format_confidence(value: float | None) -> str:
     return NOT_AVAILABLE if value is None else f"{percent(value)} %"
@@ -22,18 +32,20 @@ def _format_confidence(value: float | None) -> str:
 
 def _verdict(answer: Answer) -> str:
     if answer.error:
-        return f"**Error:** {answer.error}"
-    lines = [f"### {answer.answer or '(empty)'}",
-             f"confidence **{_format_confidence(answer.confidence)}** · {answer.question_type} · {answer.mode}"]
+        return f"**Error:** {plain(answer.error)}"
+    kind = f"{plain(answer.question_type)} · {plain(answer.mode)}"
+    lines = [f"### {plain(answer.answer) if answer.answer else '(empty)'}",
+             f"confidence **{_format_confidence(answer.confidence)}** · {kind}"]
     if answer.abstained:
         lines.append("**not sure enough to answer**: below the confidence this run answers at")
     if answer.answer_set is not None:
-        lines.append(f"answer set (conformal, guaranteed coverage): {', '.join(answer.answer_set) or '(empty)'}")
+        lines.append(f"answer set (conformal, guaranteed coverage): "
+                     f"{plain(', '.join(answer.answer_set)) if answer.answer_set else '(empty)'}")
     if answer.reference is not None:
         verdict = "matches" if answer.correct else "differs from"
-        lines.append(f"the answer **{verdict}** the reference: **{answer.reference}**")
+        lines.append(f"the answer **{verdict}** the reference: **{plain(answer.reference)}**")
     if answer.base_answer is not None:
-        lines.append(f"untrained base model: {answer.base_answer or '(empty)'}")
+        lines.append(f"untrained base model: {plain(answer.base_answer) if answer.base_answer else '(empty)'}")
     return "\n\n".join(lines)
 
 
@@ -97,15 +109,15 @@ def build_interface(service: AnswerService) -> Any:
                                    value=service.questions[0] if service.questions else None, elem_id="menu")
                 free = gr.Textbox(label="…or type a question", elem_id="free-question")
                 ask = gr.Button("Ask", variant="primary", elem_id="ask")
-                verdict = gr.Markdown(elem_id="answer")
+                verdict = gr.Markdown(elem_id="answer", latex_delimiters=[])  # "$$" in an answer is text
                 chart = gr.Label(label="Probability of each candidate", elem_id="candidates")
                 references = gr.Dataframe(headers=["question", "reference"], label="This image's test questions",
                                           interactive=False, wrap=True, column_widths=["65%", "35%"],
-                                          elem_id="references")
+                                          datatype="str", elem_id="references")  # "str": text, not markup
         with gr.Tab("Ask all"):
             ask_every = gr.Button("Ask every question about the current image", elem_id="ask-all")
             table = gr.Dataframe(headers=["question", "answer", "confidence", "reference", "correct"],
-                                 interactive=False, elem_id="all-answers")
+                                 interactive=False, datatype="str", elem_id="all-answers")
         with gr.Tab("Batch"):
             batch_files = gr.File(label="Image files", file_count="multiple", file_types=["image"], type="filepath",
                                   elem_id="batch-files")

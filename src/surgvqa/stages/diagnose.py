@@ -19,6 +19,7 @@ from surgvqa.core.io import atomic_write_json
 from surgvqa.data.records import Record, read_records
 from surgvqa.data.sources import allowed_image_roots
 from surgvqa.models.loading import load_processor, resolve_model_path
+from surgvqa.prompting.chat import training_target
 from surgvqa.prompting.encoding import SampleTooLong, encode_example, load_image
 from surgvqa.prompting.masking import IGNORE_INDEX
 
@@ -68,6 +69,9 @@ def diagnose_record(processor: Any, record: Record, base_dir: Path, config: Conf
     for position in example.straddling:
         result.problems.append(f"token {position} {tokenizer.convert_ids_to_tokens(input_ids[position])!r} "
                                f"straddles the supervised-span boundary")
+    if not training_target(record, config.prompt).strip():
+        # Only the end-of-turn token would be taught: the sample teaches the model to say nothing.
+        result.problems.append(f"empty training target: the answer {record.answer[:40]!r} normalises to nothing")
     if not result.supervised_positions:
         result.problems.append("no supervised tokens")
     elif result.supervised_text != result.expected_text:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from surgvqa.core.config import Config
 from surgvqa.core.io import atomic_write_json, recover_directory, replace_directory, write_jsonl
-from surgvqa.data.answers import is_bad_answer, normalize_answer
+from surgvqa.data.answers import answer_problem, is_bad_answer, normalize_answer
 from surgvqa.data.image_store import ImageStore, StoredImage
 from surgvqa.data.records import SPLITS, Record, write_records
 from surgvqa.data.sources import RawRow, SourceError
@@ -56,7 +56,17 @@ REJECT_REASONS = {
     "too_long": "sample longer than masking.max_length tokens",
     "missing_img_id": "no img_id and no image to derive one from",
     "duplicate_row": "same image, question and answer as an earlier row",
+    "duplicate_key": "a key is given twice in the row's JSON object",
+    "punctuation_answer": "answer (or one of its labels) has no letter or digit",
+    "bad_count": "count answer is not a non-negative whole number",
+    "bad_original": "the x1 'original' field is not valid JSON",
+    "unknown_split": "the row's split is none of the known split names",
+    "contradictory_duplicate": "same image and question as another row with another answer "
+                               "(data.contradictory_duplicates=drop)",
+    "test_row_on_train_image": "official test row on an image of the training split "
+                               "(data.drop_leaking_test_rows)",
 }
+MAX_CONTRADICTIONS_LISTED = 20  # in summary.json; the count covers them all
 REJECTS_KEPT_CHARS = 500  # question/answer text kept per reject: enough to find the row, not a 100 kB copy
 FAILED_REJECTS_NAME = "prepare-rejects.jsonl"  # beside prepared/ when no row survives and no folder is written
 
@@ -68,6 +78,7 @@ class PrepareResult:
     rejects: Counter = field(default_factory=Counter)
     by_type: dict[str, dict[str, int]] = field(default_factory=dict)
     by_template: dict[str, dict[str, int]] = field(default_factory=dict)
+    contradictions: dict[str, Any] = field(default_factory=dict)
 
 
 def _preview(value: Any) -> str:
@@ -108,9 +119,11 @@ def _prepare_into(work_dir: Path, final_dir: Path, config: Config, quiet: bool) 
     lengths = SampleLengths(config)
     reader = _RowReader(task, lengths, ImageStore(work_dir, lengths.image_tokens))
     reader.read_all(rows, config.data.max_rows, quiet)
+    contradictions = reader.contradictions(drop=config.data.contradictory_duplicates == "drop")
     _require_kept_rows(reader, source, final_dir)
     needed = _required_splits(config, reader, source)
     outcome = task.assign_splits(reader.records, reader.source_by_image, config)
+    reader.reject_dropped(outcome.records)
     if "official_splits" in outcome.summary and "test" not in needed:
         needed.append("test")
     vocabulary = task.build_vocabulary([r for r in outcome.records if r.split == "train"])
@@ -132,9 +145,10 @@ def _prepare_into(work_dir: Path, final_dir: Path, config: Config, quiet: bool) 
                "rejects": dict(reject_counts),
                "longest_sample_tokens": max(lengths.total(r, reader.image_tokens[r.img_id]) for r in kept),
                "by_type": by_type, "by_template": dict(sorted(by_template.items())),
+               "contradictory_duplicates": contradictions,
                **({"task": task.name} if task.name != "kvasir-vqa" else {}), **outcome.summary}
     atomic_write_json(work_dir / "summary.json", summary)
-    return PrepareResult(final_dir, counts, reject_counts, by_type, by_template)
+    return PrepareResult(final_dir, counts, reject_counts, by_type, by_template, contradictions)
 
 
 def _reject_entry(raw: RawRow, reason: str, detail: str = "") -> dict[str, Any]:
@@ -157,6 +171,9 @@ class _RowReader:
         self.rows_read = 0
         self._seen_rows: set[tuple[str | None, str, str, str]] = set()
         self._questions_per_image: Counter = Counter()
+        self.origin_by_id: dict[str, str] = {}  # record id -> its raw row, for rejects made after reading
+        # (split, img_id, question) -> {normalised answer: record ids}: one question with two answers is reported.
+        self._answers: dict[tuple[str | None, str, str], dict[str, list[str]]] = {}
 
     def read_all(self, rows: Iterable[RawRow], max_rows: int | None, quiet: bool) -> None:
         for raw in tqdm(rows, desc="prepare: reading rows", unit="row", disable=quiet, mininterval=1.0):
@@ -181,7 +198,11 @@ class _RowReader:
         if not question:
             return self._reject(raw, "empty_question")
         if answer is None or is_bad_answer(answer):
-            return self._reject(raw, "bad_answer", f"answer is {_preview(raw.answer)}")
+            invisible = isinstance(raw.answer, str) and raw.answer.strip() and not answer
+            return self._reject(raw, "bad_answer", f"answer is {_preview(raw.answer)}"
+                                + (": invisible characters only" if invisible else ""))
+        if problem := answer_problem(answer, self.task.initial_type(question)):
+            return self._reject(raw, *problem)
         if special := self.lengths.special_token_in(question) or self.lengths.special_token_in(answer):
             return self._reject(raw, "special_token_text", f"the text contains the tokenizer's special token "
                                                            f"{special!r}, which would break the chat structure")
@@ -198,6 +219,8 @@ class _RowReader:
         if problem := self.lengths.too_long(record, image.image_tokens):
             return self._reject(raw, "too_long", problem)
         self._seen_rows.add(key)
+        self._answers.setdefault(key[:3], {}).setdefault(key[3], []).append(record.id)
+        self.origin_by_id[record.id] = raw.origin
         self._questions_per_image[raw.img_id] += 1
         self.image_tokens[raw.img_id] = image.image_tokens
         self.source_by_image.setdefault(raw.img_id, record.source)
@@ -213,6 +236,47 @@ class _RowReader:
 
     def _reject(self, raw: RawRow, reason: str, detail: str = "") -> None:
         self.rejects.append(_reject_entry(raw, reason, detail))
+
+    def reject_record(self, record: Record, reason: str, detail: str) -> None:
+        """Reject a row kept at reading, as its raw row would have been."""
+        self.rejects.append({"origin": self.origin_by_id.get(record.id, record.id), "reason": reason,
+                             "detail": detail, "img_id": record.img_id,
+                             "question": record.question[:REJECTS_KEPT_CHARS],
+                             "answer": record.answer[:REJECTS_KEPT_CHARS]})
+
+    def contradictions(self, *, drop: bool) -> dict[str, Any]:
+        """Questions asked of one image with different answers: counted and listed, their rows rejected when
+        ``drop`` (no rule can tell which answer is right)."""
+        groups = [(key, answers) for key, answers in self._answers.items() if len(answers) > 1]
+        ids = {record_id for _, answers in groups for listed in answers.values() for record_id in listed}
+        question_of = {record.id: record.question for record in self.records}
+        listed = [{"img_id": img_id, "question": question_of[next(iter(answers.values()))[0]],
+                   "answers": sorted(answers),
+                   "rows": [self.origin_by_id[i] for ids_ in answers.values() for i in ids_],
+                   **({"split": split} if split else {})}
+                  for (split, img_id, _), answers in groups[:MAX_CONTRADICTIONS_LISTED]]
+        if drop and ids:
+            for record in [r for r in self.records if r.id in ids]:
+                key = (record.split, record.img_id, record.question.lower())
+                self.reject_record(record, "contradictory_duplicate",
+                                   f"img_id {record.img_id!r} is asked {record.question[:80]!r} with the answers "
+                                   f"{', '.join(map(repr, sorted(self._answers[key])))[:200]}; "
+                                   f"data.contradictory_duplicates=drop")
+            self.records = [r for r in self.records if r.id not in ids]
+            remaining = {record.img_id for record in self.records}
+            self.source_by_image = {img_id: source for img_id, source in self.source_by_image.items()
+                                    if img_id in remaining}
+        return {"questions": len(groups), "rows": len(ids), "action": "dropped" if drop else "kept",
+                "listed": listed}
+
+    def reject_dropped(self, kept: list[Record]) -> None:
+        """Rows the task's split left out (official test rows on training images) become rejects, not gaps."""
+        kept_ids = {record.id for record in kept}
+        for record in self.records:
+            if record.id not in kept_ids:
+                self.reject_record(record, "test_row_on_train_image",
+                                   f"official test row on image {record.img_id!r}, which the training split "
+                                   f"also holds; data.drop_leaking_test_rows removes these rows")
 
 
 def _require_kept_rows(reader: _RowReader, source: Any, final_dir: Path) -> None:
@@ -245,9 +309,7 @@ def _type_records(task: Task, records: list[Record], vocabulary: dict[Any, list[
         # Listed candidates lengthen the prompt; measured again now that they are known.
         if list_candidates and record.candidates and \
                 (problem := lengths.too_long(record, reader.image_tokens[record.img_id])):
-            reader.rejects.append({"origin": record.id, "reason": "too_long", "detail": problem,
-                                   "img_id": record.img_id, "question": record.question[:REJECTS_KEPT_CHARS],
-                                   "answer": record.answer[:REJECTS_KEPT_CHARS]})
+            reader.reject_record(record, "too_long", problem)
             continue
         typed.append(record)
     return typed
@@ -282,6 +344,14 @@ def print_prepare_summary(result: PrepareResult) -> None:
     for reason, number in sorted(result.rejects.items()):
         console.print(f"rejected {number} row(s): {REJECT_REASONS.get(reason, reason)} [{reason}] "
                       f"(see {result.prepared_dir / 'rejects.jsonl'})", markup=False)
+    if contradictions := result.contradictions.get("questions"):
+        first = result.contradictions["listed"][0]
+        console.print(f"warning: {contradictions} question(s) asked of the same image with different answers "
+                      f"({result.contradictions['rows']} rows, {result.contradictions['action']}; e.g. img_id "
+                      f"{first['img_id']!r}: {first['question'][:60]!r} -> {', '.join(first['answers'])[:80]}); "
+                      f"listed in {result.prepared_dir / 'summary.json'} under contradictory_duplicates"
+                      + ("; data.contradictory_duplicates=drop rejects them" if
+                         result.contradictions["action"] == "kept" else ""), markup=False)
     for title, rows in (("question type", result.by_type), ("template", result.by_template)):
         table = Table(title=f"rows per {title}")
         table.add_column(title)

@@ -38,6 +38,14 @@ DEFAULT_SYSTEM_PROMPT = (
     "Look at the image and answer the question with the answer alone, as briefly as possible."
 )
 DEFAULT_USER_TEMPLATE = "Question type: {question_type}\nQuestion: {question}"
+def reject_unknown_split(raw: RawRow) -> RawRow:
+    """Mark a row whose shipped split is no known name ("foo", "eval", "holdout"): counted as training it would
+    train on rows its source meant to hold out."""
+    if raw.problem is None and raw.split is not None and official_split_name(raw.split) is None:
+        raw.problem, raw.detail = "unknown_split", (
+            f"split {str(raw.split)[:40]!r} is none of {', '.join(SPLIT_ALIASES)}; rename it, or remove the field "
+            f"to let prepare split the row by image")
+    return raw
 
 
 @dataclass

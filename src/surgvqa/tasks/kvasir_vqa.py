@@ -25,7 +25,9 @@ from surgvqa.data.answers import (
     SIZE_NUMERIC,
     YES_NO,
     _normalise_label,
+    has_text,
     is_bad_answer,
+    parse_count,
     split_labels,
 )
 from surgvqa.data.records import Record
@@ -318,7 +320,11 @@ def build_candidate_vocabulary(train_rows: Iterable[tuple[str, str]]) -> dict[in
             continue
         template = infer_question_type(question).template
         if template is not None:
-            seen[template].update(split_labels(answer))
+            # A label without a letter or digit, or a count label that is no whole number ("1,000", "-2"), is no
+            # answer the decoder should offer; prepare rejects such rows, this keeps any other caller safe too.
+            counts = TEMPLATE_BY_ID[template].question_type == COUNT_NUMERIC
+            seen[template].update(label for label in split_labels(answer)
+                                  if has_text(label) and not (counts and parse_count(label) is None))
     return {t.id: _merge_vocabulary(t.vocabulary, seen[t.id]) for t in TEMPLATES}
 
 

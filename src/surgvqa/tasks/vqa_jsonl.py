@@ -14,7 +14,7 @@ prediction), each with a bootstrap CI, beside the text metrics (BLEU, ROUGE, MET
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,7 +25,7 @@ from surgvqa.data.records import Record
 from surgvqa.data.sources import RawRow
 from surgvqa.evaluation.bootstrap import bootstrap_mean_ci
 from surgvqa.evaluation.text_metrics import bleu_rouge
-from surgvqa.tasks.base import SplitOutcome, Task, official_split_outcome
+from surgvqa.tasks.base import SplitOutcome, Task, official_split_outcome, reject_unknown_split
 from surgvqa.tasks.kvasir_vqa import infer_question_type
 
 if TYPE_CHECKING:
@@ -71,6 +71,9 @@ class VQAJsonl(Task):
     name = "vqa-jsonl"
     question_types = (YES_NO, MCQ, OPEN_ENDED)
     official_splits = True
+
+    def read_rows(self, config: Config, source: str) -> Iterator[RawRow]:
+        return map(reject_unknown_split, super().read_rows(config, source))
 
     def record_meta(self, raw: RawRow) -> dict[str, Any]:
         return {"answer_type": answer_type_of(raw.extra.get("answer_type"))}

@@ -11,7 +11,7 @@ from surgvqa.core.formatting import percent, percent_interval
 from surgvqa.evaluation.bootstrap import bootstrap_mean_ci, percentile_ci, stratified_bootstrap_sums
 from surgvqa.evaluation.text_metrics import bleu_rouge
 from surgvqa.tasks.kvasir_vqa_x1.atomic_facts import ATOM_TYPES, Fact, check_facts, facts_of
-from surgvqa.tasks.kvasir_vqa_x1.text import normalise_text, question_classes
+from surgvqa.tasks.kvasir_vqa_x1.text import normalise_text, original_problem, question_classes
 
 if TYPE_CHECKING:
     from surgvqa.core.config import EvaluateConfig
@@ -153,6 +153,10 @@ def x1_metrics(rows: Sequence[PredictionRow], settings: EvaluateConfig,
         "rougeL_ci": bootstrap_mean_ci(scores.rouge_l, settings.bootstrap_samples, settings.confidence,
                                        settings.seed),
         "rows_with_facts": int((total > 0).sum()),
+        # Rows prepared before prepare rejected them: their facts cannot be counted, so they are named here.
+        "rows_original_unreadable": sum(
+            original_problem((row.meta if isinstance(row.meta, dict) else {}).get("original")) is not None
+            for row in scores.rows),
         "atomic_recall": _ratio_ci(stated, total, settings),
         "atomic_recall_per_type": {atom_type: _ratio_ci(*scores.fact_counts(atom_type), settings)
                                    for atom_type in ATOM_TYPES},
@@ -198,7 +202,9 @@ def x1_tables(x1: dict[str, Any]) -> list[dict[str, Any]]:
         {"title": "Kvasir-VQA-x1: overall (%)", "header": ["metric", "value", "95% CI"],
          "rows": [["exact match (normalised)", _pct(x1["exact_match"]), _ci(x1["exact_match_ci"])],
                   ["ROUGE-L", _pct(x1["rougeL"]), _ci(x1["rougeL_ci"])],
-                  [f"atomic-fact recall ({recall['n']} facts)", _pct(recall["value"]), _ci(recall["ci"])]]},
+                  [f"atomic-fact recall ({recall['n']} facts)", _pct(recall["value"]), _ci(recall["ci"])],
+                  *([["rows whose 'original' is not JSON (no facts counted)",
+                      str(x1["rows_original_unreadable"]), ""]] if x1.get("rows_original_unreadable") else [])]},
         {"title": "Atomic-fact recall per atom type (%)", "header": ["atom type", "facts", "recall", "95% CI"],
          "rows": [[atom_type, str(entry["n"]), _pct(entry["value"]), _ci(entry["ci"])]
                   for atom_type, entry in x1["atomic_recall_per_type"].items() if entry["n"]]},

@@ -15,7 +15,7 @@ What this task decides:
   test rows;
 - prompt and target: every answer is open text, taught as written (no label normalisation) and generated freely;
 - metrics: the challenge's text metrics overall, per complexity and per question class; exact match after
-  normalisation; atomic-fact recall per atom type with bootstrap CIs (:mod:`surgvqa.tasks.kvasir_vqa_x1.atomic_facts`), a
+  normalisation; atomic-fact recall per atom type with bootstrap CIs (:mod:`surgvqa.tasks.kvasir_vqa_x1.task.atomic_facts`), a
   gallery of misses, and the paired comparison with a baseline run on recall and ROUGE-L.
 """
 
@@ -30,9 +30,9 @@ from surgvqa.data.answers import OPEN_ENDED
 from surgvqa.data.records import Record
 from surgvqa.data.sources import ANSWER_KEYS, QUESTION_KEYS, RawRow, SourceError, iter_raw_rows, local_path
 from surgvqa.data.synthetic_x1 import synthetic_x1_source
-from surgvqa.tasks.base import SplitOutcome, Task, official_split_outcome
+from surgvqa.tasks.base import SplitOutcome, Task, official_split_outcome, reject_unknown_split
 from surgvqa.tasks.kvasir_vqa_x1.metrics import x1_metrics, x1_tables
-from surgvqa.tasks.kvasir_vqa_x1.text import normalise_text, question_classes
+from surgvqa.tasks.kvasir_vqa_x1.text import normalise_text, original_problem, question_classes
 
 if TYPE_CHECKING:
     from surgvqa.core.config import Config, EvaluateConfig, PromptConfig
@@ -109,6 +109,14 @@ def _complexity(value: Any) -> int | None:
     return number if 1 <= number <= 9 else None
 
 
+def _reject_unreadable_original(raw: RawRow) -> RawRow:
+    if raw.problem is None and (problem := original_problem(raw.extra.get("original"))):
+        raw.problem, raw.detail = "bad_original", (
+            f"'original' is not valid JSON ({problem}); atomic-fact recall could not check this row: fix the "
+            f"field or remove it")
+    return raw
+
+
 # ------------------------------------------------------------------------------------------------- the task
 
 
@@ -149,7 +157,7 @@ class KvasirVQAx1(Task):
                 else:
                     raw.detail = "the row has no image and data.images (where x1 images are joined by img_id) " \
                                  "is not set"
-            yield raw
+            yield _reject_unreadable_original(reject_unknown_split(raw))
 
     def record_meta(self, raw: RawRow) -> dict[str, Any]:
         original = raw.extra.get("original")

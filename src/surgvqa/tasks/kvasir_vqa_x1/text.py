@@ -34,3 +34,15 @@ def question_classes(value: Any) -> list[str]:
     if not isinstance(value, (list, tuple)):
         return []
     return [str(item).strip().strip("'\"") for item in value if str(item).strip()]
+
+
+def original_problem(value: Any) -> str | None:
+    """Why an x1 ``original`` cannot be read as JSON (None when it can, or is absent): such a row would drop out
+    of atomic-fact recall without a word."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    try:
+        json.loads(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
