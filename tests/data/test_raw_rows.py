@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from test_bad_inputs import GOOD_IMAGES, _config, _good_rows, _rejects
+from support.raw_rows import GOOD_IMAGES, good_rows, rejects_of, rows_config
 
 from surgvqa.core.config import EvaluateConfig
 from surgvqa.data.images import open_rgb
@@ -61,7 +61,7 @@ def rows_run(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("rows")
     data = root / "data"
     folder = data / "images"
-    rows = _good_rows(folder)
+    rows = good_rows(folder)
     for img_id, (answer, _) in BAD_ANSWERS.items():
         rows.append(_row(folder, img_id, YES_NO_QUESTION, answer))
     for img_id, answer in BAD_COUNTS.items():
@@ -80,10 +80,10 @@ def rows_run(tmp_path_factory, tiny_model_dir):
                  'artefact?", "answer": "yes", "answer": "no"}')
     path = data / "rows.jsonl"
     path.write_text("".join(line + "\n" for line in lines))
-    config = _config(root, path, tiny_model_dir)
+    config = rows_config(root, path, tiny_model_dir)
     result = prepare(config, quiet=True)
     records = [r for name in ("train", "val", "test") for r in read_records(result.prepared_dir / f"{name}.jsonl")]
-    return config, result, _rejects(result.prepared_dir), records
+    return config, result, rejects_of(result.prepared_dir), records
 
 
 def _vocabulary(result) -> dict:
@@ -200,12 +200,12 @@ def test_one_question_with_two_answers_is_reported_in_the_summary_and_kept(rows_
 
 def test_contradictory_duplicates_drop_rejects_every_row_of_the_question(tmp_path, tiny_model_dir):
     folder = tmp_path / "data" / "images"
-    rows = _good_rows(folder)
+    rows = good_rows(folder)
     rows.append({**rows[3], "answer": "no"})
     path = tmp_path / "data" / "rows.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    result = prepare(_config(tmp_path, path, tiny_model_dir, "data.contradictory_duplicates=drop"), quiet=True)
-    rejects = [item for item in _rejects(result.prepared_dir) if item["reason"] == "contradictory_duplicate"]
+    result = prepare(rows_config(tmp_path, path, tiny_model_dir, "data.contradictory_duplicates=drop"), quiet=True)
+    rejects = [item for item in rejects_of(result.prepared_dir) if item["reason"] == "contradictory_duplicate"]
     assert sorted(item["origin"] for item in rejects) == ["rows.jsonl line 13", "rows.jsonl line 4"]
     assert "'good3'" in rejects[0]["detail"] and "'no', 'yes'" in rejects[0]["detail"]
     assert sum(result.counts.values()) == GOOD_IMAGES - 1
@@ -215,7 +215,7 @@ def test_contradictory_duplicates_drop_rejects_every_row_of_the_question(tmp_pat
 
 
 def test_a_csv_row_with_the_wrong_number_of_fields_is_rejected_naming_its_line(tmp_path, tiny_model_dir):
-    rows = _good_rows(tmp_path / "data" / "images")
+    rows = good_rows(tmp_path / "data" / "images")
     lines = ["image,question,answer,img_id,source"]
     lines += [f"{r['image']},{r['question']},{r['answer']},{r['img_id']},{r['source']}" for r in rows]
     Image.new("RGB", (32, 32), (7, 7, 7)).save(tmp_path / "data" / "images" / "comma.png")
@@ -223,8 +223,8 @@ def test_a_csv_row_with_the_wrong_number_of_fields_is_rejected_naming_its_line(t
     lines.append("images/comma.png,Is there text?,no")  # 3 fields
     path = tmp_path / "data" / "rows.csv"
     path.write_text("\n".join(lines) + "\n")
-    result = prepare(_config(tmp_path, path, tiny_model_dir), quiet=True)
-    rejects = {item["origin"]: item for item in _rejects(result.prepared_dir)}
+    result = prepare(rows_config(tmp_path, path, tiny_model_dir), quiet=True)
+    rejects = {item["origin"]: item for item in rejects_of(result.prepared_dir)}
     assert rejects["rows.csv line 14"]["reason"] == "bad_csv"
     assert "line 14 has 6 fields but the header has 5" in rejects["rows.csv line 14"]["detail"]
     assert "line 15 has 3 fields" in rejects["rows.csv line 15"]["detail"]
@@ -232,7 +232,7 @@ def test_a_csv_row_with_the_wrong_number_of_fields_is_rejected_naming_its_line(t
 
 
 def _x1_or_vqa_rows(folder: Path, **fields) -> list[dict]:
-    rows = _good_rows(folder)
+    rows = good_rows(folder)
     for row in rows:
         row.update(fields)
     return rows
@@ -245,8 +245,8 @@ def test_an_x1_original_that_is_not_json_is_rejected_with_its_reason(tmp_path, t
                  "original": "[{'q': 'Is there text?', 'a': 'no'}]"})  # a Python repr, not JSON
     path = tmp_path / "data" / "x1.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    result = prepare(_config(tmp_path, path, tiny_model_dir, "task=kvasir-vqa-x1"), quiet=True)
-    reject = next(item for item in _rejects(result.prepared_dir) if item["img_id"] == "bad_original")
+    result = prepare(rows_config(tmp_path, path, tiny_model_dir, "task=kvasir-vqa-x1"), quiet=True)
+    reject = next(item for item in rejects_of(result.prepared_dir) if item["img_id"] == "bad_original")
     assert reject["reason"] == "bad_original" and "'original' is not valid JSON" in reject["detail"]
     assert sum(result.counts.values()) == GOOD_IMAGES
 
@@ -273,8 +273,8 @@ def test_a_vqa_jsonl_split_outside_the_known_names_is_rejected(tmp_path, tiny_mo
     rows.append({**_row(folder, "foo_row", "Is there text?", "yes"), "split": "foo"})
     path = tmp_path / "data" / "vqa.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    result = prepare(_config(tmp_path, path, tiny_model_dir, "task=vqa-jsonl"), quiet=True)
-    rejects = {item["img_id"]: item for item in _rejects(result.prepared_dir)}
+    result = prepare(rows_config(tmp_path, path, tiny_model_dir, "task=vqa-jsonl"), quiet=True)
+    rejects = {item["img_id"]: item for item in rejects_of(result.prepared_dir)}
     assert rejects["eval_row"]["reason"] == rejects["foo_row"]["reason"] == "unknown_split"
     assert "split 'foo' is none of train" in rejects["foo_row"]["detail"]
     train = read_records(result.prepared_dir / "train.jsonl")
@@ -338,8 +338,8 @@ def test_test_rows_dropped_as_leaking_are_listed_in_rejects(tmp_path, tiny_model
     rows.append({**rows[0], "question": "Is there a fracture?", "split": "test"})  # a test row on a training image
     path = tmp_path / "data" / "vqa.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    result = prepare(_config(tmp_path, path, tiny_model_dir, "task=vqa-jsonl", "data.drop_leaking_test_rows=true"),
+    result = prepare(rows_config(tmp_path, path, tiny_model_dir, "task=vqa-jsonl", "data.drop_leaking_test_rows=true"),
                      quiet=True)
-    reject = next(item for item in _rejects(result.prepared_dir) if item["reason"] == "test_row_on_train_image")
+    reject = next(item for item in rejects_of(result.prepared_dir) if item["reason"] == "test_row_on_train_image")
     assert reject["origin"] == f"vqa.jsonl line {len(rows)}" and "'good0'" in reject["detail"]
     assert sum(result.counts.values()) == GOOD_IMAGES  # was: dropped, in no split and no reject
