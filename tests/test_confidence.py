@@ -264,6 +264,15 @@ def test_predict_stage_fits_on_validation_and_marks_sets_and_abstentions(tiny_mo
     threshold = calibration["abstain_threshold"]["overall"]
     limit = math.inf if threshold is None else threshold
     assert all(row["abstained"] == (row["confidence"] < limit) for row in rows)
+    # The bound the threshold was chosen by travels beside the validation risk into metrics.json
+    validation = calibration["abstain_validation"]["overall"]
+    assert validation["risk_upper_bound"] <= 0.5 if threshold is not None else validation["answered"] == 0
+    from surgvqa.evaluate import run_evaluate
+
+    metrics = run_evaluate(out, tmp_path / "eval", config.evaluate, with_report=False, with_meteor=False)
+    assert metrics["confidence"]["calibration"]["abstain_validation"] == calibration["abstain_validation"]
+    answered = metrics["confidence"]["per_type"]["all"]
+    assert answered["answered"] == sum(not row["abstained"] for row in rows) and len(answered["risk_answered_ci"]) == 2
     # A second run reuses the validation predictions and gives the same file.
     before = out.read_text()
     run_predict(config, mode="constrained", data=prepared / "test.jsonl", out=out, model_path=str(tiny_model_dir),
