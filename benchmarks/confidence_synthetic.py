@@ -95,6 +95,7 @@ def main() -> None:
             "conformal": group.get("conformal"), "answered": group["answered"], "abstained": group["abstained"],
             "accuracy_answered": group["accuracy_answered"],
             "risk_answered": 1 - group["accuracy_answered"] if group["answered"] else None,
+            "risk_answered_ci": group.get("risk_answered_ci"),
         }
     log_rows = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     payload = {
@@ -109,8 +110,8 @@ def main() -> None:
         "predict_seconds": round(predict_seconds, 1),
         "train_steps": log_rows[-1].get("step"), "train_epochs": log_rows[-1].get("epoch"),
         "calibration": {key: calibration.get(key) for key in ("scope", "temperature", "platt", "conformal_quantile",
-                                                               "risk_delta", "abstain_threshold", "rows",
-                                                               "candidate_rows")},
+                                                               "risk_delta", "abstain_threshold", "abstain_validation",
+                                                               "rows", "candidate_rows")},
         "per_type": per_type,
         "report": metrics["outputs"].get("report"),
     }

@@ -196,6 +196,19 @@ def test_fit_on_validation_rows_then_apply(tmp_path):
     assert apply_calibration(applied[0], calibration, abstain=True) == applied[0]  # idempotent
 
 
+def test_the_abstention_fit_records_the_bound_beside_the_validation_risk():
+    rng = np.random.default_rng(0)
+    val = synthetic_rows(rng, 2000, 1.0)
+    correct = [row["prediction"] == row["answer"] for row in val]
+    guaranteed = fit_calibration(val, correct, "overall", alpha=None, target_risk=0.2, risk_delta=0.1)
+    figures = guaranteed["abstain_validation"]["overall"]
+    assert 0 < figures["answered"] < len(val)
+    assert figures["risk"] <= figures["risk_upper_bound"] <= 0.2
+    assert figures["risk_upper_bound_confidence"] == pytest.approx(1 - 0.1 / 11)  # ceil(log2(2001)) tests
+    point = fit_calibration(val, correct, "overall", alpha=None, target_risk=0.2)["abstain_validation"]["overall"]
+    assert point["answered"] > figures["answered"] and point["risk"] <= 0.2 and "risk_upper_bound" not in point
+
+
 def sequence_rows(rng: np.random.Generator, count: int, question_type: str, offset: float) -> list[dict]:
     """Open-answer rows claiming sigmoid(z) while right with probability sigmoid(0.5 z + offset)."""
     rows = []
@@ -252,6 +265,15 @@ def test_predict_stage_fits_on_validation_and_marks_sets_and_abstentions(tiny_mo
     threshold = calibration["abstain_threshold"]["overall"]
     limit = math.inf if threshold is None else threshold
     assert all(row["abstained"] == (row["confidence"] < limit) for row in rows)
+    # The bound the threshold was chosen by travels beside the validation risk into metrics.json
+    validation = calibration["abstain_validation"]["overall"]
+    assert validation["risk_upper_bound"] <= 0.5 if threshold is not None else validation["answered"] == 0
+    from surgvqa.stages.evaluate import run_evaluate
+
+    metrics = run_evaluate(out, tmp_path / "eval", config.evaluate, with_report=False, with_meteor=False)
+    assert metrics["confidence"]["calibration"]["abstain_validation"] == calibration["abstain_validation"]
+    answered = metrics["confidence"]["per_type"]["all"]
+    assert answered["answered"] == sum(not row["abstained"] for row in rows) and len(answered["risk_answered_ci"]) == 2
     # A second run reuses the validation predictions and gives the same file.
     before = out.read_text()
     run_predict(config, mode="constrained", data=prepared / "test.jsonl", out=out, model_path=str(tiny_model_dir),
@@ -277,3 +299,6 @@ def test_abstained_rows_are_counted_and_scored_as_wrong(tmp_path):
     assert confidence["n_abstained"] == 1
     assert confidence["per_type"]["yes_no"]["before"]["accuracy"] == 1.0  # calibration judges the answer itself
     assert confidence["per_type"]["yes_no"]["accuracy_answered"] == 1.0
+    # No error in 2 answered: the exact 95 % interval of the risk reaches 1 - 0.025^(1/2)
+    assert confidence["per_type"]["yes_no"]["risk_answered"] == 0.0
+    assert confidence["per_type"]["yes_no"]["risk_answered_ci"] == pytest.approx([0.0, 1 - 0.025**0.5], abs=1e-9)

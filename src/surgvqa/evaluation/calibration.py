@@ -373,6 +373,44 @@ def binomial_cdf(errors: int, trials: int, probability: float) -> float:
     return float(torch.logsumexp(log_pmf, dim=0).exp().clamp(max=1.0))
 
 
+def _bisect_decreasing(function: Callable[[float], float], value: float, steps: int = 60) -> float:
+    """The p in [0, 1] where a function decreasing in p crosses ``value`` (to 2^-steps)."""
+    low, high = 0.0, 1.0
+    for _ in range(steps):
+        middle = (low + high) / 2
+        low, high = (middle, high) if function(middle) > value else (low, middle)
+    return high
+
+
+def clopper_pearson_upper(errors: int, trials: int, level: float) -> float:
+    """The one-sided Clopper-Pearson upper bound, at confidence 1 - ``level``, of a rate seen as ``errors`` in
+    ``trials``: the p at which P(Binomial(trials, p) <= errors) = level (the 1 - level quantile of
+    Beta(errors + 1, trials - errors)). It is at most a target r exactly when a one-sided binomial test rejects
+    "rate > r" at ``level``. Solved by bisection on :func:`binomial_cdf`, which falls as p rises, because scipy
+    (``beta.ppf``) is not a dependency and torch has no inverse incomplete beta. No trials: 1."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if errors >= trials:
+        return 1.0
+    return _bisect_decreasing(lambda p: binomial_cdf(errors, trials, p), level)
+
+
+def clopper_pearson_interval(errors: int, trials: int, confidence: float = 0.95) -> list[float]:
+    """The two-sided Clopper-Pearson interval of a rate seen as ``errors`` in ``trials``, at ``confidence``
+    (each tail (1 - confidence) / 2); [nan, nan] with no trials."""
+    if trials <= 0:
+        return [math.nan, math.nan]
+    tail = (1 - confidence) / 2
+    lower = 0.0 if errors <= 0 else _bisect_decreasing(lambda p: binomial_cdf(errors - 1, trials, p), 1 - tail)
+    return [lower, clopper_pearson_upper(errors, trials, tail)]
+
+
+def guaranteed_risk_level(rows: int, delta: float) -> float:
+    """The level of each binomial test of :func:`abstention_threshold`'s search over ``rows`` calibration rows:
+    ``delta`` shared by a union bound among the ceil(log2(rows + 1)) tests a binary search over them makes."""
+    return delta / max(1, math.ceil(math.log2(rows + 1)))
+
+
 def abstention_threshold(confidence: Sequence[float], correct: Sequence[float], target_risk: float,
                          delta: float | None = None) -> float:
     """The confidence threshold t below which to abstain, chosen on (confidence, correct) of calibration rows.
@@ -383,7 +421,8 @@ def abstention_threshold(confidence: Sequence[float], correct: Sequence[float], 
 
     ``delta`` set: selection with guaranteed risk (after Geifman & El-Yaniv 2017, "SGR"): a binary search over
     the calibration confidences for the lowest t whose answered rows reject, in a one-sided binomial test,
-    "risk > target_risk" at level delta / ceil(log2(n + 1)) (a union bound over the search's tests). For new rows
+    "risk > target_risk" at level delta / ceil(log2(n + 1)) (a union bound over the search's tests), i.e. whose
+    Clopper-Pearson upper bound of the risk at that level is at most ``target_risk``. For new rows
     exchangeable with these, the risk among those answered exceeds ``target_risk`` with probability at most
     ``delta``. Fewer rows answered than the point estimate, in exchange for the guarantee.
 
@@ -403,10 +442,11 @@ def abstention_threshold(confidence: Sequence[float], correct: Sequence[float], 
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
     steps = math.ceil(math.log2(conf.size + 1))  # enough for a binary search over any range of 1..n
-    level = delta / steps
+    level = guaranteed_risk_level(conf.size, delta)
 
     def passes(answered: int) -> bool:  # answered: the rows with confidence >= the answered-th highest one
         answered = int(np.searchsorted(-descending, -descending[answered - 1], side="right"))
+        # The binomial test, cheaper than the equivalent clopper_pearson_upper(...) <= target_risk
         return binomial_cdf(int(errors[answered - 1]), answered, target_risk) <= level
 
     # Answer the k most confident rows: the largest k that passes, searched from the fewest rows that could pass
@@ -422,6 +462,23 @@ def abstention_threshold(confidence: Sequence[float], correct: Sequence[float], 
         else:
             high = middle - 1
     return math.inf if best is None else float(descending[best - 1])
+
+
+def selective_risk(confidence: Sequence[float], correct: Sequence[float], threshold: float | None,
+                   level: float | None = None) -> dict[str, float | int | None]:
+    """The rows answered at ``threshold`` (confidence >= threshold; None or inf: none): how many, their share,
+    their errors, their error rate and, with ``level``, its one-sided Clopper-Pearson upper bound at 1 - level
+    (``risk_upper_bound``; 1 when nothing is answered: nothing vouches for any risk)."""
+    conf, hits = _arrays(confidence, correct)
+    answered = conf >= threshold if threshold is not None else np.zeros(conf.size, dtype=bool)
+    count, errors = int(answered.sum()), round(float((1 - hits[answered]).sum()))
+    out: dict[str, float | int | None] = {"answered": count,
+                                          "coverage": count / conf.size if conf.size else math.nan,
+                                          "errors": errors, "risk": errors / count if count else None}
+    if level is not None:
+        out["risk_upper_bound"] = clopper_pearson_upper(errors, count, level)
+        out["risk_upper_bound_confidence"] = 1 - level
+    return out
 
 
 def selective_summary(confidence: Sequence[float], correct: Sequence[float],

@@ -21,6 +21,7 @@ from surgvqa.evaluation.calibration import (
     COVERAGE_POINTS,
     calibration_bins,
     calibration_summary,
+    clopper_pearson_interval,
     risk_coverage_curve,
     selective_summary,
 )
@@ -77,6 +78,11 @@ def _group_metrics(rows: list[dict[str, Any]], correct: np.ndarray, settings: An
     out["abstained"] = int(abstained.sum())
     out["answered"] = int(answered.sum())
     out["accuracy_answered"] = float(correct[answered].mean()) if answered.any() else math.nan
+    # The realised risk among the answered with an exact binomial interval: at a few hundred answered rows the
+    # sampling error alone is about a percentage point, as large as the gap to a 5 % target
+    errors = round(float((1 - correct[answered]).sum()))
+    out["risk_answered"] = errors / out["answered"] if out["answered"] else math.nan
+    out["risk_answered_ci"] = clopper_pearson_interval(errors, out["answered"], settings.confidence)
     return out
 
 
@@ -108,7 +114,7 @@ def confidence_metrics(predictions: Path, settings: Any, type_order: Sequence[st
                        "as a forecast that the answer is right)",
         "calibration": {key: calibration[key] for key in ("scope", "temperature", "platt", "conformal_alpha",
                                                           "conformal_quantile", "target_risk", "risk_delta",
-                                                          "abstain_threshold")
+                                                          "abstain_threshold", "abstain_validation")
                         if key in calibration} if calibration else None,
         "n": len(rows),
         "n_abstained": per_type[ALL]["abstained"],

@@ -18,9 +18,11 @@ from surgvqa.evaluation.calibration import (
     conformal_set,
     fit_platt,
     fit_temperature,
+    guaranteed_risk_level,
     log_softmax,
     pad_logits,
     platt_scale,
+    selective_risk,
 )
 from surgvqa.evaluation.scoring import strict_correct
 from surgvqa.inference.decoding import CandidateScore, score_candidates
@@ -196,7 +198,9 @@ def fit_calibration(rows: Sequence[dict[str, Any]], correct: Sequence[bool], sco
     quantile (at level 1 - ``alpha``) uses the temperature-scaled probabilities of the same rows; the
     abstention threshold is the lowest calibrated confidence whose answered rows err at most ``target_risk``,
     with probability 1 - ``risk_delta`` when that is set (:func:`~surgvqa.evaluation.calibration.abstention_threshold`;
-    None when no threshold qualifies: every row abstains). ``temperatures=False``: every temperature is 1.
+    None when no threshold qualifies: every row abstains), and ``abstain_validation`` holds per group the
+    validation rows answered at it, their error rate and (with ``risk_delta``) the Clopper-Pearson upper bound
+    that the choice kept within ``target_risk``. ``temperatures=False``: every temperature is 1.
     """
     usable = [(row, bool(hit)) for row, hit in zip(rows, correct) if _usable(row)]
     closed = [(row, meaning_distribution(row)) for row, _ in usable]
@@ -236,12 +240,17 @@ def fit_calibration(rows: Sequence[dict[str, Any]], correct: Sequence[bool], sco
             quantiles[name] = conformal_quantile(true_probabilities, alpha)
         calibration.update(conformal_alpha=alpha, conformal_quantile=quantiles)
     if target_risk is not None:
-        thresholds = {}
+        thresholds, validation = {}, {}
         for name, members in groups_of(usable, lambda item: _group(item[0], scope)).items():
             confidences = [calibrated_confidence(row, calibration) for row, _ in members]
-            threshold = abstention_threshold(confidences, [hit for _, hit in members], target_risk, risk_delta)
+            hits = [hit for _, hit in members]
+            threshold = abstention_threshold(confidences, hits, target_risk, risk_delta)
             thresholds[name] = threshold if math.isfinite(threshold) else None
-        calibration.update(target_risk=target_risk, risk_delta=risk_delta, abstain_threshold=thresholds)
+            # The bound the threshold was chosen by, beside the validation rows' own error rate
+            level = guaranteed_risk_level(len(members), risk_delta) if risk_delta is not None else None
+            validation[name] = selective_risk(confidences, hits, thresholds[name], level)
+        calibration.update(target_risk=target_risk, risk_delta=risk_delta, abstain_threshold=thresholds,
+                           abstain_validation=validation)
     return calibration
 
 
