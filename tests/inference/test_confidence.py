@@ -268,9 +268,9 @@ def test_predict_stage_fits_on_validation_and_marks_sets_and_abstentions(tiny_mo
     # The bound the threshold was chosen by travels beside the validation risk into metrics.json
     validation = calibration["abstain_validation"]["overall"]
     assert validation["risk_upper_bound"] <= 0.5 if threshold is not None else validation["answered"] == 0
-    from surgvqa.stages.evaluate import run_evaluate
+    from surgvqa.stages.evaluate import run_on_file
 
-    metrics = run_evaluate(out, tmp_path / "eval", config.evaluate, with_report=False, with_meteor=False)
+    metrics = run_on_file(out, tmp_path / "eval", config.evaluate, with_report=False, with_meteor=False)
     assert metrics["confidence"]["calibration"]["abstain_validation"] == calibration["abstain_validation"]
     answered = metrics["confidence"]["per_type"]["all"]
     assert answered["answered"] == sum(not row["abstained"] for row in rows) and len(answered["risk_answered_ci"]) == 2
