@@ -227,7 +227,7 @@ def diagnose(
         _print_json(report.to_json())
     else:
         print_diagnostic(report)
-    if report.failing:
+    if not report.passed:
         raise typer.Exit(1)
 
 

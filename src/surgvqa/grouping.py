@@ -14,6 +14,7 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -229,6 +230,43 @@ def grouped_accumulation_steps(questions_per_micro_batch: float, per_device_batc
 
 def mean_questions(batches: Sequence[Sequence[int]], question_counts: Sequence[int]) -> float:
     return sum(question_counts[i] for batch in batches for i in batch) / max(len(batches), 1)
+
+
+class ImageGroupDataset(torch.utils.data.Dataset):
+    """Prepared records grouped by image; each item is one micro-batch of whole images (:func:`pack_images`) as
+    grouped rows, encoded lazily (each image read once per item, each question by ``encode_example``)."""
+
+    def __init__(self, records: Sequence[Any], base_dir: str | Path, processor: Any, prompt: Any, masking: Any,
+                 rope_index: RopeIndex, questions_per_batch: int, seed: int,
+                 image_roots: Sequence[str | Path] | None = None):
+        images: dict[tuple[str, str], list[Any]] = {}
+        for record in records:
+            images.setdefault((record.img_id, record.image), []).append(record)
+        self.images = list(images.values())
+        self.base_dir = Path(base_dir)
+        self.image_roots = image_roots
+        self.processor, self.prompt, self.masking, self.rope_index = processor, prompt, masking, rope_index
+        self.question_counts = [len(questions) for questions in self.images]
+        self.batches = pack_images(self.question_counts, questions_per_batch, seed)
+
+    @property
+    def questions_per_item(self) -> float:
+        return mean_questions(self.batches, self.question_counts)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def encoded_image(self, index: int) -> list[dict[str, torch.Tensor]]:
+        from surgvqa.dataset import encode_example, load_image
+
+        questions = self.images[index]
+        image = load_image(questions[0], self.base_dir, roots=self.image_roots)
+        return [encode_example(self.processor, record, image, self.prompt, self.masking).features
+                for record in questions]
+
+    def __getitem__(self, index: int) -> list[dict[str, torch.Tensor]]:
+        return [row for image in self.batches[index]
+                for row in build_rows(self.encoded_image(image), self.rope_index, self.masking.max_length)]
 
 
 def per_answer_losses(model: Any, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
