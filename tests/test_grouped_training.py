@@ -240,3 +240,29 @@ def test_train_with_group_by_image_runs_end_to_end(demo_config_overrides, prepar
     assert all(row["tokens_per_s"] > 0 and row["supervised_tokens"] > 0 for row in steps)
     made_with = json.loads((config.run_dir / "checkpoints" / "made_with.json").read_text())
     assert made_with["settings"]["train"]["group_by_image"] is True  # a resume without it is refused
+
+
+def test_doctor_estimates_a_grouped_micro_batch_as_whole_images(tmp_path, prepared_demo):
+    from test_doctor import QWEN2_VL_2B_TEXT, QWEN2_VL_2B_VISION  # tests/ is on the path (rootdir conftest)
+    from transformers import Qwen2VLConfig
+
+    from surgvqa import doctor
+
+    model_config = Qwen2VLConfig(text_config=QWEN2_VL_2B_TEXT, vision_config=QWEN2_VL_2B_VISION,
+                                 tie_word_embeddings=True)
+    settings = [f"output_dir={tmp_path}", "run_name=memory", "model.max_pixels=200704",
+                "train.per_device_batch_size=4"]
+    separate = doctor.estimate_training_memory(model_config, load_config(None, settings))
+    grouped_config = load_config(None, [*settings, "train.group_by_image=true"])
+    unprepared = doctor.estimate_training_memory(model_config, grouped_config)
+    assert unprepared.batch_questions == doctor.QUESTIONS_PER_IMAGE_BOUND  # no split to count from: x1's 25
+    shutil.copytree(prepared_demo, grouped_config.run_dir / "prepared")
+    grouped = doctor.estimate_training_memory(model_config, grouped_config)
+    most = max(collections.Counter(record.img_id for record in
+                                   read_records(prepared_demo / "train.jsonl")).values())
+    assert grouped.batch_questions == most
+    image_and_system = separate.tokens_per_sample - doctor.SEGMENT_TOKENS_PER_QUESTION
+    assert grouped.batch_tokens == image_and_system + most * doctor.SEGMENT_TOKENS_PER_QUESTION
+    # 256 image tokens once instead of once per question: fewer activations although more questions
+    assert grouped.batch_tokens < separate.batch_tokens and grouped.activations < separate.activations
+    assert grouped.logits == separate.logits * most // 4  # the LM head still runs once per supervised token
