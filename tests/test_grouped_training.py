@@ -165,7 +165,7 @@ def test_a_group_longer_than_max_length_is_split_into_rows_that_each_repeat_the_
 
 
 def test_the_prefix_ends_before_every_question_and_holds_the_image(session_cache, prepared_demo):
-    _, processor, examples = _setup(session_cache, prepared_demo, "qwen2_vl")
+    _, _, examples = _setup(session_cache, prepared_demo, "qwen2_vl")
     prefix = shared_prefix_length(examples)
     for example in examples:
         assert (example["labels"][: prefix + 1] == -100).all()  # the prefix's last token predicts no answer

@@ -150,7 +150,11 @@ def check_grouping(config: Config, processor: Any, records: list[Record], shown:
                    base_dir: Path) -> tuple[float | None, str | None]:
     """(largest per-answer loss difference, problem or None): the inspected samples' images, each with all its
     questions in the file, through the grouped rows and one by one, on the model loaded in fp32."""
-    from surgvqa.grouping import check_grouping_supported, grouped_attention_request, grouped_max_abs_loss_diff
+    from surgvqa.grouping import (
+        check_grouping_supported,
+        grouped_attention_request,
+        grouped_max_abs_loss_diff,
+    )
     from surgvqa.modeling import load_model, resolve_model_path
 
     attention = grouped_attention_request(config.model.attn_implementation)

@@ -148,9 +148,9 @@ def grouped_attention_mask(segment_ids: torch.Tensor, attn_implementation: str,
     from transformers.masking_utils import and_masks, causal_mask_function, eager_mask, sdpa_mask
 
     batch, length = segment_ids.shape
-    arguments = dict(batch_size=batch, q_length=length, kv_length=length,
-                     mask_function=and_masks(causal_mask_function, prefix_or_same_segment(segment_ids)),
-                     attention_mask=segment_ids != PADDING_SEGMENT, device=segment_ids.device)
+    arguments = {"batch_size": batch, "q_length": length, "kv_length": length,
+                 "mask_function": and_masks(causal_mask_function, prefix_or_same_segment(segment_ids)),
+                 "attention_mask": segment_ids != PADDING_SEGMENT, "device": segment_ids.device}
     if attn_implementation == "sdpa":
         return sdpa_mask(**arguments, allow_is_causal_skip=False)
     if attn_implementation == "eager":

@@ -51,10 +51,10 @@ from surgvqa.io import (
 )
 from surgvqa.masking import IGNORE_INDEX
 from surgvqa.modeling import (
+    attention_implementation,
     load_adapter,
     load_model,
     load_processor,
-    attention_implementation,
     max_image_tokens,
     model_family,
     register_sentinel_tokens,
