@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from surgvqa.config import MaskingConfig, PromptConfig
+from surgvqa.data.records import Record
 from surgvqa.masking import IGNORE_INDEX
 
 PREFIX_SEGMENT = 0  # segment id of the shared prefix; questions are 1, 2, ...; padding is PADDING_SEGMENT
@@ -236,10 +238,10 @@ class ImageGroupDataset(torch.utils.data.Dataset):
     """Prepared records grouped by image; each item is one micro-batch of whole images (:func:`pack_images`) as
     grouped rows, encoded lazily (each image read once per item, each question by ``encode_example``)."""
 
-    def __init__(self, records: Sequence[Any], base_dir: str | Path, processor: Any, prompt: Any, masking: Any,
-                 rope_index: RopeIndex, questions_per_batch: int, seed: int,
+    def __init__(self, records: Sequence[Record], base_dir: str | Path, processor: Any, prompt: PromptConfig,
+                 masking: MaskingConfig, rope_index: RopeIndex, questions_per_batch: int, seed: int,
                  image_roots: Sequence[str | Path] | None = None):
-        images: dict[tuple[str, str], list[Any]] = {}
+        images: dict[tuple[str, str], list[Record]] = {}
         for record in records:
             images.setdefault((record.img_id, record.image), []).append(record)
         self.images = list(images.values())
@@ -271,23 +273,26 @@ class ImageGroupDataset(torch.utils.data.Dataset):
 
 def per_answer_losses(model: Any, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     """Each answer's summed cross-entropy in ``batch`` (one entry per maximal run of supervised labels, in row
-    order): the figure that must not change between a grouped row and the separate samples."""
-    labels = batch["labels"]
+    order): the figure that must not change between a grouped row and the separate samples. The LM head runs on
+    the supervised positions only, as in training (``logits_to_keep`` as a boolean mask)."""
+    shifted = batch["labels"][:, 1:]
+    supervised = shifted != IGNORE_INDEX
+    keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    keep[:, :-1] = supervised
     inputs = {key: value for key, value in batch.items() if key != "labels"}
-    logits = model(**inputs, use_cache=False).logits.float()
-    token_losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:],
-                                                     ignore_index=IGNORE_INDEX, reduction="none")
-    answers = []
-    for row_losses, row_labels in zip(token_losses, labels[:, 1:]):
-        supervised = (row_labels != IGNORE_INDEX).tolist() + [False]
-        start = None
-        for position, flag in enumerate(supervised):
-            if flag and start is None:
-                start = position
-            elif not flag and start is not None:
-                answers.append(row_losses[start:position].sum())
-                start = None
-    return answers
+    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits.float()
+    token_losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted[supervised],
+                                                     reduction="none")
+    answer_lengths = []
+    for row in supervised.tolist():
+        run = 0
+        for flag in [*row, False]:
+            if flag:
+                run += 1
+            elif run:
+                answer_lengths.append(run)
+                run = 0
+    return [losses.sum() for losses in torch.split(token_losses, answer_lengths)]
 
 
 def grouped_max_abs_loss_diff(model: Any, image_examples: Sequence[Sequence[dict[str, torch.Tensor]]],
