@@ -141,6 +141,22 @@ def test_a_plain_causal_mask_over_the_grouped_row_changes_the_losses(session_cac
     assert _largest_difference(separate[1:], causal[1:]) > 1e-3
 
 
+def test_positions_running_on_through_the_row_change_the_losses(session_cache, prepared_demo):
+    """The other negative control: each segment needs the positions it has alone, not those of its row place."""
+    config, processor, examples = _setup(session_cache, prepared_demo, "qwen2_vl")
+    model = load_model(config.model.name_or_path, config, processor, for_training=False).eval()
+    pad_id = processor.tokenizer.pad_token_id
+    batch = collate_rows(build_rows(examples, rope_index_of(model), 2048), pad_id, "sdpa", torch.float32)
+    prefix = shared_prefix_length(examples)
+    last_prefix_position = batch["position_ids"][:, :, prefix - 1:prefix]
+    steps = torch.arange(1, batch["input_ids"].shape[1] - prefix + 1)
+    batch["position_ids"][:, :, prefix:] = last_prefix_position + steps
+    with torch.no_grad():
+        separate = _separate_losses(model, examples, pad_id)
+        running_on = per_answer_losses(model, batch)
+    assert _largest_difference(separate[1:], running_on[1:]) > 1e-3
+
+
 def test_a_group_longer_than_max_length_is_split_into_rows_that_each_repeat_the_prefix(session_cache,
                                                                                         prepared_demo):
     config, processor, examples = _setup(session_cache, prepared_demo, "qwen2_vl")
