@@ -30,7 +30,7 @@ from surgvqa.grouping import (
 )
 from surgvqa.modeling import load_model, load_processor
 from surgvqa.tiny import ensure_tiny_model
-from surgvqa.training import apply_lora, grouped_training_config, train
+from surgvqa.training import apply_lora, grouped_training_config, grouped_training_inputs, train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: one torch thread for the module
 
@@ -229,6 +229,24 @@ def test_micro_batches_hold_whole_images_and_steps_keep_their_question_count():
     assert grouped_accumulation_steps(100.0, 4, 16) == 1
 
 
+def test_an_optimizer_step_holds_about_batch_size_times_accumulation_questions(session_cache, prepared_demo,
+                                                                                tmp_path):
+    path = str(_model_dir(session_cache, "qwen2_vl"))
+    config = load_config(None, [f"model.name_or_path={path}", "train.group_by_image=true",
+                                "train.per_device_batch_size=4", "train.grad_accum=16"])
+    processor = load_processor(path, config.model)
+    model = load_model(path, config, processor, for_training=True)
+    dataset, args, _ = grouped_training_inputs(config, model, processor, prepared_demo / "train.jsonl", tmp_path)
+    assert args.per_device_train_batch_size == 1  # one item is one micro-batch of whole images
+    questions = sum(dataset.question_counts)
+    assert questions == len(read_records(prepared_demo / "train.jsonl"))
+    steps_per_epoch = len(dataset) / args.gradient_accumulation_steps
+    assert abs(questions / steps_per_epoch - 4 * 16) / (4 * 16) < 0.15
+    item = dataset[0]
+    assert sum(int(row["segment_ids"].max()) for row in item) == sum(dataset.question_counts[i]
+                                                                     for i in dataset.batches[0])
+
+
 def test_diagnose_writes_the_largest_grouped_loss_difference(session_cache, prepared_demo):
     path = str(_model_dir(session_cache, "qwen2_vl"))
     config = load_config(None, [f"model.name_or_path={path}", "train.group_by_image=true"])
@@ -241,6 +259,15 @@ def test_diagnose_writes_the_largest_grouped_loss_difference(session_cache, prep
     off = run_diagnostic(load_config(None, [f"model.name_or_path={path}"]), processor, prepared_demo / "train.jsonl",
                          per_type=1, full_summary=False, quiet=True)
     assert off.grouped_max_abs_loss_diff is None
+
+
+def test_diagnose_fails_grouping_on_qwen3_5(session_cache, prepared_demo):
+    path = str(_model_dir(session_cache, "qwen3_5"))
+    config = load_config(None, [f"model.name_or_path={path}", "train.group_by_image=true"])
+    report = run_diagnostic(config, load_processor(path, config.model), prepared_demo / "train.jsonl", per_type=1,
+                            full_summary=False, quiet=True)
+    assert report.failing == 0 and not report.passed
+    assert "Qwen3.5" in report.grouping_problem and report.to_json()["grouping_problem"] == report.grouping_problem
 
 
 def test_train_with_group_by_image_runs_end_to_end(demo_config_overrides, prepared_demo):
