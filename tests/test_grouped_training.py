@@ -180,6 +180,26 @@ def test_a_group_longer_than_max_length_is_split_into_rows_that_each_repeat_the_
     assert _largest_difference(separate, grouped) < 2e-5
 
 
+@pytest.mark.parametrize("arch", GROUPED_FAMILIES)
+def test_two_images_padded_into_one_batch_keep_every_answers_loss(arch, session_cache, prepared_demo):
+    config, processor, first = _setup(session_cache, prepared_demo, arch)
+    model = load_model(config.model.name_or_path, config, processor, for_training=False).eval()
+    by_image = collections.defaultdict(list)
+    for record in read_records(prepared_demo / "train.jsonl"):
+        by_image[record.img_id].append(record)
+    first_image = _image_questions(prepared_demo)[0].img_id
+    other = next(records[:2] for image_id, records in by_image.items()
+                 if len(records) >= 2 and image_id != first_image)
+    image = load_image(other[0], prepared_demo)
+    second = [encode_example(processor, record, image, config.prompt, config.masking).features for record in other]
+    rope_index, pad_id = rope_index_of(model), processor.tokenizer.pad_token_id
+    rows = build_rows(second, rope_index, 2048) + build_rows(first, rope_index, 2048)  # the shorter row first
+    with torch.no_grad():
+        separate = _separate_losses(model, second + first, pad_id)
+        grouped = per_answer_losses(model, collate_rows(rows, pad_id, "sdpa", torch.float32))
+    assert _largest_difference(separate, grouped) < 2e-5
+
+
 def test_the_prefix_ends_before_every_question_and_holds_the_image(session_cache, prepared_demo):
     _, _, examples = _setup(session_cache, prepared_demo, "qwen2_vl")
     prefix = shared_prefix_length(examples)
