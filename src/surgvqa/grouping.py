@@ -94,6 +94,9 @@ def build_rows(examples: Sequence[dict[str, torch.Tensor]], rope_index: RopeInde
     whenever the next segment would not fit. Every row carries the image's pixels, since it encodes the image."""
     if not examples:
         raise ValueError("an image group needs at least one question")
+    for example in examples[1:]:  # a row carries one image's pixels: the questions must all be about it
+        assert torch.equal(example["image_grid_thw"], examples[0]["image_grid_thw"]) and \
+            torch.equal(example["pixel_values"], examples[0]["pixel_values"]), "the questions are not about one image"
     prefix = shared_prefix_length(examples)
     positions = [single_sample_positions(rope_index, example) for example in examples]
     for position in positions[1:]:
