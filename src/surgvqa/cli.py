@@ -219,7 +219,7 @@ def diagnose(
         _print_json(report.to_json())
     else:
         diagnose_stage.print_diagnostic(report)
-    if report.failing:
+    if not report.passed:
         raise typer.Exit(1)
 
 

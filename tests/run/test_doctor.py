@@ -1,8 +1,10 @@
 """The preflight: GPU memory held by other processes (with a fake NVML), CPU mode, paths, disk, image tokens."""
 
+import collections
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,6 +13,7 @@ from typer.testing import CliRunner
 
 from surgvqa.cli import app
 from surgvqa.core.config import load_config
+from surgvqa.data.records import read_records
 from surgvqa.run import doctor
 
 GIB = 1024**3
@@ -300,3 +303,26 @@ def test_qwen3_5_lora_targets_without_its_linear_attention_projections_are_warne
     targets = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,in_proj_qkv,in_proj_z,out_proj]"
     adapted = load_config(None, [*overrides, "model.tiny_arch=qwen3_5", "lora.r=8", f"lora.target_modules={targets}"])
     assert not checks(doctor.run_doctor(adapted, nvml=FakeNVML(init_error=True)), "lora targets")
+
+
+def test_doctor_estimates_a_grouped_micro_batch_as_whole_images(tmp_path, prepared_demo):
+    from transformers import Qwen2VLConfig
+
+    model_config = Qwen2VLConfig(text_config=QWEN2_VL_2B_TEXT, vision_config=QWEN2_VL_2B_VISION,
+                                 tie_word_embeddings=True)
+    settings = [f"output_dir={tmp_path}", "run_name=memory", "model.max_pixels=200704",
+                "train.per_device_batch_size=4"]
+    separate = doctor.estimate_training_memory(model_config, load_config(None, settings))
+    grouped_config = load_config(None, [*settings, "train.group_by_image=true"])
+    unprepared = doctor.estimate_training_memory(model_config, grouped_config)
+    assert unprepared.batch_questions == doctor.QUESTIONS_PER_IMAGE_BOUND  # no split to count from: x1's 25
+    shutil.copytree(prepared_demo, grouped_config.run_dir / "prepared")
+    grouped = doctor.estimate_training_memory(model_config, grouped_config)
+    most = max(collections.Counter(record.img_id for record in
+                                   read_records(prepared_demo / "train.jsonl")).values())
+    assert grouped.batch_questions == most
+    image_and_system = separate.tokens_per_sample - doctor.SEGMENT_TOKENS_PER_QUESTION
+    assert grouped.batch_tokens == image_and_system + most * doctor.SEGMENT_TOKENS_PER_QUESTION
+    # 256 image tokens once instead of once per question: fewer activations although more questions
+    assert grouped.batch_tokens < separate.batch_tokens and grouped.activations < separate.activations
+    assert grouped.logits == separate.logits * most // 4  # the LM head still runs once per supervised token

@@ -208,6 +208,10 @@ class TrainConfig(_Section):
     # Off by default: on templated VQA, a length group is a template group, so batches hold one question type
     # each and the model chases the last one it saw (docs/benchmarks.md, learning benchmark).
     group_by_length: bool = False
+    # One image's training questions in one sequence (surgvqa.training.grouping): the image is encoded once per step
+    # instead of once per question, with the same per-answer losses and gradients. Off until the learning
+    # benchmark (3 seeds, same wall-clock budget) shows per-type closed accuracy at least as good as per-sample.
+    group_by_image: bool = False
     num_workers: int = Field(0, ge=0)
     seed: int = 42
 

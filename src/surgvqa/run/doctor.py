@@ -398,6 +398,12 @@ def check_image_tokens(report: DoctorReport, config: Config, model_ok: bool) -> 
 TEXT_TOKENS_PER_SAMPLE = 64
 SUPERVISED_TOKENS_PER_SAMPLE = 16  # answer + end of turn; the LM head runs only there (training.supervised_only_loss)
 CUDA_CONTEXT_BYTES = 0.5 * GIB  # CUDA context and cuBLAS workspace: held by the process, outside torch's allocator
+# Grouped training (train.group_by_image) puts whole images in a micro-batch: the image and the system prompt once
+# per image, then per question only its own text (question type, question, answer, markup; ~25 tokens on the
+# demo, 40 on the safe side). The peak is the image with the most questions, counted from the prepared training
+# split when there is one; without it, Kvasir-VQA-x1's ~25 questions per image, the most of the tasks.
+SEGMENT_TOKENS_PER_QUESTION = 40
+QUESTIONS_PER_IMAGE_BOUND = 25
 
 
 @dataclass
@@ -414,6 +420,8 @@ class MemoryEstimate:
     logits: int  # LM head on the supervised positions: fp32 logits and their gradient
     tokens_per_sample: int
     gradient_checkpointing: bool
+    batch_tokens: int = 0  # tokens of the largest micro-batch
+    batch_questions: int = 0  # questions in it (grouped: whole images, see SEGMENT_TOKENS_PER_QUESTION)
 
     @property
     def total(self) -> int:
@@ -522,7 +530,13 @@ def estimate_training_memory(model_config: Any, config: Config) -> MemoryEstimat
         trainable = language + trainable_vision
         trainable_state = 3 * act_bytes * trainable  # gradient + two AdamW moments in the weights' dtype
     tokens = min(config.masking.max_length, max_image_tokens(settings) + TEXT_TOKENS_PER_SAMPLE)
-    batch_tokens = config.train.per_device_batch_size * tokens
+    questions = config.train.per_device_batch_size
+    batch_tokens = questions * tokens
+    if config.train.group_by_image:
+        per_image = most_questions_per_image(config)
+        images = max(1, questions // per_image)  # micro-batches hold whole images, at least one
+        questions = images * per_image
+        batch_tokens = images * (tokens - SEGMENT_TOKENS_PER_QUESTION) + questions * SEGMENT_TOKENS_PER_QUESTION
     layers = _decoder_layers(model)
     text_config = model_config.get_text_config()
     hidden = text_config.hidden_size
@@ -532,13 +546,27 @@ def estimate_training_memory(model_config: Any, config: Config) -> MemoryEstimat
     # Checkpointing keeps each layer's input and recomputes one layer at a time during backward.
     checkpointed = batch_tokens * (len(layers) * hidden * act_bytes + max(per_layer, default=0) + final_norm)
     vocab = model_config.get_text_config().vocab_size
-    logits = config.train.per_device_batch_size * SUPERVISED_TOKENS_PER_SAMPLE * vocab * 8
+    logits = questions * SUPERVISED_TOKENS_PER_SAMPLE * vocab * 8
     use_checkpointing = settings.gradient_checkpointing
     return MemoryEstimate(
         parameters=parameters, trainable_parameters=trainable, weights=parameters * act_bytes,
         trainable_state=trainable_state, activations=checkpointed if use_checkpointing else full,
         activations_other=full if use_checkpointing else checkpointed, logits=logits, tokens_per_sample=tokens,
-        gradient_checkpointing=use_checkpointing)
+        gradient_checkpointing=use_checkpointing, batch_tokens=batch_tokens, batch_questions=questions)
+
+
+def most_questions_per_image(config: Config) -> int:
+    """The most questions any training image has, from the prepared split; the bound when it is not there yet."""
+    from collections import Counter
+
+    from surgvqa.data.records import read_records
+
+    prepared = config.run_dir / "prepared" / "train.jsonl"
+    try:
+        counts = Counter((record.img_id, record.image) for record in read_records(prepared))
+    except (OSError, ValueError):
+        return QUESTIONS_PER_IMAGE_BOUND
+    return max(counts.values(), default=QUESTIONS_PER_IMAGE_BOUND)
 
 
 def _model_config(config: Config) -> Any:
@@ -588,8 +616,10 @@ def check_architecture(report: DoctorReport, config: Config, model_ok: bool, gpu
     lora = "LoRA" if config.lora is not None else "full fine-tuning"
     on = "with" if estimate.gradient_checkpointing else "without"
     off = "without" if estimate.gradient_checkpointing else "with"
-    detail = (f"{gib(estimate.total + CUDA_CONTEXT_BYTES)} peak per GPU for batch "
-              f"{config.train.per_device_batch_size} x {estimate.tokens_per_sample} tokens, {on} gradient "
+    batch = (f"a grouped micro-batch of {estimate.batch_questions} questions in {estimate.batch_tokens} tokens "
+             f"(whole images)" if config.train.group_by_image else
+             f"batch {config.train.per_device_batch_size} x {estimate.tokens_per_sample} tokens")
+    detail = (f"{gib(estimate.total + CUDA_CONTEXT_BYTES)} peak per GPU for {batch}, {on} gradient "
               f"checkpointing: weights {gib(estimate.weights)} ({estimate.parameters / 1e9:.2f} B parameters), "
               f"{lora} state {gib(estimate.trainable_state)} ({estimate.trainable_parameters / 1e6:.1f} M trainable), "
               f"activations {gib(estimate.activations)}, logits {gib(estimate.logits)}, CUDA context "

@@ -42,7 +42,8 @@ STAGES = (
     # prepare measures every sample in tokens (prompt, masking, the model's processor and pixel budget)
     Stage("prepare", ("data", "task", "prompt", "masking", "model.name_or_path", "model.tiny_arch",
                       "model.min_pixels", "model.max_pixels"), (), "prepared/summary.json"),
-    Stage("diagnose", ("model", "prompt", "masking"), ("prepare",), "diagnose.json"),
+    # train.group_by_image: diagnose then also checks the grouped losses against the separate ones
+    Stage("diagnose", ("model", "prompt", "masking", "train.group_by_image"), ("prepare",), "diagnose.json"),
     Stage("overfit", ("model", "prompt", "masking", "lora", "train", "sanity", "predict"), ("prepare",),
           "sanity.json"),
     Stage("train", ("model", "prompt", "masking", "lora", "train"), ("prepare",), "model"),
@@ -267,6 +268,8 @@ def _run_diagnose(config: Config, quiet: bool, resume: bool) -> None:
     if report.failing:
         raise GateFailed(f"the masking diagnostic found {report.failing} failing sample(s) "
                          f"(first: {report.failing_ids[:5]}); run `surgvqa diagnose` for the details")
+    if report.grouping_problem:
+        raise GateFailed(f"the masking diagnostic: {report.grouping_problem}")
 
 
 def _run_overfit(config: Config, quiet: bool, resume: bool) -> None:

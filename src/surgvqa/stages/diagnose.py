@@ -2,7 +2,8 @@
 
 For each inspected sample it reports the supervised positions, the decoded supervised text against what it must
 be, the mask ratio, the tensor shapes and the image-token count against the image grid; then a summary over the
-whole file (how many samples would fail, the mean mask ratio).
+whole file (how many samples would fail, the mean mask ratio). With ``train.group_by_image`` it also checks, on the
+images of the inspected samples, that each answer's loss in its image's grouped rows equals its loss alone.
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ from surgvqa.models.loading import load_processor, resolve_model_path
 from surgvqa.prompting.chat import training_target
 from surgvqa.prompting.encoding import SampleTooLong, encode_example, load_image
 from surgvqa.prompting.masking import IGNORE_INDEX
+
+# Grouping is checked on this many images of the inspected samples (all their questions each): one model forward
+# per question and per row, so it stays seconds on a small model.
+GROUP_CHECK_IMAGES = 3
+# fp32 rounding of a reordered attention sum is ~1e-6 per answer; a wrong mask or position is ~1e-2.
+GROUPED_LOSS_TOLERANCE = 1e-4
 
 
 @dataclass
@@ -94,6 +101,14 @@ class DiagnosticReport:
     failing: int
     mean_mask_ratio: float
     failing_ids: list[str]
+    # With train.group_by_image: the largest |loss grouped - loss alone| over the checked answers (fp32), and
+    # why grouping fails the diagnostic, if it does.
+    grouped_max_abs_loss_diff: float | None = None
+    grouping_problem: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return not self.failing and self.grouping_problem is None
 
     def to_json(self) -> dict[str, Any]:
         payload = asdict(self)
@@ -129,8 +144,52 @@ def run_diagnostic(config: Config, processor: Any, data: Path, per_type: int = 5
             else:
                 failing_ids.append(sample.id)
     total = len(records) if full_summary else len(shown)
-    return DiagnosticReport(str(data), config.masking.strategy, detailed, total, len(failing_ids),
-                            sum(ratios) / len(ratios) if ratios else 0.0, failing_ids)
+    report = DiagnosticReport(str(data), config.masking.strategy, detailed, total, len(failing_ids),
+                              sum(ratios) / len(ratios) if ratios else 0.0, failing_ids)
+    if config.train.group_by_image:
+        report.grouped_max_abs_loss_diff, report.grouping_problem = check_grouping(
+            config, processor, records, shown, data.parent)
+    return report
+
+
+def check_grouping(config: Config, processor: Any, records: list[Record], shown: list[Record],
+                   base_dir: Path) -> tuple[float | None, str | None]:
+    """(largest per-answer loss difference, problem or None): the inspected samples' images, each with all its
+    questions in the file, through the grouped rows and one by one, on the model loaded in fp32."""
+    from surgvqa.models.loading import load_model, resolve_model_path
+    from surgvqa.training.grouping import (
+        check_grouping_supported,
+        grouped_attention_request,
+        grouped_max_abs_loss_diff,
+    )
+
+    attention = grouped_attention_request(config.model.attn_implementation)
+    fp32 = config.model_copy(update={"model": config.model.model_copy(
+        update={"dtype": "float32", "attn_implementation": attention})})
+    model = load_model(resolve_model_path(fp32), fp32, processor, for_training=False).eval()
+    try:
+        check_grouping_supported(model.config.model_type, model.config._attn_implementation)
+    except ValueError as exc:
+        return None, str(exc)
+    images: list[list[dict[str, Any]]] = []
+    for key in list(dict.fromkeys((record.img_id, record.image) for record in shown))[:GROUP_CHECK_IMAGES]:
+        questions = [record for record in records if (record.img_id, record.image) == key]
+        image = load_image(questions[0], base_dir, roots=allowed_image_roots(config, base_dir))
+        encoded = []
+        for record in questions:
+            try:
+                encoded.append(encode_example(processor, record, image, config.prompt, config.masking).features)
+            except (SampleTooLong, ValueError):
+                continue  # reported with the sample itself
+        if encoded:
+            images.append(encoded)
+    difference = grouped_max_abs_loss_diff(model, images, processor.tokenizer.pad_token_id,
+                                           model.config._attn_implementation, config.masking.max_length)
+    if difference > GROUPED_LOSS_TOLERANCE:
+        return difference, (f"an answer's loss grouped by image differs from its loss alone by {difference:.2e} "
+                            f"(> {GROUPED_LOSS_TOLERANCE:g} in fp32): grouped training would not train the same "
+                            "model; set train.group_by_image=false")
+    return difference, None
 
 
 def run(config: Config, *, data: Path | None = None, per_type: int = 2, full_summary: bool = True,
@@ -161,5 +220,10 @@ def print_diagnostic(report: DiagnosticReport) -> None:
         console.print(f"  mask ratio: {sample.mask_ratio:.3f}   {status}")
     console.print(f"\nsummary: {report.total} samples checked, {report.failing} would fail, "
                   f"mean supervised ratio {report.mean_mask_ratio:.3f}")
+    if report.grouped_max_abs_loss_diff is not None:
+        console.print(f"grouped by image: largest per-answer loss difference {report.grouped_max_abs_loss_diff:.2e} "
+                      f"(fp32, limit {GROUPED_LOSS_TOLERANCE:g})")
+    if report.grouping_problem:
+        console.print(f"[red]PROBLEM[/red]: {report.grouping_problem}")
     if report.failing_ids:
         console.print(f"failing ids (first 20): {report.failing_ids[:20]}")

@@ -36,17 +36,29 @@ from surgvqa.core.io import (
     replace_directory,
     shown_names,
 )
+from surgvqa.data.records import read_records
 from surgvqa.data.sources import allowed_image_roots
 from surgvqa.models.loading import (
+    attention_implementation,
     load_adapter,
     load_model,
     load_processor,
     max_image_tokens,
+    model_family,
     register_sentinel_tokens,
     resolve_model_path,
 )
 from surgvqa.prompting.masking import IGNORE_INDEX
 from surgvqa.training.dataset import TrainingCollator, VQADataset
+from surgvqa.training.grouping import (
+    GroupedTrainingCollator,
+    ImageGroupDataset,
+    check_grouping_supported,
+    grouped_accumulation_steps,
+    grouped_attention_request,
+    rope_index_of,
+    tokens_in_batch,
+)
 from surgvqa.training.host_allocator import reuse_large_host_allocations
 from surgvqa.training.vocab_gradients import route_tied_embedding_rows, summed_cross_entropy
 
@@ -214,7 +226,7 @@ class SupervisedOnlyTrainer(Trainer):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients; the divisor was global
         if model.training:
-            self._window["tokens"] += int(inputs["attention_mask"].sum())
+            self._window["tokens"] += tokens_in_batch(inputs["attention_mask"])
             self._window["supervised"] += supervised
         return (loss, None) if return_outputs else loss
 
@@ -521,16 +533,47 @@ def load_for_training(config: Config) -> tuple[Any, Any]:
     return processor, build_model_for_training(config, base_path, processor)
 
 
-def build_trainer(config: Config, model: Any, processor: Any, dataset: VQADataset, args: TrainingArguments, *,
-                  log_name: str = "train_log", callbacks: Sequence[TrainerCallback] = (),
-                  lengths: list[int] | None = None) -> SupervisedOnlyTrainer:
+def build_trainer(config: Config, model: Any, processor: Any, dataset: torch.utils.data.Dataset,
+                  args: TrainingArguments, *, log_name: str = "train_log", callbacks: Sequence[TrainerCallback] = (),
+                  lengths: list[int] | None = None, data_collator: Any = None) -> SupervisedOnlyTrainer:
     """The Trainer of both training and the overfit gate, logging to ``<run_dir>/<log_name>.jsonl|csv``."""
     return SupervisedOnlyTrainer(
         model=model, args=args, train_dataset=dataset,
-        data_collator=TrainingCollator(processor.tokenizer.pad_token_id),
+        data_collator=data_collator or TrainingCollator(processor.tokenizer.pad_token_id),
         lengths=lengths, vision_lr=config.train.vision_lr,
         callbacks=[FileLogCallback(config.run_dir, log_name), *callbacks],
     )
+
+
+def grouped_training_config(config: Config) -> Config:
+    """Refuse a model or attention that grouping cannot serve exactly, before the model loads; ``auto`` attention
+    becomes sdpa (it would pick flash_attention_2, which cannot express the block mask)."""
+    requested = grouped_attention_request(config.model.attn_implementation)
+    check_grouping_supported(model_family(resolve_model_path(config)).model_type, attention_implementation(requested))
+    return config.model_copy(update={"model": config.model.model_copy(update={"attn_implementation": requested})})
+
+
+def grouped_training_inputs(config: Config, model: Any, processor: Any, prepared: Path,
+                            checkpoints: Path) -> tuple[ImageGroupDataset, TrainingArguments, GroupedTrainingCollator]:
+    """Image-grouped training: each Trainer item is a micro-batch of whole images holding about
+    ``per_device_batch_size`` questions, and gradient accumulation is set so that an optimizer step still sees
+    about ``per_device_batch_size x grad_accum`` questions (the number of steps, hence the learning-rate
+    schedule, stays that of per-sample training)."""
+    train_settings = config.train
+    unwrapped = model.get_base_model() if hasattr(model, "get_base_model") else model
+    check_grouping_supported(unwrapped.config.model_type, unwrapped.config._attn_implementation)
+    dataset = ImageGroupDataset(read_records(prepared), prepared.parent, processor, config.prompt, config.masking,
+                                rope_index_of(model), train_settings.per_device_batch_size, train_settings.seed,
+                                image_roots=allowed_image_roots(config, prepared.parent))
+    grad_accum = grouped_accumulation_steps(dataset.questions_per_item, train_settings.per_device_batch_size,
+                                            train_settings.grad_accum)
+    log.info("group_by_image: %d images in %d micro-batches of %.1f questions on average, %d accumulation steps "
+             "(about %.0f questions per optimizer step)", len(dataset.images), len(dataset), dataset.questions_per_item,
+             grad_accum, grad_accum * dataset.questions_per_item)
+    args = training_arguments(config, checkpoints, batch_size=1, grad_accum=grad_accum)
+    collator = GroupedTrainingCollator(processor.tokenizer.pad_token_id, unwrapped.config._attn_implementation,
+                                       unwrapped.dtype)
+    return dataset, args, collator
 
 
 @dataclass
@@ -569,15 +612,21 @@ def train(config: Config, *, resume: bool = False, restart: bool = False,
     # Checked before the model loads, so that a refused resume costs a second, not a model load.
     raised_lengths = check_checkpoints_made_with(checkpoints, made_with) \
         if resume and latest_complete_checkpoint(checkpoints) is not None else []
+    if config.train.group_by_image:
+        config = grouped_training_config(config)
     processor, model = load_for_training(config)
-    dataset = VQADataset.from_jsonl(prepared, processor, config.prompt, config.masking,
-                                    image_roots=allowed_image_roots(config, prepared.parent))
-    args = training_arguments(config, checkpoints)
+    if config.train.group_by_image:
+        dataset, args, collator = grouped_training_inputs(config, model, processor, prepared, checkpoints)
+        lengths = None  # micro-batches are whole images, packed by question count
+    else:
+        dataset = VQADataset.from_jsonl(prepared, processor, config.prompt, config.masking,
+                                        image_roots=allowed_image_roots(config, prepared.parent))
+        args, collator = training_arguments(config, checkpoints), None
+        lengths = dataset.lengths(max_image_tokens(config.model)) if config.train.group_by_length else None
     preemption = PreemptionCallback()
-    lengths = dataset.lengths(max_image_tokens(config.model)) if config.train.group_by_length else None
     trainer = build_trainer(config, model, processor, dataset, args,
                             callbacks=[StopIfAlreadyFinished(), IntervalsFromArguments(), preemption,
-                                       *(callbacks or [])], lengths=lengths)
+                                       *(callbacks or [])], lengths=lengths, data_collator=collator)
     last = latest_complete_checkpoint(checkpoints, discard_incomplete=True) if resume else None
     if resume and last is None:
         log.warning("--resume: no complete checkpoint in %s; starting from the first step", checkpoints)

@@ -15,7 +15,7 @@ What this task decides:
   test rows;
 - prompt and target: every answer is open text, taught as written (no label normalisation) and generated freely;
 - metrics: the challenge's text metrics overall, per complexity and per question class; exact match after
-  normalisation; atomic-fact recall per atom type with bootstrap CIs (:mod:`surgvqa.tasks.kvasir_vqa_x1.task.atomic_facts`), a
+  normalisation; atomic-fact recall per atom type with bootstrap CIs (:mod:`surgvqa.tasks.kvasir_vqa_x1.atomic_facts`), a
   gallery of misses, and the paired comparison with a baseline run on recall and ROUGE-L.
 """
 
