@@ -68,18 +68,19 @@ def settings(path: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def predictors(session_cache, data_dir):
     """(grouped, ungrouped) predictors sharing one model per family, its LM head random so that answers vary."""
-    cache: dict[str, tuple[Predictor, Predictor]] = {}
+    cache: dict[tuple[str, str], tuple[Predictor, Predictor]] = {}
 
-    def get(arch: str) -> tuple[Predictor, Predictor]:
-        if arch not in cache:
+    def get(arch: str, attention: str = "sdpa") -> tuple[Predictor, Predictor]:
+        if (arch, attention) not in cache:
             path = ensure_tiny_model(session_cache / "models", arch=arch, seed=0, min_pixels=MIN_PIXELS,
                                      max_pixels=MAX_PIXELS)
-            config = load_config(None, settings(path))
+            config = load_config(None, settings(path, f"model.attn_implementation={attention}"))
             model, processor = load_for_prediction(config, str(path), quiet=True)
-            ungrouped = load_config(None, settings(path, "predict.group_by_image=false"))
-            cache[arch] = (Predictor(model, processor, config, data_dir),
-                           Predictor(model, processor, ungrouped, data_dir))
-        return cache[arch]
+            ungrouped = load_config(None, settings(path, f"model.attn_implementation={attention}",
+                                                   "predict.group_by_image=false"))
+            cache[arch, attention] = (Predictor(model, processor, config, data_dir),
+                                      Predictor(model, processor, ungrouped, data_dir))
+        return cache[arch, attention]
 
     return get
 
@@ -131,10 +132,13 @@ def assert_close(grouped, ungrouped, where: str) -> None:
         assert grouped == ungrouped, where
 
 
-@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize(("arch", "attention"), [("qwen2_vl", "sdpa"), ("qwen2_5_vl", "sdpa"), ("qwen3_vl", "sdpa"),
+                                                 ("qwen2_vl", "eager")])
 @pytest.mark.parametrize("mode", ["generate", "constrained", "rank"])
-def test_grouped_predictions_equal_the_ungrouped_row_for_row(arch, mode, predictors):
-    grouped, ungrouped = predictors(arch)
+def test_grouped_predictions_equal_the_ungrouped_row_for_row(arch, attention, mode, predictors):
+    """eager adds a float mask built from the 2-D one: the padding between prefix and question is masked there too."""
+    grouped, ungrouped = predictors(arch, attention)
+    assert grouped.model.config._attn_implementation == attention
     assert grouped.group_by_image and not ungrouped.group_by_image
     records = interleaved_records()
     with random_head(grouped.model, seed=3):
@@ -171,6 +175,26 @@ def test_positions_as_alone_are_what_makes_the_reuse_exact(predictors, monkeypat
         shifted = grouped.predict_batch(records, "rank")
     differences = [abs(left.scores[label]["sum"] - right.scores[label]["sum"])
                    for left, right in zip(shifted, expected) for label in left.scores]
+    assert max(differences) > 1e-2
+
+
+def test_the_padding_between_prefix_and_a_shorter_question_must_be_masked(predictors, monkeypatch):
+    """Negative control: the same reuse with the padding left visible changes the shorter question's likelihoods."""
+    from surgvqa.prefix_cache import ImagePrefixPrompts
+
+    grouped, ungrouped = predictors("qwen2_vl")
+    records = [r for r in interleaved_records() if r.img_id == "img0" and r.candidates and not r.multi_label]
+    assert len({len(r.question) for r in records}) > 1  # a shorter question, padded
+
+    def nothing_masked(prompts):
+        return torch.ones((prompts.rows, prompts.length + prompts.suffix_ids.shape[1]), dtype=torch.long)
+
+    with random_head(grouped.model, seed=3):
+        expected = ungrouped.predict_batch(records, "rank")
+        monkeypatch.setattr(ImagePrefixPrompts, "attention_mask", nothing_masked)
+        unmasked = grouped.predict_batch(records, "rank")
+    differences = [abs(left.scores[label]["sum"] - right.scores[label]["sum"])
+                   for left, right in zip(unmasked, expected) for label in left.scores]
     assert max(differences) > 1e-2
 
 
