@@ -69,7 +69,8 @@ def main() -> None:
     from surgvqa.data.records import Record
     from surgvqa.models.tiny import build_model, build_processor, build_tokenizer
     from surgvqa.prompting.encoding import collate, encode_example
-    from surgvqa.training.grouping import build_rows, collate_rows, rope_index_of
+    from surgvqa.prompting.shared_prefix import rope_index_of
+    from surgvqa.training.grouping import build_rows, collate_rows
     from surgvqa.training.trainer import apply_lora, supervised_only_loss
 
     torch.set_num_threads(args.threads)

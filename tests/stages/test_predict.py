@@ -365,6 +365,7 @@ def test_out_of_memory_halves_the_batch_and_only_a_single_row_that_does_not_fit_
         return original(batch_records, features)
 
     monkeypatch.setattr(pred, "predict_constrained", limited)
+    monkeypatch.setattr(pred, "group_by_image", False)  # one batch of 8, not one per image's 2 questions
     outcomes = pred.predict_batch(records, "constrained")
     assert calls[:3] == [8, 4, 2]  # halved until it fits
     assert [o.error is None for o in outcomes] == [r.id != "m005" for r in records]

@@ -16,6 +16,7 @@ from surgvqa.data.records import read_records
 from surgvqa.models.loading import load_model, load_processor
 from surgvqa.models.tiny import ensure_tiny_model
 from surgvqa.prompting.encoding import collate, encode_example, load_image
+from surgvqa.prompting.shared_prefix import rope_index_of
 from surgvqa.stages.diagnose import GROUPED_LOSS_TOLERANCE, run_diagnostic
 from surgvqa.training.grouping import (
     PREFIX_SEGMENT,
@@ -26,7 +27,6 @@ from surgvqa.training.grouping import (
     grouped_attention_mask,
     pack_images,
     per_answer_losses,
-    rope_index_of,
     shared_prefix_length,
     tokens_in_batch,
 )
@@ -225,10 +225,10 @@ def test_token_counts_from_2d_and_4d_masks_agree(session_cache, prepared_demo):
 def test_qwen3_5_and_flash_attention_are_refused_in_one_line(session_cache):
     path = str(_model_dir(session_cache, "qwen3_5"))
     config = load_config(None, [f"model.name_or_path={path}", "train.group_by_image=true"])
-    with pytest.raises(ValueError, match=r"not supported for Qwen3\.5: its linear-attention") as refused:
+    with pytest.raises(ValueError, match=r"not supported: Qwen3\.5's linear-attention") as refused:
         grouped_training_config(config)
     assert "\n" not in str(refused.value)
-    with pytest.raises(ValueError, match=r"model\.attn_implementation sdpa or eager, not flash_attention_2") as flash:
+    with pytest.raises(ValueError, match=r"attention 'flash_attention_2' cannot express a shared prefix .* model\.attn_implementation=sdpa") as flash:
         check_grouping_supported("qwen2_vl", "flash_attention_2")
     assert "\n" not in str(flash.value)
     with pytest.raises(ValueError, match="flash_attention_2"):

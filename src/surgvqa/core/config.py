@@ -244,6 +244,10 @@ class PredictConfig(_Section):
     batch_size: int = Field(8, gt=0)
     split: Literal["train", "val", "test"] = "test"
     max_new_tokens_open: int = Field(64, gt=0)
+    # Questions about one image in a batch continue one run of the image prefix (its KV cache reused): the same
+    # predictions to rounding, the image encoded once. Families where that is not exact (Qwen3.5's linear
+    # attention) run every question whole, with a warning.
+    group_by_image: bool = True
     # rank mode, multi-label records: "constrained" decodes the set through the candidate trie (a label's score
     # as the whole answer says little about its membership of a set, and 2^n subsets cannot all be scored);
     # "threshold" adds every label whose per-token score passes multi_label_threshold.

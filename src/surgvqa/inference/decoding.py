@@ -239,6 +239,10 @@ def prompt_positions(decoder: Any, inputs: dict[str, torch.Tensor]) -> tuple[tor
     reused cache does not depend on state the model keeps between calls.
     """
     attention_mask = inputs["attention_mask"]
+    if inputs.get("position_ids") is not None:  # a prompt continuing a cached prefix (prefix_cache): positions given
+        positions = inputs["position_ids"]
+        own = attention_mask[:, attention_mask.shape[1] - positions.shape[-1]:]
+        return positions, positions.masked_fill(own[None] == 0, -1).amax(dim=(0, 2)) + 1
     if hasattr(decoder, "get_rope_index") and inputs.get("image_grid_thw") is not None:
         kwargs = {key: inputs[key] for key in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
                   if inputs.get(key) is not None}
@@ -267,7 +271,9 @@ def token_logprobs(lm_head: Any, hidden: torch.Tensor, rows: torch.Tensor, targe
 @torch.inference_mode()
 def score_candidates(model: Any, inputs: dict[str, torch.Tensor],
                      sequences: Sequence[Sequence[Sequence[int]]]) -> list[list[CandidateScore]]:
-    """Log-likelihood of each row's candidate token sequences given that row's (left-padded) prompt.
+    """Log-likelihood of each row's candidate token sequences given that row's (left-padded) prompt; or, when
+    ``inputs`` carry ``position_ids`` and a ``cache`` (surgvqa.inference.prefix_cache), given the cached prefix and the rest
+    of each prompt.
 
     The prompts (images included) run once, with the cache on. The cache is then expanded to one row per
     candidate (``reorder_cache`` with repeated row indices) and all candidates of the batch run as one
@@ -284,7 +290,7 @@ def score_candidates(model: Any, inputs: dict[str, torch.Tensor],
     decoder, lm_head = decoder_and_head(model)
     device = inputs["input_ids"].device
     positions, next_position = prompt_positions(decoder, inputs)
-    prompt = decoder(**inputs, position_ids=positions, use_cache=True)
+    prompt = decoder(**{**inputs, "position_ids": positions}, use_cache=True)
     hidden = [prompt.last_hidden_state[:, -1]]  # row r: the distribution of every candidate's first token
 
     # Which hidden row predicts each scored token: (candidate, step) -> row in torch.cat(hidden).

@@ -39,6 +39,7 @@ from surgvqa.inference.decoding import (
     score_candidates,
     select_labels,
 )
+from surgvqa.inference.prefix_cache import ImagePrefixPrompts, image_groups, prefix_reuse_refusal, same_image
 from surgvqa.models.loading import (
     check_model_source,
     load_adapter,
@@ -116,6 +117,19 @@ def _device() -> torch.device:
 
 
 @dataclass
+class PaddedPrompts:
+    """Whole prompts as one left-padded batch: each question runs its image again."""
+
+    batch: dict[str, torch.Tensor]
+
+    def forward_inputs(self) -> dict[str, torch.Tensor]:
+        return self.batch
+
+    def generate_inputs(self) -> dict[str, torch.Tensor]:
+        return self.batch
+
+
+@dataclass
 class Outcome:
     raw_text: str | None = None
     prediction: str | None = None
@@ -147,6 +161,10 @@ class Predictor:
         self.dtype = next(model.parameters()).dtype
         self._candidate_sets: dict[tuple[tuple[str, ...], bool], CandidateSet] = {}
         self.threshold: float | None = None
+        refusal = prefix_reuse_refusal(model) if config.predict.group_by_image else None
+        if refusal is not None:
+            log.warning("predict.group_by_image: every question runs its whole prompt, image included (%s)", refusal)
+        self.group_by_image = config.predict.group_by_image and refusal is None
 
     # -- inputs ----------------------------------------------------------------------------------------------
 
@@ -158,6 +176,13 @@ class Predictor:
         batch = collate(features, self.pad_id, padding_side="left")
         return {key: value.to(self.device, dtype=self.dtype) if value.is_floating_point() else value.to(self.device)
                 for key, value in batch.items()}
+
+    def prompts(self, features: list[dict[str, torch.Tensor]]) -> PaddedPrompts | ImagePrefixPrompts:
+        """The model inputs of these prompts: several questions about one image continue one run of the image
+        prefix (predict.group_by_image, surgvqa.inference.prefix_cache); anything else is one left-padded batch."""
+        if self.group_by_image and len(features) > 1 and same_image(features):
+            return ImagePrefixPrompts(self.model, features, self.pad_id, self.device, self.dtype)
+        return PaddedPrompts(self.batch(features))
 
     def candidates(self, record: Record) -> CandidateSet:
         key = (tuple(record.candidates), record.multi_label)
@@ -177,11 +202,11 @@ class Predictor:
         return text.replace(ANSWER_OPEN, "").replace(ANSWER_CLOSE, "").strip()
 
     @torch.inference_mode()
-    def generate(self, features: list[dict[str, torch.Tensor]], candidate_sets: Sequence[CandidateSet | None],
+    def generate(self, prompts: PaddedPrompts | ImagePrefixPrompts, candidate_sets: Sequence[CandidateSet | None],
                  budget: int, recorder: GreedyLogprobRecorder | None = None) -> list[str]:
         """Greedy generation; rows with a candidate set are constrained to it. ``recorder`` (last) sees the
         scores greedy search chooses from."""
-        batch = self.batch(features)
+        batch = prompts.generate_inputs()
         processors = [CandidateLogitsProcessor(candidate_sets)] if any(candidate_sets) else []
         processors += [recorder] if recorder is not None else []
         output = self.model.generate(
@@ -193,18 +218,20 @@ class Predictor:
 
     def predict_free(self, records: list[Record], features: list[dict]) -> list[Outcome]:
         recorder = GreedyLogprobRecorder()
-        texts = self.generate(features, [None] * len(records), self.config.predict.max_new_tokens_open, recorder)
+        texts = self.generate(self.prompts(features), [None] * len(records), self.config.predict.max_new_tokens_open,
+                              recorder)
         return [Outcome(text, _normalise(record, text), "generate", confidence=sequence_fields(logprobs))
                 for record, text, logprobs in zip(records, texts, recorder.row_logprobs(self.stop_ids))]
 
     def predict_constrained(self, records: list[Record], features: list[dict]) -> list[Outcome]:
         sets = [self.candidates(record) for record in records]
         recorder = GreedyLogprobRecorder()
-        texts = self.generate(features, sets, max(max_new_tokens(cs) for cs in sets), recorder)
+        prompts = self.prompts(features)
+        texts = self.generate(prompts, sets, max(max_new_tokens(cs) for cs in sets), recorder)
         paths = recorder.row_logprobs(self.stop_ids)
         # Every candidate's token log-probabilities: the trie-restricted distribution (single-label) and the
         # per-label probabilities (multi-label) need the branches greedy search did not take.
-        tokens = candidate_token_logprobs(self.model, self.batch(features), [cs.sequences for cs in sets],
+        tokens = candidate_token_logprobs(self.model, prompts.forward_inputs(), [cs.sequences for cs in sets],
                                           whole=[cs.multi_label for cs in sets])
         outcomes = []
         for record, cs, text, path, row in zip(records, sets, texts, paths, tokens):
@@ -240,7 +267,7 @@ class Predictor:
         return outcomes
 
     def score(self, features: list[dict], sets: Sequence[CandidateSet]) -> list[list[CandidateScore]]:
-        return score_candidates(self.model, self.batch(features), [cs.sequences for cs in sets])
+        return score_candidates(self.model, self.prompts(features).forward_inputs(), [cs.sequences for cs in sets])
 
     def method_for(self, record: Record, mode: str) -> str:
         """How ``mode`` answers this record: open questions are generated freely, and in rank mode a multi-label
@@ -266,8 +293,9 @@ class Predictor:
             groups.setdefault(self.method_for(records[index], mode), []).append(index)
         for method, indices in groups.items():
             runner = self.runner(method)
-            for index, outcome in zip(indices, self._run_isolated(runner, records, features, indices)):
-                outcomes[index] = outcome
+            for part in image_groups(records, indices) if self.group_by_image else [indices]:
+                for index, outcome in zip(part, self._run_isolated(runner, records, features, part)):
+                    outcomes[index] = outcome
         return [outcome for outcome in outcomes if outcome is not None]
 
     def _run_isolated(self, runner: Callable, records: list[Record], features: dict[int, dict],

@@ -21,27 +21,28 @@ import torch
 
 from surgvqa.core.config import MaskingConfig, PromptConfig
 from surgvqa.data.records import Record
+from surgvqa.models.families import FAMILIES
 from surgvqa.prompting.masking import IGNORE_INDEX
+from surgvqa.prompting.shared_prefix import (
+    RopeIndex,
+    check_image_inside,
+    common_prefix_length,
+    positions_alone,
+    rope_index_of,
+    sharing_refusal,
+)
 
 PREFIX_SEGMENT = 0  # segment id of the shared prefix; questions are 1, 2, ...; padding is PADDING_SEGMENT
 PADDING_SEGMENT = -1
-# The attention implementations that take an arbitrary 4-D mask: sdpa a boolean one, eager an additive float one.
-GROUPED_ATTENTION = ("sdpa", "eager")
 
-RopeIndex = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 def check_grouping_supported(model_type: str, attn_implementation: str) -> None:
     """Refuse, in one line, the models on which a grouped row is not exactly the separate samples."""
-    from surgvqa.models.families import family_of
-
-    family = family_of(model_type)
-    if family.linear_attention:
-        raise ValueError(f"train.group_by_image is not supported for {family.name}: its linear-attention layers carry "
-                         "state from one question's segment into the next; set train.group_by_image=false")
-    if attn_implementation not in GROUPED_ATTENTION:
-        raise ValueError(f"train.group_by_image needs model.attn_implementation sdpa or eager, not "
-                         f"{attn_implementation}: it cannot express the shared-prefix block mask")
+    if refusal := sharing_refusal(model_type, attn_implementation):
+        raise ValueError(f"train.group_by_image is not supported: {refusal}; set train.group_by_image=false"
+                         + ("" if model_type in FAMILIES and FAMILIES[model_type].linear_attention else
+                            " or model.attn_implementation=sdpa"))
 
 
 def grouped_attention_request(requested: str) -> str:
@@ -49,42 +50,17 @@ def grouped_attention_request(requested: str) -> str:
     return "sdpa" if requested == "auto" else requested
 
 
-def rope_index_of(model: Any) -> RopeIndex:
-    """The model's own M-RoPE position function (``get_rope_index``), found through peft or DDP wrappers."""
-    for module in model.modules():
-        if callable(getattr(module, "get_rope_index", None)):
-            return module.get_rope_index
-    raise ValueError(f"{type(model).__name__} has no get_rope_index: not a Qwen-VL model, cannot group by image")
-
-
-def single_sample_positions(rope_index: RopeIndex, features: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The (3, L) positions the model gives one encoded sample standing alone."""
-    with torch.no_grad():
-        positions, _ = rope_index(features["input_ids"][None], mm_token_type_ids=features["mm_token_type_ids"][None],
-                                  image_grid_thw=features.get("image_grid_thw"))
-    return positions[:, 0]
-
-
 def shared_prefix_length(examples: Sequence[dict[str, torch.Tensor]]) -> int:
     """The longest common token prefix of the encodings, ended before any supervised token can be predicted
     from it: the last prefix token predicts the first token of every segment, so that token must be unsupervised
     in every encoding (and each segment keeps at least one token)."""
-    shortest = min(len(example["input_ids"]) for example in examples)
-    first = examples[0]["input_ids"][:shortest]
-    common = shortest
-    for example in examples[1:]:
-        differs = (example["input_ids"][:shortest] != first).nonzero()
-        if len(differs):
-            common = min(common, int(differs[0]))
+    limit = min(len(example["input_ids"]) - 1 for example in examples)
     for example in examples:
         supervised = (example["labels"] != IGNORE_INDEX).nonzero()
-        first_supervised = int(supervised[0]) if len(supervised) else len(example["labels"])
-        common = min(common, first_supervised - 1, len(example["input_ids"]) - 1)
-    for example in examples:
-        image_positions = (example["mm_token_type_ids"] != 0).nonzero()
-        assert not len(image_positions) or int(image_positions[-1]) < common, \
-            "an image token lies outside the shared prefix: these encodings cannot share one image"
-    return common
+        limit = min(limit, (int(supervised[0]) if len(supervised) else len(example["labels"])) - 1)
+    length = common_prefix_length([example["input_ids"] for example in examples], limit)
+    check_image_inside(examples, length)
+    return length
 
 
 def build_rows(examples: Sequence[dict[str, torch.Tensor]], rope_index: RopeIndex,
@@ -98,7 +74,7 @@ def build_rows(examples: Sequence[dict[str, torch.Tensor]], rope_index: RopeInde
         assert torch.equal(example["image_grid_thw"], examples[0]["image_grid_thw"]) and \
             torch.equal(example["pixel_values"], examples[0]["pixel_values"]), "the questions are not about one image"
     prefix = shared_prefix_length(examples)
-    positions = [single_sample_positions(rope_index, example) for example in examples]
+    positions = [positions_alone(rope_index, example) for example in examples]
     for position in positions[1:]:
         assert torch.equal(position[:, :prefix], positions[0][:, :prefix]), "the shared prefix has other positions"
     rows: list[list[int]] = [[]]

@@ -49,6 +49,7 @@ from surgvqa.models.loading import (
     resolve_model_path,
 )
 from surgvqa.prompting.masking import IGNORE_INDEX
+from surgvqa.prompting.shared_prefix import rope_index_of
 from surgvqa.training.dataset import TrainingCollator, VQADataset
 from surgvqa.training.grouping import (
     GroupedTrainingCollator,
@@ -56,7 +57,6 @@ from surgvqa.training.grouping import (
     check_grouping_supported,
     grouped_accumulation_steps,
     grouped_attention_request,
-    rope_index_of,
     tokens_in_batch,
 )
 from surgvqa.training.host_allocator import reuse_large_host_allocations
