@@ -12,18 +12,27 @@ Each mode processes the same questions, warmed up on one image first; a run time
 runs per question count give the mean and range. Writes ``benchmarks/results/grouped_training.json``:
 
     PYTHONPATH=src .venv/bin/python benchmarks/grouped.py
+
+On a GPU, ``--dims 2b`` takes Qwen2-VL-2B's real dimensions (random weights, bf16, gradient checkpointing, vision
+tower frozen) with the exp1 LoRA recipe (``--recipe lora``) or full fine-tuning of the language model
+(``--recipe full``), adds the peak GPU memory of each mode and projects one Kvasir-VQA epoch (41,079 training
+questions) from the measured rate; ``--dims check`` runs that path at 2 layers on the CPU. Writes
+``benchmarks/results/grouped_training_<dims>_<recipe>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
+from pathlib import Path
 
 from _common import load_average, machine_info, write_result
 
 HIDDEN, LAYERS, IMAGE_SIDE = 512, 4, 448
+EPOCH_QUESTIONS = 41_079  # the seed recipe's Kvasir-VQA training split (kvasir-vqa.md)
 # Kvasir-VQA's kinds of question (kvasir-vqa.md), with short answers as in the data; x1-like counts repeat them
 # with other wordings.
 QUESTIONS = [
@@ -59,6 +68,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1, help="images timed per run")
     parser.add_argument("--batch", type=int, default=4, help="per-sample batch size (the recipe's)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dims", choices=["wide", "2b", "check"], default="wide",
+                        help="wide: the tiny model at hidden 512, 4 layers; 2b: Qwen2-VL-2B's dimensions (GPU)")
+    parser.add_argument("--recipe", choices=["lora", "full"], default="lora")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import numpy as np
@@ -74,15 +86,31 @@ def main() -> None:
     from surgvqa.training.trainer import apply_lora, supervised_only_loss
 
     torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.dims == "2b" and torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     pixels = IMAGE_SIDE * IMAGE_SIDE
-    config = load_config(None, [f"model.min_pixels={pixels}", f"model.max_pixels={pixels}", "lora.dropout=0",
-                                "masking.max_length=8192"])
+    recipe = [] if args.dims == "wide" else ["--config", str(Path(__file__).resolve().parents[1] / "configs" /
+                                                          ("exp1.yaml" if args.recipe == "lora" else "default.yaml"))]
+    lora_settings = ["lora.dropout=0"] if args.recipe == "lora" else []  # dropout off: the modes see one model
+    config = load_config(Path(recipe[1]) if recipe else None,
+                         [f"model.min_pixels={pixels}", f"model.max_pixels={pixels}", "masking.max_length=8192",
+                          *lora_settings])
     processor = build_processor("qwen2_vl", build_tokenizer("qwen2_vl"), pixels, pixels)
     pad_id = processor.tokenizer.pad_token_id
-    model = build_model("qwen2_vl", seed=0, hidden_size=HIDDEN, num_layers=LAYERS)
-    for parameter in model.parameters():  # the recipe trains adapters only; the vision tower stays frozen
+    if args.dims == "wide":
+        model = build_model("qwen2_vl", seed=0, hidden_size=HIDDEN, num_layers=LAYERS)
+    else:
+        from real_dims_logits import build_training_model  # bf16 on CUDA, gradient checkpointing
+
+        model = build_training_model(args.dims, device.type)
+    for parameter in model.parameters():  # the vision tower stays frozen in both recipes
         parameter.requires_grad_(False)
-    model = apply_lora(model, config.lora).train()
+    if args.recipe == "lora":
+        model = apply_lora(model, config.lora)
+    else:
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_("visual" not in name)
+    model = model.train()
     rope_index = rope_index_of(model)
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (IMAGE_SIDE, IMAGE_SIDE, 3), dtype=np.uint8))
@@ -91,11 +119,14 @@ def main() -> None:
         records = [Record(id=f"q{index}", img_id="image", image="image.png", question=question, answer=answer,
                           question_type=kind) for index, (kind, question, answer) in
                    enumerate(questions_for_image(count))]
-        return [encode_example(processor, record, image, config.prompt, config.masking).features
+        return [{key: value.to(device) if hasattr(value, "to") else value for key, value in
+                 encode_example(processor, record, image, config.prompt, config.masking).features.items()}
                 for record in records]
 
     def step(batch: dict) -> None:
-        inputs = dict(batch)
+        inputs = {key: value.to(device) if hasattr(value, "to") else value for key, value in batch.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
         labels = inputs.pop("labels")
         loss, _ = supervised_only_loss(model, inputs, labels)
         loss.backward()
@@ -106,24 +137,30 @@ def main() -> None:
 
     def grouped(examples: list[dict]) -> None:
         # the rows are built in the timing: the data loader does this work in training
-        step(collate_rows(build_rows(examples, rope_index, config.masking.max_length), pad_id, "sdpa",
-                          torch.float32))
+        step(collate_rows(build_rows(examples, rope_index, config.masking.max_length), pad_id, "sdpa", dtype))
 
     results = {}
     for count in args.questions:
         examples = encoded(count)
         image_tokens = int((examples[0]["mm_token_type_ids"] != 0).sum())
         rates: dict[str, list[float]] = {"per_sample": [], "grouped": []}
+        peak_mb: dict[str, float] = {}
         modes = (("per_sample", per_sample), ("grouped", grouped))
         for _, run_image in modes:
             run_image(examples)  # warm-up: allocator and kernels, not timed
             model.zero_grad(set_to_none=True)
         for _ in range(args.runs):
             for mode, run_image in modes:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
                 start = time.perf_counter()
                 for _ in range(args.images):
                     run_image(examples)
                     model.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    peak_mb[mode] = max(peak_mb.get(mode, 0.0), torch.cuda.max_memory_allocated() / 2**20)
                 rates[mode].append(count * args.images / (time.perf_counter() - start))
         speedups = [g / s for g, s in zip(rates["grouped"], rates["per_sample"])]
         results[str(count)] = {
@@ -135,18 +172,30 @@ def main() -> None:
                for mode, values in rates.items()},
             "speedup": {"mean": round(statistics.mean(speedups), 2), "min": round(min(speedups), 2),
                         "max": round(max(speedups), 2)},
+            "peak_memory_mb": {mode: round(value) for mode, value in peak_mb.items()} or None,
+            # forward + backward only: the optimizer step and data loading come on top
+            "projected_epoch_minutes": {mode: round(EPOCH_QUESTIONS / statistics.mean(values) / 60, 1)
+                                        for mode, values in rates.items()},
         }
         print(f"{count} questions per image: per-sample {statistics.mean(rates['per_sample']):.2f} questions/s "
               f"({min(rates['per_sample']):.2f}-{max(rates['per_sample']):.2f}), grouped "
               f"{statistics.mean(rates['grouped']):.2f} ({min(rates['grouped']):.2f}-{max(rates['grouped']):.2f}): "
               f"{statistics.mean(speedups):.1f}x ({min(speedups):.1f}-{max(speedups):.1f})", flush=True)
-    write_result("grouped_training", {
+    payload = {
         "what": "forward + backward questions/s, grouped by image against per-sample batches",
-        "model": {"arch": "qwen2_vl", "hidden_size": HIDDEN, "layers": LAYERS, "lora_r": config.lora.r},
+        "model": {"arch": "qwen2_vl", "dims": args.dims, "recipe": args.recipe,
+                  "hidden_size": model.config.get_text_config().hidden_size,
+                  "layers": model.config.get_text_config().num_hidden_layers,
+                  "lora_r": config.lora.r if args.recipe == "lora" and config.lora else None},
         "image_px": IMAGE_SIDE, "per_sample_batch": args.batch, "images_per_run": args.images,
-        "runs": args.runs, "torch_threads": args.threads, "device": "cpu", "machine": machine_info(),
+        "runs": args.runs, "torch_threads": args.threads, "device": device.type, "dtype": str(dtype),
+        "machine": machine_info(),
         "load_average_after": load_average(), "results": results,
-    })
+    }
+    if args.dims == "check":  # a check of the script, not a figure to keep
+        print(json.dumps(payload, indent=1))
+        return
+    write_result("grouped_training" if args.dims == "wide" else f"grouped_training_{args.dims}_{args.recipe}", payload)
 
 
 if __name__ == "__main__":

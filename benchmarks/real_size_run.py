@@ -59,6 +59,8 @@ def main() -> dict:
     parser.add_argument("--batch", type=int, default=4, help="per-device batch (exp1: 4)")
     parser.add_argument("--images", type=int, default=300, help="synthetic images (about 6 questions each)")
     parser.add_argument("--image-size", type=int, default=448, help="synthetic image side in px (448: 256 tokens)")
+    parser.add_argument("--group-by-image", action="store_true",
+                        help="train.group_by_image=true: an image's questions in one grouped row")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="surgvqa-realsize-"))
@@ -75,6 +77,7 @@ def main() -> dict:
         "masking.max_length=1024", f"train.max_steps={args.steps}", f"train.per_device_batch_size={args.batch}",
         "train.grad_accum=1", "train.lr=2e-4", "train.save_steps=100", "train.logging_steps=10",
         "predict.batch_size=16", "evaluate.bootstrap_samples=200",
+        f"train.group_by_image={str(args.group_by_image).lower()}",
     ]
     command = [sys.executable, "-m", "surgvqa", "run", "--skip-sanity"]
     if args.recipe == "lora":
@@ -98,7 +101,9 @@ def main() -> dict:
         "benchmark": "real_size_run", "dims": args.dims, "machine": machine_info(), "load_average": load_average(),
         "date": time.strftime("%Y-%m-%d"),
         "command": f"HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/real_size_run.py --dims {args.dims} "
-                   f"--recipe {args.recipe} --steps {args.steps} --batch {args.batch} --images {args.images} --image-size {args.image_size}",
+                   f"--recipe {args.recipe} --steps {args.steps} --batch {args.batch} --images {args.images} --image-size {args.image_size}"
+                   + (" --group-by-image" if args.group_by_image else ""),
+        "group_by_image": args.group_by_image,
         "recipe": args.recipe, "exit_code": done.returncode, "parameters": parameters,
         "checkpoint_write_seconds": round(checkpoint_seconds, 1), "run_seconds": round(run_seconds, 1),
         "stages": json.loads(ledger_file.read_text()) if ledger_file.is_file() else None,
@@ -111,7 +116,7 @@ def main() -> dict:
     if args.dims != "2b":  # a check of the script, not a figure to keep
         print(json.dumps(result, indent=1))
         return result
-    return write_result(f"real_size_run_{args.recipe}", result)
+    return write_result(f"real_size_run_{args.recipe}" + ("_grouped" if args.group_by_image else ""), result)
 
 
 if __name__ == "__main__":
