@@ -37,11 +37,12 @@ def assistant_content(answer: str, strategy: str) -> str:
 def build_messages(record: Record, prompt: PromptConfig, answer: str | None = None,
                    strategy: str = "span") -> list[dict[str, Any]]:
     """System / user(image + text) / assistant(answer, training only) in the chat-template message format."""
+    task = get_task(record.task)  # the record's task words the system and user turns
     messages: list[dict[str, Any]] = []
-    if system := get_task(record.task).system_text(prompt):
+    if system := task.system_text(prompt):
         messages.append({"role": "system", "content": [{"type": "text", "text": system}]})
     messages.append({"role": "user", "content": [{"type": "image"},
-                                                 {"type": "text", "text": user_text(record, prompt)}]})
+                                                 {"type": "text", "text": task.user_text(record, prompt)}]})
     if answer is not None:
         messages.append({"role": "assistant",
                          "content": [{"type": "text", "text": assistant_content(answer, strategy)}]})
