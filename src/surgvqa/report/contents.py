@@ -34,6 +34,45 @@ def error_banner(metrics: dict) -> str | None:
             f"accuracies understate the model. Rerun `surgvqa predict` to retry them.{example}")
 
 
+def collapse_line(metrics: dict) -> str | None:
+    """One line naming each question type whose predictions collapsed to one answer while its references vary
+    (``metrics["collapse"]``, docs/metrics.md): the accuracies then describe that answer, not the model."""
+    collapsed = metrics.get("collapse") or []
+    if not collapsed:
+        return None
+    parts = [f"{entry['question_type']}: {entry['answer']!r} is {entry['count']} of {entry['n']} predictions "
+             f"({100 * entry['share']:.0f} %) while the references hold {entry['distinct_references']} distinct answers"
+             for entry in collapsed]
+    return f"Predictions collapsed to one answer: {'; '.join(parts)}. Check the model's raw output before " \
+           "trusting these numbers."
+
+
+def headline(metrics: dict) -> list[tuple[str, float | None, Sequence[float] | None]]:
+    """(label, fraction, interval) of the numbers a result is read by: the task's own (``metrics["headline"]``,
+    e.g. x1's atomic-fact recall, ROUGE-L and exact match), else Kvasir-VQA's accuracies."""
+    if metrics.get("headline"):
+        return [(entry["label"], entry.get("value"), entry.get("ci")) for entry in metrics["headline"]]
+    overall, closed = metrics["overall"], metrics["per_type"].get(CLOSED_ALL, {})
+    return [("micro strict", overall["micro_strict"], overall["micro_strict_ci"]),
+            ("micro tolerant", overall["micro_tolerant"], overall["micro_tolerant_ci"]),
+            ("macro strict", overall["macro_strict"], overall["macro_strict_ci"]),
+            ("closed types strict", closed.get("strict"), closed.get("strict_ci"))]
+
+
+def run_line(metrics: dict, evaluated_at: str | None = None) -> str:
+    """model · task · predicted with · evaluated · commit, as far as metrics.json names them."""
+    run = metrics.get("run") or {}
+    parts = [f"model: {run.get('model') or 'unknown'}"]
+    if run.get("predicted_with"):
+        parts.append(f"predicted with: {run['predicted_with']}")
+    if run.get("task"):
+        parts.append(f"task: {run['task']}")
+    if evaluated_at:
+        parts.append(f"evaluated: {evaluated_at}")
+    parts.append(f"commit: {run.get('commit') or 'unknown'}")
+    return " · ".join(parts)
+
+
 def per_type_rows(metrics: dict) -> list[dict[str, Any]]:
     """One row per type that has rows, then closed_all: the table of the terminal, Markdown, CSV and HTML."""
     rows = []

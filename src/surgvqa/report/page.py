@@ -6,6 +6,7 @@ import base64
 import functools
 import html
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,16 @@ from surgvqa.report.contents import (
     abstention_table,
     average_rows,
     baseline_table,
+    collapse_line,
     confidence_label,
     confidence_percent,
     confidence_table,
     conformal_table,
     error_banner,
+    headline,
     per_template_table,
     per_type_table,
+    run_line,
     task_tables,
     text_metrics_table,
 )
@@ -81,13 +85,11 @@ def _confidence_view(section: dict[str, Any] | None, image_roots: Sequence[str |
 
 def render_html(
     metrics: dict, plots: dict[str, bytes], *, config_text: str | None = None, curve_source: str | None = None,
-    image_roots: Sequence[str | Path] = (),
+    image_roots: Sequence[str | Path] = (), evaluated_at: str | None = None,
 ) -> str:
     """The page's text: every table, figure (``plots``: PNG bytes by name) and image embedded; images only from
-    ``image_roots``."""
+    ``image_roots``; ``evaluated_at`` (default: now, UTC) is the date the header names."""
     ci = confidence_label(metrics)
-    overall = metrics["overall"]
-    closed = metrics["per_type"].get(CLOSED_ALL, {})
     header, rows = per_type_table(metrics, ci, ci)
     averages = average_rows(metrics)
     baseline = metrics.get("baseline")
@@ -97,11 +99,10 @@ def render_html(
     problems += [[e["where"], f"prediction error (scored as wrong): {e['error']}"] for e in metrics.get("errors", [])]
     uris = {name: _png_uri(data) for name, data in plots.items()}
     page = _environment().get_template(TEMPLATE).render(
-        metrics=metrics, settings=metrics.get("settings", {}), ci=ci, banner=error_banner(metrics),
-        cards=[("micro strict", overall["micro_strict"], overall["micro_strict_ci"]),
-               ("micro tolerant", overall["micro_tolerant"], overall["micro_tolerant_ci"]),
-               ("macro strict", overall["macro_strict"], overall["macro_strict_ci"]),
-               ("closed types strict", closed.get("strict"), closed.get("strict_ci"))],
+        metrics=metrics, settings=metrics.get("settings", {}), ci=ci, banner=error_banner(metrics), collapse=collapse_line(metrics),
+        cards=headline(metrics),
+        run_line=run_line(metrics, evaluated_at or datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
+        prompt=(metrics.get("run") or {}).get("prompt"),
         per_type={"table": (header, rows + averages),
                   "aggregate": [i for i, row in enumerate(rows) if row[0] == CLOSED_ALL]
                   + list(range(len(rows), len(rows) + len(averages)))},
