@@ -194,6 +194,45 @@ def confidence_table(section: dict[str, Any]) -> TableData:
     return header, rows
 
 
+# The calibration scores a reader needs first; the rest follow in a second table, so that each fits 800 px.
+CONFIDENCE_MAIN = ("type", "n", "accuracy %", "ECE before", "ECE after", "Brier after", "AURC")
+CONFIDENCE_DETAIL = ("type", "ECE if calibrated", "ECE mass after", "MCE after", "NLL after")
+
+
+def confidence_tables(section: dict[str, Any]) -> tuple[TableData, TableData]:
+    """:func:`confidence_table` split in two: the main scores with accuracy at each coverage, then the others."""
+    header, rows = confidence_table(section)
+
+    def columns(names: Sequence[str]) -> TableData:
+        picked = [header.index(name) for name in names]
+        return [header[i] for i in picked], [[row[i] for i in picked] for row in rows]
+
+    main = [*CONFIDENCE_MAIN, *[name for name in header if name.startswith("acc@")]]
+    return columns(main), columns(CONFIDENCE_DETAIL)
+
+
+def confidence_in_words(section: dict[str, Any]) -> str | None:
+    """The confidence table's "all" row in one plain sentence: how sure the model says it is, how often it is
+    right, and what answering only its most confident questions buys."""
+    group = (section.get("per_type") or {}).get("all")
+    if not group:
+        return None
+    after = group["after"]
+    sure, right = after.get("mean_confidence"), after.get("accuracy")
+    if not isinstance(sure, float) or not isinstance(right, float) or math.isnan(sure) or math.isnan(right):
+        return None
+    gap = "over-confident" if sure > right + 0.02 else "under-confident" if right > sure + 0.02 else "about right"
+    text = (f"In plain words: on average the model says it is {100 * sure:.0f} % sure and is right {100 * right:.0f} % "
+            f"of the time ({gap}); a typical gap between its confidence and its accuracy is {100 * after['ece']:.0f} "
+            "points (ECE after).")
+    coverage = min(section.get("coverages") or [1.0])
+    at = group.get(f"accuracy_at_{round(coverage * 100)}")
+    if isinstance(at, float) and not math.isnan(at):
+        text += (f" Answering only its {round(coverage * 100)} % most confident questions, it is right on "
+                 f"{100 * at:.0f} %.")
+    return text
+
+
 def conformal_table(section: dict[str, Any]) -> TableData:
     """Coverage and size of the conformal answer sets, per type that has them (empty rows: none has)."""
     header = ["type", "n", "coverage %", "mean set size", "single-candidate sets"]

@@ -22,9 +22,10 @@ from surgvqa.report.contents import (
     average_rows,
     baseline_table,
     collapse_line,
+    confidence_in_words,
     confidence_label,
     confidence_percent,
-    confidence_table,
+    confidence_tables,
     conformal_table,
     error_banner,
     headline,
@@ -78,7 +79,9 @@ def _confidence_view(section: dict[str, Any] | None, image_roots: Sequence[str |
     if not section:
         return None
     return {"n": section["n"], "n_abstained": section["n_abstained"],
-            "calibration": section.get("calibration") or {}, "table": confidence_table(section),
+            "calibration": section.get("calibration") or {}, "table": confidence_tables(section)[0],
+            "details_table": confidence_tables(section)[1],
+            "in_words": confidence_in_words(section),
             "conformal_table": conformal_table(section), "abstention_table": abstention_table(section),
             "errors": _with_thumbnails(section.get("most_confident_errors") or [], image_roots)}
 
