@@ -54,13 +54,13 @@ def test_a_collapsed_x1_run_is_named_and_led_by_its_own_metrics(tmp_path):
     predictions = _x1_file(tmp_path / "collapsed.jsonl", lambda i: ".")
     printed, page, metrics = _evaluate(tmp_path, predictions, "task=kvasir-vqa-x1")
 
-    assert metrics["collapse"] == [{"question_type": "open_ended", "n": 69, "answer": "(empty)", "count": 69,
+    assert metrics["collapse"] == [{"question_type": "open_ended", "n": 69, "answer": ".", "count": 69,
                                     "share": 1.0, "distinct_references": 5, "top_reference_share": 14 / 69}]
-    warning = ("Predictions collapsed to one answer: open_ended: '(empty)' is 69 of 69 predictions (100 %) while the "
+    warning = ("Predictions collapsed to one answer: open_ended: '.' is 69 of 69 predictions (100 %) while the "
                "references hold 5 distinct answers.")
     assert warning in printed
     assert re.search(r'<div class="banner" id="collapse-warning" role="alert">Predictions collapsed to one answer: '
-                     r"open_ended: &#x27;\(empty\)&#x27; is 69 of 69 predictions \(100 %\)", page)
+                     r"open_ended: &#x27;\.&#x27; is 69 of 69 predictions \(100 %\)", page)
 
     # x1's own numbers lead, on the terminal and in the cards; Kvasir-VQA's accuracies do not.
     assert "atomic-fact recall" in printed and "ROUGE-L" in printed and "exact match" in printed
@@ -70,6 +70,9 @@ def test_a_collapsed_x1_run_is_named_and_led_by_its_own_metrics(tmp_path):
     assert [label for label in ("atomic-fact recall", "ROUGE-L", "exact match", "micro strict", "closed types strict")
             if f"<span>{label}</span>" in cards] == ["atomic-fact recall", "ROUGE-L", "exact match"]
 
+    assert "<h2>Per question type</h2>" not in page and "<h2>Kvasir-VQA-x1: overall (%)</h2>" in page
+    missed = page.split("<h2>Missed facts (a sample per atom type)</h2>")[1].split("</table>")[0]
+    assert '<td class="l">Describe finding' in missed and '<td class="">Describe' not in missed  # text left-aligned
     # The prompt x1 actually asked with: its own system prompt (prompt.system unset) and the configured template.
     x1 = get_task("kvasir-vqa-x1")
     assert metrics["run"]["prompt"] == {"system": x1.system_text(PromptConfig()),
@@ -85,6 +88,7 @@ def test_a_healthy_file_gets_no_warning_and_kvasir_keeps_its_cards(tmp_path):
     assert metrics["collapse"] == []
     assert "collapsed" not in printed and "collapse-warning" not in page
     assert "micro average" in printed and "<span>closed types strict</span>" in page
+    assert "<h2>Per question type</h2>" in page
     assert "headline" not in metrics
 
 

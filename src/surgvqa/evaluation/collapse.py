@@ -29,13 +29,17 @@ def collapsed_types(rows: Sequence[PredictionRow]) -> list[dict[str, Any]]:
         of_type = [row for row in rows if row.question_type == question_type]
         if len(of_type) < COLLAPSE_MIN_ROWS:
             continue
-        predictions = Counter("" if row.error is not None else normalize_answer(row.prediction) for row in of_type)
-        answer, count = predictions.most_common(1)[0]
+        normalised = ["" if row.error is not None else normalize_answer(row.prediction) for row in of_type]
+        answer, count = Counter(normalised).most_common(1)[0]
+        # Named as the model wrote it most often ("." rather than its normalised, empty form).
+        written = Counter(row.prediction.strip() for row, norm in zip(of_type, normalised)
+                          if norm == answer and row.error is None).most_common(1)
+        shown = written[0][0] if written and written[0][0] else EMPTY
         references = Counter(normalize_answer(row.reference) for row in of_type)
         top_reference = references.most_common(1)[0][1]
         n = len(of_type)
         if count >= COLLAPSE_SHARE * n and len(references) >= 2 and top_reference < COLLAPSE_SHARE * n:
-            found.append({"question_type": question_type, "n": n, "answer": answer or EMPTY, "count": count,
+            found.append({"question_type": question_type, "n": n, "answer": shown, "count": count,
                           "share": count / n, "distinct_references": len(references),
                           "top_reference_share": top_reference / n})
     return found

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import functools
 import html
+import re
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from importlib import resources
@@ -67,6 +68,17 @@ def _environment() -> Environment:
     return environment
 
 
+_NUMBER_CELL = re.compile(r"[-+]?\d[\d.,]*( %)?( \[[^\]]*\])?|[-+]?\d[\d.,]*\.?\d* \(95 %: [\d.]+\)|\[[^\]]*\]|[—–-]?")
+
+
+def _text_columns(rows: Sequence[Sequence[str]]) -> tuple[int, ...]:
+    """The columns of a task's table that hold text (left-aligned): the first (the row's name) and any other with
+    a cell that is not a number or an interval."""
+    width = max((len(row) for row in rows), default=0)
+    return (0, *(i for i in range(1, width)
+                 if any(i < len(row) and not _NUMBER_CELL.fullmatch(str(row[i]).strip()) for row in rows)))
+
+
 def _png_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
@@ -111,7 +123,7 @@ def render_html(
                   + list(range(len(rows), len(rows) + len(averages)))},
         plots=uris,
         baseline=baseline, baseline_table=baseline_table(baseline, ci, ci) if baseline else None,
-        task_tables=task_tables(metrics), per_template_table=per_template_table(metrics, ci),
+        task_tables=[{**t, "text_columns": _text_columns(t["rows"])} for t in task_tables(metrics)], per_template_table=per_template_table(metrics, ci),
         text_metrics_table=text_metrics_table(metrics),
         confusion_plots=[(t, uris[f"confusion_{t}"]) for t in CLOSED_TYPES if f"confusion_{t}" in uris],
         curve_source=curve_source, confidence=_confidence_view(metrics.get("confidence"), image_roots),
