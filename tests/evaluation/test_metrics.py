@@ -308,6 +308,13 @@ def test_baseline_deltas_are_paired_by_id(tmp_path):
     assert comparison["per_type"]["closed_all"]["delta_strict"] == pytest.approx(0.5)
 
 
+def test_size_confusion_has_one_row_per_size_whatever_its_spelling():
+    confusion = confusion_matrix("size_numeric", [">20mm", ">20", "11-20mm", ">20mm"],
+                                 [">20", ">20mm", ">20mm", "5-10 mm"])
+    assert confusion["labels"] == ["5-10 mm", "11-20mm", ">20mm"]  # >20 is >20mm's row, the more frequent spelling
+    assert confusion["matrix"] == [[0, 0, 0], [0, 0, 1], [1, 0, 2]]
+
+
 def test_confusion_matrix_pools_rare_answers():
     confusion = confusion_matrix("count_numeric", ["2", "1", "10", "2"], ["2", "3", "1", "two"], max_labels=2)
     assert confusion["labels"] == ["1", "2", "(other)"]
