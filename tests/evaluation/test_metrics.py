@@ -311,7 +311,8 @@ def test_baseline_deltas_are_paired_by_id(tmp_path):
 def test_size_confusion_has_one_row_per_size_whatever_its_spelling():
     confusion = confusion_matrix("size_numeric", [">20mm", ">20", "11-20mm", ">20mm"],
                                  [">20", ">20mm", ">20mm", "5-10 mm"])
-    assert confusion["labels"] == ["5-10 mm", "11-20mm", ">20mm"]  # >20 is >20mm's row, the more frequent spelling
+    assert confusion["labels"] == ["5-10 mm", "11-20mm", ">20mm"]  # >20 is >20mm's row
+    assert confusion_matrix("size_numeric", [">20", ">20"], [">20mm", "none"])["labels"] == ["none", ">20mm"]
     assert confusion["matrix"] == [[0, 0, 0], [0, 0, 1], [1, 0, 2]]
 
 

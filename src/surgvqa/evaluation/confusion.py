@@ -41,12 +41,12 @@ def _label_order(question_type: str, labels: Iterable[str], frequency: Counter) 
 
 def _one_spelling_per_size(labels: Counter) -> dict[str, str]:
     """Size labels that are the same sizes (``>20`` and ``>20mm``, as strict scoring counts them) mapped to the
-    most frequent of their spellings (ties: the longer, the one with its unit), so that a matrix has one row each."""
+    most frequent of their spellings that name the unit (``>20mm``), so that a matrix has one row each."""
     groups: dict[frozenset, list[str]] = {}
     for label in labels:
         if (sizes := parse_size_labels(label)) is not None:
             groups.setdefault(frozenset(sizes), []).append(label)
-    return {label: max(spellings, key=lambda x: (labels[x], len(x), x))
+    return {label: max(spellings, key=lambda x: ("mm" in x, labels[x], len(x), x))
             for spellings in groups.values() for label in spellings}
 
 
