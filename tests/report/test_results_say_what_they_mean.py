@@ -89,6 +89,7 @@ def test_a_healthy_file_gets_no_warning_and_kvasir_keeps_its_cards(tmp_path):
     assert "collapsed" not in printed and "collapse-warning" not in page
     assert "micro average" in printed and "<span>closed types strict</span>" in page
     assert "<h2>Per question type</h2>" in page
+    assert re.search(r'<div class="meta">k\d+ · healthy.jsonl:\d+</div>', page)  # a failure case: its id and line
     assert "headline" not in metrics
 
 
