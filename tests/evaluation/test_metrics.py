@@ -106,7 +106,15 @@ def test_answer_scoring_rules():
     assert size_match("<5mm", "5-10mm", 5) == (False, True)
     assert size_match("<5mm", "11-20mm", 5) == (False, False)
     assert size_match("<5mm", "11-20mm", 6) == (False, True)
-    assert size_match("11-20mm", ">20mm", 5) == (False, True)
+    # 20 mm is where management changes: no tolerance carries a size across it, whatever the gap.
+    assert size_match("11-20mm", ">20mm", 5) == (False, False)
+    assert size_match(">20mm", "11-20mm", 100) == (False, False)
+    assert size_match(">20mm", "18mm", 5) == (False, False)
+    assert size_match("11-20mm", "22 mm", 5) == (False, False)
+    assert size_match(">20mm", "25mm", 0) == (True, True)
+    assert size_match("11-20mm", "20mm", 0) == (True, True)
+    assert size_match(">20mm", ">20", 0) == (True, True)
+    assert size_match("5-10mm", "11-20mm", 5) == (False, True)
     assert size_match("none", "<5mm", 100) == (False, False)
     assert size_match("5-10mm; <5mm", "<5mm;5-10mm", 0) == (True, True)
     assert size_match("5-10mm", "large", 5) == (False, False)
@@ -298,6 +306,14 @@ def test_baseline_deltas_are_paired_by_id(tmp_path):
     (sums,) = _reference_sums([[0, 0, 0, 1, 1, 1, 1, 1, 0, 0]], 300, seed=0)
     assert entry["delta_strict_ci"] == pytest.approx(list(np.quantile(sums / 10, [0.025, 0.975])), abs=1e-12)
     assert comparison["per_type"]["closed_all"]["delta_strict"] == pytest.approx(0.5)
+
+
+def test_size_confusion_has_one_row_per_size_whatever_its_spelling():
+    confusion = confusion_matrix("size_numeric", [">20mm", ">20", "11-20mm", ">20mm"],
+                                 [">20", ">20mm", ">20mm", "5-10 mm"])
+    assert confusion["labels"] == ["5-10 mm", "11-20mm", ">20mm"]  # >20 is >20mm's row
+    assert confusion_matrix("size_numeric", [">20", ">20"], [">20mm", "none"])["labels"] == ["none", ">20mm"]
+    assert confusion["matrix"] == [[0, 0, 0], [0, 0, 1], [1, 0, 2]]
 
 
 def test_confusion_matrix_pools_rare_answers():

@@ -161,6 +161,14 @@ def test_report_opens_in_headless_chromium(tmp_path):
             assert page.locator("#confident-errors .noimg").count() == 0
             assert page.locator("#confident-errors .case img").count() == confident_errors.count()
             page.screenshot(path=str(screenshot), full_page=True)
+
+            # The confidence table says what it means in plain words, and at 800 px nothing runs off the page.
+            assert page.locator("#confidence-in-words").inner_text().startswith("In plain words: on average the model")
+            page.set_viewport_size({"width": 800, "height": 900})
+            assert page.evaluate("document.documentElement.scrollWidth") <= 800
+            assert page.evaluate("Array.from(document.querySelectorAll('.tablewrap'))"
+                                 ".filter(d => d.scrollWidth > d.clientWidth + 1).length") == 0
+            assert page.locator("#run-line").inner_text().startswith("model: ")
         finally:
             browser.close()
     assert not problems, problems

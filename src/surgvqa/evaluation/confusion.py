@@ -39,13 +39,25 @@ def _label_order(question_type: str, labels: Iterable[str], frequency: Counter) 
     return sorted(labels, key=lambda x: (-frequency[x], x))
 
 
+def _one_spelling_per_size(labels: Counter) -> dict[str, str]:
+    """Size labels that are the same sizes (``>20`` and ``>20mm``, as strict scoring counts them) mapped to the
+    most frequent of their spellings that name the unit (``>20mm``), so that a matrix has one row each."""
+    groups: dict[frozenset, list[str]] = {}
+    for label in labels:
+        if (sizes := parse_size_labels(label)) is not None:
+            groups.setdefault(frozenset(sizes), []).append(label)
+    return {label: max(spellings, key=lambda x: ("mm" in x, labels[x], len(x), x))
+            for spellings in groups.values() for label in spellings}
+
+
 def confusion_matrix(
     question_type: str,
     references: Sequence[str],
     predictions: Sequence[str],
     max_labels: int = CONFUSION_MAX_LABELS,
 ) -> dict[str, Any]:
-    """Counts of (reference answer, predicted answer), normalised; rows = reference, columns = prediction.
+    """Counts of (reference answer, predicted answer), normalised (sizes: one spelling per size); rows =
+    reference, columns = prediction.
 
     The `max_labels` most frequent answers (references and predictions counted together) keep their own row
     and column; everything else (rarer answers, empty predictions) is pooled as "(other)".
@@ -53,6 +65,10 @@ def confusion_matrix(
     normalised = {text: normalize_answer(text) for text in {*references, *predictions}}
     refs = [normalised[r] for r in references]
     preds = [normalised[p] for p in predictions]
+    if question_type == SIZE_NUMERIC:
+        spelling = _one_spelling_per_size(Counter(refs) + Counter(preds))
+        refs = [spelling.get(r, r) for r in refs]
+        preds = [spelling.get(p, p) for p in preds]
     frequency = Counter(refs) + Counter(preds)
     frequency.pop("", None)
     kept = [label for label, _ in sorted(frequency.items(), key=lambda kv: (-kv[1], kv[0]))[:max_labels]]

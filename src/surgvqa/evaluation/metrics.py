@@ -10,6 +10,7 @@ import numpy as np
 from surgvqa.core.config import EvaluateConfig
 from surgvqa.data.answers import CLOSED_TYPES, COLOR, MCQ, QUESTION_TYPES
 from surgvqa.evaluation.bootstrap import percentile_ci, strata_where, stratified_bootstrap_sums, stratify
+from surgvqa.evaluation.collapse import collapsed_types
 from surgvqa.evaluation.comparison import CLOSED_ALL, compare_with_baseline
 from surgvqa.evaluation.confusion import confusion_matrix
 from surgvqa.evaluation.scoring import AnswerScore, PredictionRow, score_row
@@ -254,6 +255,7 @@ def _score_everything(
         for t in CLOSED_TYPES
         if metrics["per_type"][t]["n"] > 0
     }
+    metrics["collapse"] = collapsed_types(rows)
     metrics["failures"] = _failures(rows, scores, settings.failure_examples, settings.seed)
     if baseline is not None:
         metrics["baseline"] = compare_with_baseline(rows, scores, baseline, settings)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -81,18 +82,41 @@ def _inside(point: SizeValue, interval: SizeValue) -> bool:
     return above_low and below_high
 
 
+# Polyps above 20 mm are managed differently (resection technique, referral, surveillance interval), so no tolerance
+# carries a size across this line: 11-20mm and >20mm never match tolerantly, however close their bounds.
+MANAGEMENT_THRESHOLD_MM = 20.0
+
+
+def _above_threshold(size: SizeValue) -> bool | None:
+    """True when every length of `size` is above 20 mm, False when every one is at most 20 mm, None when it
+    straddles the line (``15-25mm``) or is not a length (``none``)."""
+    if not isinstance(size, SizeInterval):
+        return None
+    if size.low > MANAGEMENT_THRESHOLD_MM or (size.low == MANAGEMENT_THRESHOLD_MM and not size.low_inclusive):
+        return True
+    if size.high <= MANAGEMENT_THRESHOLD_MM:
+        return False
+    return None
+
+
+def tolerant_distance_mm(a: SizeValue, b: SizeValue) -> float:
+    """`interval_distance_mm`, but infinite between a size above 20 mm and one at most 20 mm."""
+    sides = {_above_threshold(a), _above_threshold(b)}
+    return math.inf if sides == {True, False} else interval_distance_mm(a, b)
+
+
 def _directed_distance_mm(a: Sequence[SizeValue], b: Sequence[SizeValue]) -> float:
-    return max(min(interval_distance_mm(x, y) for y in b) for x in a)
+    return max(min(tolerant_distance_mm(x, y) for y in b) for x in a)
 
 
 def size_set_distance_mm(reference: Sequence[SizeValue], prediction: Sequence[SizeValue]) -> float:
-    """Symmetric Hausdorff distance between two sets of sizes, with `interval_distance_mm` as the gap."""
+    """Symmetric Hausdorff distance between two sets of sizes, with `tolerant_distance_mm` as the gap."""
     return max(_directed_distance_mm(reference, prediction), _directed_distance_mm(prediction, reference))
 
 
 def size_match(reference: str, prediction: str, tolerance_mm: float) -> tuple[bool, bool]:
     """(strict, tolerant) for a size answer: equal labels, equal intervals or a length inside the one reference
-    interval; tolerant: every size within `tolerance_mm` of the other set."""
+    interval; tolerant: every size within `tolerance_mm` of the other set, never across 20 mm."""
     strict = label_set(reference) == label_set(prediction)
     ref_sizes, pred_sizes = parse_size_labels(reference), parse_size_labels(prediction)
     if ref_sizes is None or pred_sizes is None:

@@ -7,13 +7,15 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from surgvqa.core.formatting import NOT_AVAILABLE
+from surgvqa.core.formatting import NOT_AVAILABLE, percent, percent_interval
 from surgvqa.evaluation.comparison import CLOSED_ALL
 from surgvqa.report.contents import (
     average_rows,
     baseline_table,
+    collapse_line,
     confidence_label,
     error_banner,
+    headline,
     per_type_table,
     text_metric_items,
     text_metric_value,
@@ -38,6 +40,16 @@ def _per_type(metrics: dict, ci: str) -> Table:
         table.add_row(*_with_intervals(row), end_section=last_of_group)
     for row in average_rows(metrics):
         table.add_row(*_with_intervals(row), style="bold")
+    return table
+
+
+def _headline(metrics: dict, ci: str) -> Table:
+    """The task's own summary (x1: atomic-fact recall, ROUGE-L, exact match) in place of the per-type table."""
+    table = Table(title=f"{metrics.get('task') or 'Summary'}, % [{ci}] on {metrics.get('n', 0)} rows")
+    for column in ("metric", "value", ci):
+        table.add_column(column, justify="left" if column == "metric" else "right", no_wrap=True)
+    for label, value, interval in headline(metrics):
+        table.add_row(label, percent(value), percent_interval(interval))
     return table
 
 
@@ -77,7 +89,9 @@ def rich_tables(metrics: dict) -> list[Any]:
     ci = confidence_label(metrics)
     banner = error_banner(metrics)
     out: list[Any] = [f"[bold red]{escape(banner)}[/bold red]"] if banner else []
-    out.append(_per_type(metrics, ci))
+    if collapsed := collapse_line(metrics):
+        out.append(f"[bold yellow]{escape(collapsed)}[/bold yellow]")
+    out.append(_headline(metrics, ci) if metrics.get("headline") else _per_type(metrics, ci))
     items = text_metric_items(metrics)
     out.append(_text_metrics(items))
     out += [f"[yellow]{name}: {escape(value['unavailable'])}[/yellow]" for name, value in items

@@ -34,6 +34,45 @@ def error_banner(metrics: dict) -> str | None:
             f"accuracies understate the model. Rerun `surgvqa predict` to retry them.{example}")
 
 
+def collapse_line(metrics: dict) -> str | None:
+    """One line naming each question type whose predictions collapsed to one answer while its references vary
+    (``metrics["collapse"]``, docs/metrics.md): the accuracies then describe that answer, not the model."""
+    collapsed = metrics.get("collapse") or []
+    if not collapsed:
+        return None
+    parts = [f"{entry['question_type']}: {entry['answer']!r} is {entry['count']} of {entry['n']} predictions "
+             f"({100 * entry['share']:.0f} %) while the references hold {entry['distinct_references']} distinct answers"
+             for entry in collapsed]
+    return f"Predictions collapsed to one answer: {'; '.join(parts)}. Check the model's raw output before " \
+           "trusting these numbers."
+
+
+def headline(metrics: dict) -> list[tuple[str, float | None, Sequence[float] | None]]:
+    """(label, fraction, interval) of the numbers a result is read by: the task's own (``metrics["headline"]``,
+    e.g. x1's atomic-fact recall, ROUGE-L and exact match), else Kvasir-VQA's accuracies."""
+    if metrics.get("headline"):
+        return [(entry["label"], entry.get("value"), entry.get("ci")) for entry in metrics["headline"]]
+    overall, closed = metrics["overall"], metrics["per_type"].get(CLOSED_ALL, {})
+    return [("micro strict", overall["micro_strict"], overall["micro_strict_ci"]),
+            ("micro tolerant", overall["micro_tolerant"], overall["micro_tolerant_ci"]),
+            ("macro strict", overall["macro_strict"], overall["macro_strict_ci"]),
+            ("closed types strict", closed.get("strict"), closed.get("strict_ci"))]
+
+
+def run_line(metrics: dict, evaluated_at: str | None = None) -> str:
+    """model · task · predicted with · evaluated · commit, as far as metrics.json names them."""
+    run = metrics.get("run") or {}
+    parts = [f"model: {run.get('model') or 'unknown'}"]
+    if run.get("predicted_with"):
+        parts.append(f"predicted with: {run['predicted_with']}")
+    if run.get("task"):
+        parts.append(f"task: {run['task']}")
+    if evaluated_at:
+        parts.append(f"evaluated: {evaluated_at}")
+    parts.append(f"commit: {run.get('commit') or 'unknown'}")
+    return " · ".join(parts)
+
+
 def per_type_rows(metrics: dict) -> list[dict[str, Any]]:
     """One row per type that has rows, then closed_all: the table of the terminal, Markdown, CSV and HTML."""
     rows = []
@@ -153,6 +192,45 @@ def confidence_table(section: dict[str, Any]) -> TableData:
                      _score(after["nll"], after["nll_ci"]), _score(group["aurc"]),
                      *[confidence_percent(group[f"accuracy_at_{round(c * 100)}"]) for c in section["coverages"]]])
     return header, rows
+
+
+# The calibration scores a reader needs first; the rest follow in a second table, so that each fits 800 px.
+CONFIDENCE_MAIN = ("type", "n", "accuracy %", "ECE before", "ECE after", "Brier after", "AURC")
+CONFIDENCE_DETAIL = ("type", "ECE if calibrated", "ECE mass after", "MCE after", "NLL after")
+
+
+def confidence_tables(section: dict[str, Any]) -> tuple[TableData, TableData]:
+    """:func:`confidence_table` split in two: the main scores with accuracy at each coverage, then the others."""
+    header, rows = confidence_table(section)
+
+    def columns(names: Sequence[str]) -> TableData:
+        picked = [header.index(name) for name in names]
+        return [header[i] for i in picked], [[row[i] for i in picked] for row in rows]
+
+    main = [*CONFIDENCE_MAIN, *[name for name in header if name.startswith("acc@")]]
+    return columns(main), columns(CONFIDENCE_DETAIL)
+
+
+def confidence_in_words(section: dict[str, Any]) -> str | None:
+    """The confidence table's "all" row in one plain sentence: how sure the model says it is, how often it is
+    right, and what answering only its most confident questions buys."""
+    group = (section.get("per_type") or {}).get("all")
+    if not group:
+        return None
+    after = group["after"]
+    sure, right = after.get("mean_confidence"), after.get("accuracy")
+    if not isinstance(sure, float) or not isinstance(right, float) or math.isnan(sure) or math.isnan(right):
+        return None
+    gap = "over-confident" if sure > right + 0.02 else "under-confident" if right > sure + 0.02 else "about right"
+    text = (f"In plain words: on average the model says it is {100 * sure:.0f} % sure and is right {100 * right:.0f} % "
+            f"of the time ({gap}); a typical gap between its confidence and its accuracy is {100 * after['ece']:.0f} "
+            "points (ECE after).")
+    coverage = min(section.get("coverages") or [1.0])
+    at = group.get(f"accuracy_at_{round(coverage * 100)}")
+    if isinstance(at, float) and not math.isnan(at):
+        text += (f" Answering only its {round(coverage * 100)} % most confident questions, it is right on "
+                 f"{100 * at:.0f} %.")
+    return text
 
 
 def conformal_table(section: dict[str, Any]) -> TableData:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from typing import Any
 
 import numpy as np
@@ -82,10 +83,16 @@ def plot_baseline(metrics: dict) -> bytes | None:
     return _png(figure)
 
 
+LABEL_CHARS = 18  # a confusion label longer than this is wrapped whole, never cut
+
+
 def plot_confusion(question_type: str, confusion: dict) -> bytes:
     labels, matrix = confusion["labels"], np.asarray(confusion["matrix"], dtype=float)
     size = max(3.5, 0.55 * len(labels) + 2.0)
-    figure = _figure(size + 1.0, size)
+    lines = sum(max(1, math.ceil(len(label) / (LABEL_CHARS + 8))) for label in labels)
+    long_labels = max(len(label) for label in labels) > LABEL_CHARS
+    height = max(size, 0.16 * lines + 2.0) if long_labels else size
+    figure = _figure(size + (3.0 if long_labels else 1.0), height)
     axes = figure.add_subplot()
     totals = matrix.sum(axis=1, keepdims=True)
     share = np.divide(matrix, totals, out=np.zeros_like(matrix), where=totals > 0)
@@ -95,10 +102,15 @@ def plot_confusion(question_type: str, confusion: dict) -> bytes:
             if matrix[i, j]:
                 axes.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=8,
                           color="white" if share[i, j] > 0.6 else "black")
-    short = [label if len(label) <= 18 else label[:16] + "…" for label in labels]
-    axes.set_xticks(range(len(labels)), short, rotation=45, ha="right", fontsize=8)
-    axes.set_yticks(range(len(labels)), short, fontsize=8)
-    axes.set_xlabel("prediction")
+    if max(len(label) for label in labels) <= LABEL_CHARS:
+        axes.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
+        axes.set_yticks(range(len(labels)), labels, fontsize=8)
+        axes.set_xlabel("prediction")
+    else:  # long multi-label answers: whole, wrapped on the rows; the columns numbered as the rows
+        wrapped = [f"{i + 1}. " + "\n".join(textwrap.wrap(label, LABEL_CHARS + 8)) for i, label in enumerate(labels)]
+        axes.set_xticks(range(len(labels)), [str(i + 1) for i in range(len(labels))], fontsize=8)
+        axes.set_yticks(range(len(labels)), wrapped, fontsize=7)
+        axes.set_xlabel("prediction (numbered as the reference rows)")
     axes.set_ylabel("reference")
     axes.set_title(f"Confusion: {question_type} (row share, counts)")
     figure.colorbar(image, ax=axes, shrink=0.8)
@@ -147,7 +159,7 @@ def plot_reliability(section: dict[str, Any]) -> bytes:
 
 def plot_risk_coverage(section: dict[str, Any]) -> bytes:
     """Selective risk (errors among the answered) against coverage, answering the most confident first."""
-    figure = _figure(6.5, 4.0)
+    figure = _figure(8.5, 4.0)
     axes = figure.add_subplot(1, 1, 1)
     for name, group in section["per_type"].items():
         curve = group["risk_coverage"]
@@ -155,9 +167,11 @@ def plot_risk_coverage(section: dict[str, Any]) -> bytes:
                   linewidth=2.5 if name == ALL else 1.2, color="black" if name == ALL else None)
     axes.set_xlabel("coverage (share of questions answered)")
     axes.set_ylabel("risk (error rate among answered)")
+    axes.set_title("Risk-coverage: error rate when answering only the most confident questions", fontsize=10)
     axes.set_xlim(0, 1)
     axes.set_ylim(0, 1)
-    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)  # beside, not on, the curves
     return _png(figure)
 
 

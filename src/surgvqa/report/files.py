@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from surgvqa.report.contents import (
     average_rows,
     baseline_table,
+    collapse_line,
     confidence_label,
     confidence_table,
     error_banner,
@@ -35,6 +36,7 @@ def markdown_report(metrics: dict) -> str:
          f"{metrics.get('n_errors', 0)} prediction error(s) (scored as wrong). Accuracies in %, {ci} "
          "from a stratified bootstrap.\n"),
         *([f"> **Warning:** {banner}\n"] if banner else []),
+        *([f"> **Warning:** {collapsed}\n"] if (collapsed := collapse_line(metrics)) else []),
         "## Per question type\n",
         _md_table(*per_type_table(metrics, f"strict {ci}", f"tolerant {ci}")),
         "\n## Overall\n",

@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import functools
 import html
+import re
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -20,13 +22,17 @@ from surgvqa.report.contents import (
     abstention_table,
     average_rows,
     baseline_table,
+    collapse_line,
+    confidence_in_words,
     confidence_label,
     confidence_percent,
-    confidence_table,
+    confidence_tables,
     conformal_table,
     error_banner,
+    headline,
     per_template_table,
     per_type_table,
+    run_line,
     task_tables,
     text_metrics_table,
 )
@@ -62,6 +68,17 @@ def _environment() -> Environment:
     return environment
 
 
+_NUMBER_CELL = re.compile(r"[-+]?\d[\d.,]*( %)?( \[[^\]]*\])?|[-+]?\d[\d.,]*\.?\d* \(95 %: [\d.]+\)|\[[^\]]*\]|[—–-]?")
+
+
+def _text_columns(rows: Sequence[Sequence[str]]) -> tuple[int, ...]:
+    """The columns of a task's table that hold text (left-aligned): the first (the row's name) and any other with
+    a cell that is not a number or an interval."""
+    width = max((len(row) for row in rows), default=0)
+    return (0, *(i for i in range(1, width)
+                 if any(i < len(row) and not _NUMBER_CELL.fullmatch(str(row[i]).strip()) for row in rows)))
+
+
 def _png_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
@@ -74,20 +91,20 @@ def _confidence_view(section: dict[str, Any] | None, image_roots: Sequence[str |
     if not section:
         return None
     return {"n": section["n"], "n_abstained": section["n_abstained"],
-            "calibration": section.get("calibration") or {}, "table": confidence_table(section),
+            "calibration": section.get("calibration") or {}, "table": confidence_tables(section)[0],
+            "details_table": confidence_tables(section)[1],
+            "in_words": confidence_in_words(section),
             "conformal_table": conformal_table(section), "abstention_table": abstention_table(section),
             "errors": _with_thumbnails(section.get("most_confident_errors") or [], image_roots)}
 
 
 def render_html(
     metrics: dict, plots: dict[str, bytes], *, config_text: str | None = None, curve_source: str | None = None,
-    image_roots: Sequence[str | Path] = (),
+    image_roots: Sequence[str | Path] = (), evaluated_at: str | None = None,
 ) -> str:
     """The page's text: every table, figure (``plots``: PNG bytes by name) and image embedded; images only from
-    ``image_roots``."""
+    ``image_roots``; ``evaluated_at`` (default: now, UTC) is the date the header names."""
     ci = confidence_label(metrics)
-    overall = metrics["overall"]
-    closed = metrics["per_type"].get(CLOSED_ALL, {})
     header, rows = per_type_table(metrics, ci, ci)
     averages = average_rows(metrics)
     baseline = metrics.get("baseline")
@@ -97,17 +114,16 @@ def render_html(
     problems += [[e["where"], f"prediction error (scored as wrong): {e['error']}"] for e in metrics.get("errors", [])]
     uris = {name: _png_uri(data) for name, data in plots.items()}
     page = _environment().get_template(TEMPLATE).render(
-        metrics=metrics, settings=metrics.get("settings", {}), ci=ci, banner=error_banner(metrics),
-        cards=[("micro strict", overall["micro_strict"], overall["micro_strict_ci"]),
-               ("micro tolerant", overall["micro_tolerant"], overall["micro_tolerant_ci"]),
-               ("macro strict", overall["macro_strict"], overall["macro_strict_ci"]),
-               ("closed types strict", closed.get("strict"), closed.get("strict_ci"))],
+        metrics=metrics, settings=metrics.get("settings", {}), ci=ci, banner=error_banner(metrics), collapse=collapse_line(metrics),
+        cards=headline(metrics),
+        run_line=run_line(metrics, evaluated_at or datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
+        prompt=(metrics.get("run") or {}).get("prompt"),
         per_type={"table": (header, rows + averages),
                   "aggregate": [i for i, row in enumerate(rows) if row[0] == CLOSED_ALL]
                   + list(range(len(rows), len(rows) + len(averages)))},
         plots=uris,
         baseline=baseline, baseline_table=baseline_table(baseline, ci, ci) if baseline else None,
-        task_tables=task_tables(metrics), per_template_table=per_template_table(metrics, ci),
+        task_tables=[{**t, "text_columns": _text_columns(t["rows"])} for t in task_tables(metrics)], per_template_table=per_template_table(metrics, ci),
         text_metrics_table=text_metrics_table(metrics),
         confusion_plots=[(t, uris[f"confusion_{t}"]) for t in CLOSED_TYPES if f"confusion_{t}" in uris],
         curve_source=curve_source, confidence=_confidence_view(metrics.get("confidence"), image_roots),

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from surgvqa import report
-from surgvqa.core.config import Config, EvaluateConfig
+from surgvqa.core.config import Config, EvaluateConfig, load_config
 from surgvqa.core.io import atomic_write_json, atomic_write_text
 from surgvqa.data.answers import QUESTION_TYPES, is_bad_answer, normalize_answer
 from surgvqa.data.images import resolve_image_path
@@ -200,6 +201,56 @@ def evaluate_predictions(
                                             with_meteor=with_meteor)
 
 
+def code_commit() -> str | None:
+    """The git commit of the surgvqa code that scored the file (``+changes`` when its checkout has uncommitted
+    edits), else the installed package's version: a report names what made its numbers."""
+    package = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(package), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(package), "status", "--porcelain", "--untracked-files=no", "."],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"surgvqa {version('surgvqa')}"
+        except PackageNotFoundError:
+            return None
+    return f"{commit}+changes" if dirty else commit or None
+
+
+def run_info(config: Config | None, predictions: Path) -> dict[str, Any]:
+    """What the report's header and "Run configuration" name: the model, the task, the prompt the task actually
+    asked with (its own defaults where the config leaves prompt.system / prompt.user_template unset), the
+    model folder the predictions were made with, and the code's commit."""
+    info: dict[str, Any] = {"model": None, "task": None, "prompt": None, "predicted_with": None,
+                            "commit": code_commit()}
+    if config is not None:
+        task = get_task(config.task)
+        info.update(model=config.model.name_or_path, task=config.task,
+                    prompt={"system": task.system_text(config.prompt),
+                            "user_template": task.user_template(config.prompt)})
+    made_with = predictions.with_name(f"{predictions.stem}.made_with.json")
+    if made_with.is_file():
+        try:
+            info["predicted_with"] = json.loads(made_with.read_text(encoding="utf-8")).get("model")
+        except (ValueError, AttributeError):  # an unreadable note only leaves the field empty
+            pass
+    return info
+
+
+def _run_config(run_dir: Path) -> Config | None:
+    """The run's resolved config, when its folder holds a readable one."""
+    path = run_dir / "config.resolved.yaml"
+    if not path.is_file():
+        return None
+    try:
+        return load_config(path)
+    except (ValueError, OSError):
+        return None
+
+
 def run_on_file(
     predictions: Path,
     out_dir: Path,
@@ -209,12 +260,14 @@ def run_on_file(
     with_report: bool = True,
     *,
     with_meteor: bool = True,
+    config: Config | None = None,
 ) -> dict:
     """Score `predictions` (and compare with `baseline`), write everything to `out_dir`, return the metrics.
 
     `run_dir` (default: the predictions file's folder) is where config.resolved.yaml and train_log.jsonl /
-    trainer_state.json are looked for. `with_report=False` writes metrics.json and the tables only;
-    `with_meteor=False` skips the METEOR jar (seconds of JVM start-up), reported as unavailable ("disabled").
+    trainer_state.json are looked for; `config` (default: that folder's config.resolved.yaml) names the model and
+    the prompt. `with_report=False` writes metrics.json and the tables only; `with_meteor=False` skips the METEOR
+    jar (seconds of JVM start-up), reported as unavailable ("disabled").
     """
     predictions, out_dir = Path(predictions), Path(out_dir)
     loaded = load_predictions(predictions)
@@ -236,6 +289,7 @@ def run_on_file(
         with_meteor=with_meteor,
     )
     metrics = {"predictions": str(predictions), "n_lines": loaded.lines, **metrics}
+    metrics["run"] = run_info(config or _run_config(Path(run_dir or predictions.parent)), predictions)
     if (confidence := confidence_metrics(predictions, settings, QUESTION_TYPES)) is not None:
         metrics["confidence"] = confidence
     summary = Path(run_dir or predictions.parent) / "prepared" / "summary.json"
@@ -290,7 +344,7 @@ def run(config: Config, *, predictions: Path | None = None, baseline: Path | Non
         if baseline is None and is_own and untrained.exists():
             baseline = untrained
     return run_on_file(predictions, out, config.evaluate, baseline=baseline, run_dir=config.run_dir,
-                       with_report=with_report)
+                       with_report=with_report, config=config)
 
 
 def print_metrics_table(metrics: dict) -> None:

@@ -175,7 +175,9 @@ class Task:
 
     def task_metrics(self, rows: Sequence[PredictionRow], settings: EvaluateConfig, *,
                      baseline: Sequence[PredictionRow] | None, with_text_metrics: bool) -> dict[str, Any]:
-        """The task's own entries of metrics.json (its metrics, then ``task_tables`` for the report); {} for none."""
+        """The task's own entries of metrics.json (its metrics, then ``task_tables`` for the report, and
+        ``headline``: [{label, value, ci}], the numbers the terminal summary and the report's cards lead with in
+        place of Kvasir-VQA's accuracies); {} for none."""
         return {}
 
 

@@ -180,6 +180,15 @@ def x1_metrics(rows: Sequence[PredictionRow], settings: EvaluateConfig,
     return result
 
 
+def x1_headline(x1: dict[str, Any]) -> list[dict[str, Any]]:
+    """The numbers an x1 result is read by, for the terminal summary and the report's cards (fractions, with
+    their intervals): atomic-fact recall, ROUGE-L and normalised exact match."""
+    recall = x1["atomic_recall"]
+    return [{"label": "atomic-fact recall", "value": recall["value"], "ci": recall["ci"]},
+            {"label": "ROUGE-L", "value": x1["rougeL"], "ci": x1["rougeL_ci"]},
+            {"label": "exact match", "value": x1["exact_match"], "ci": x1["exact_match_ci"]}]
+
+
 def _pct(value: Any) -> str:
     return percent(value, missing="-")
 

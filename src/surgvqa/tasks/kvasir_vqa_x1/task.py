@@ -31,7 +31,7 @@ from surgvqa.data.records import Record
 from surgvqa.data.sources import ANSWER_KEYS, QUESTION_KEYS, RawRow, SourceError, iter_raw_rows, local_path
 from surgvqa.data.synthetic_x1 import synthetic_x1_source
 from surgvqa.tasks.base import SplitOutcome, Task, official_split_outcome, reject_unknown_split
-from surgvqa.tasks.kvasir_vqa_x1.metrics import x1_metrics, x1_tables
+from surgvqa.tasks.kvasir_vqa_x1.metrics import x1_headline, x1_metrics, x1_tables
 from surgvqa.tasks.kvasir_vqa_x1.text import normalise_text, original_problem, question_classes
 
 if TYPE_CHECKING:
@@ -197,5 +197,5 @@ class KvasirVQAx1(Task):
     def task_metrics(self, rows: Sequence[PredictionRow], settings: EvaluateConfig, *,
                      baseline: Sequence[PredictionRow] | None, with_text_metrics: bool) -> dict[str, Any]:
         x1 = x1_metrics(rows, settings, baseline)
-        return {"x1": x1, "task_tables": x1_tables(x1)}
+        return {"x1": x1, "task_tables": x1_tables(x1), "headline": x1_headline(x1)}
 
