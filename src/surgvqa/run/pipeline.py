@@ -20,7 +20,6 @@ from surgvqa.core.io import (
     recover_directory,
     remove_stale_temporaries,
 )
-from surgvqa.data.sources import SourceError, dataset_root, detect_format, local_path
 from surgvqa.stages import GateFailed
 from surgvqa.stages import stage as load_stage
 
@@ -65,6 +64,9 @@ BOOKKEEPING_SETTINGS = ("train.save_steps", "train.logging_steps", "train.save_t
 
 def _source_fingerprint(config: Config) -> str:
     """The local data source's files with their sizes and modification times: a changed file reruns ``prepare``."""
+    # Imported here, as in _image_folders: the source readers bring PIL, and the CLI imports this module at start-up.
+    from surgvqa.data.sources import local_path
+
     path = local_path(config.data.source)  # `~/kvasir.jsonl` is the file prepare reads, to be fingerprinted too
     if config.data.source == "synthetic" or not path.exists():
         return config.data.source
@@ -75,6 +77,8 @@ def _image_folders(config: Config) -> list[Path]:
     """The image files ``prepare`` reads beside ``data.source``: the dataset root that JSONL and CSV rows name
     their images in, and ``data.images`` (the x1 layout's images, joined by img_id). Parquet, save_to_disk, hub
     and synthetic sources embed their images, which the source's own fingerprint covers."""
+    from surgvqa.data.sources import SourceError, dataset_root, detect_format, local_path
+
     folders = []
     source = config.data.source
     if source != "synthetic" and not source.startswith("hub:") and local_path(source).exists():
