@@ -30,9 +30,12 @@ from surgvqa.core.io import (
     append_lines,
     atomic_write_json,
     atomic_write_text,
+    check_not_foreign,
     content_digest,
     iter_jsonl,
     jsonl_text,
+    remove_file,
+    remove_tree,
     replace_directory,
     shown_names,
 )
@@ -332,7 +335,7 @@ def latest_complete_checkpoint(folder: Path, *, discard_incomplete: bool = False
             return str(path)
         if discard_incomplete:
             log.warning("%s was not completely saved (interrupted); resuming from the one before", path)
-            shutil.rmtree(path, ignore_errors=True)
+            remove_tree(path)
     return None
 
 
@@ -431,6 +434,7 @@ def start_checkpoints(checkpoints: Path, key: dict[str, Any]) -> None:
     the new ones first, and a later ``--resume`` would continue the old ones under the new record."""
     # Renamed aside in one step before deletion: a kill part-way through deleting must not leave some old
     # checkpoints in a folder without their record, which a later --resume would continue unchecked.
+    check_not_foreign(checkpoints, "delete")  # a file the user kept in an adopted run folder's checkpoints/
     discarded = checkpoints.with_name(checkpoints.name + ".discarded")
     shutil.rmtree(discarded, ignore_errors=True)
     if checkpoints.exists():
@@ -634,7 +638,7 @@ def train(config: Config, *, resume: bool = False, restart: bool = False,
         if trainer.is_world_process_zero():
             start_checkpoints(checkpoints, made_with)
         for name in ("train_log.jsonl", "train_log.csv"):
-            (run_dir / name).unlink(missing_ok=True)
+            remove_file(run_dir / name)
     else:
         step = int(Path(last).name.rsplit("-", 1)[1])
         truncate_logs(run_dir, step)
