@@ -325,18 +325,26 @@ def _is_complete_checkpoint(path: Path) -> bool:
 
 def latest_complete_checkpoint(folder: Path, *, discard_incomplete: bool = False) -> str | None:
     """The newest complete checkpoint; with ``discard_incomplete``, newer half-written ones are deleted so that
-    the resumed run can save its own checkpoint at that step again."""
+    the resumed run can save its own checkpoint at that step again, and older incomplete ones too: HF deletes
+    the checkpoints beyond ``save_total_limit`` after saving the last one, and a kill while it deletes one leaves
+    a folder without its weights that no run would ever use or remove."""
     if not folder.is_dir():
         return None
     steps = sorted((int(path.name.split("-")[1]), path) for path in folder.glob("checkpoint-*")
                    if path.name.split("-")[1].isdigit())
+    latest = None
     for _, path in reversed(steps):
         if _is_complete_checkpoint(path):
-            return str(path)
-        if discard_incomplete:
+            latest = latest or path
+            if not discard_incomplete:
+                break
+        elif discard_incomplete and latest is None:
             log.warning("%s was not completely saved (interrupted); resuming from the one before", path)
             remove_tree(path)
-    return None
+        elif discard_incomplete:
+            log.warning("%s is incomplete (its deletion was interrupted); removed", path)
+            remove_tree(path)
+    return None if latest is None else str(latest)
 
 
 def truncate_logs(run_dir: Path, last_step: int) -> None:
