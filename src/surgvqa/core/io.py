@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -40,11 +41,14 @@ def foreign_file_under(path: str | Path) -> Path | None:
     if not _foreign:
         return None
     path = Path(os.path.abspath(path))
-    for foreign in sorted(_foreign):
-        # one the user has since moved away is no longer in the way
-        if (foreign == path or path in foreign.parents) and os.path.lexists(foreign):
-            return foreign
-    return None
+    # One the user has since moved away is no longer in the way. Only a real folder can hold one: a file's
+    # check is one look-up, however many files an adopted folder holds.
+    if path in _foreign and os.path.lexists(path):
+        return path
+    if path.is_symlink() or not path.is_dir():
+        return None
+    return next((foreign for foreign in sorted(_foreign)
+                 if path in foreign.parents and os.path.lexists(foreign)), None)
 
 
 def check_not_foreign(path: str | Path, action: str = "replace") -> None:
@@ -61,6 +65,25 @@ def umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def give_umask_mode(folder: str | Path) -> None:
+    """Give ``folder`` and what is under it at least the bits that ``open()`` and ``mkdir`` give under the umask:
+    safetensors writes its weights 0600 and ``mkdtemp`` makes 0700 folders, so no one else on a shared cluster
+    could load a saved model."""
+    mask = umask()
+    folder = Path(folder)
+    for path in [folder, *folder.rglob("*")]:
+        try:
+            status = path.lstat()
+            if stat.S_ISLNK(status.st_mode):
+                continue
+            mode = stat.S_IMODE(status.st_mode)
+            wanted = mode | ((0o777 if stat.S_ISDIR(status.st_mode) else 0o666) & ~mask)
+            if wanted != mode:
+                os.chmod(path, wanted)
+        except OSError:
+            pass  # one we cannot chmod keeps its mode
 
 
 def remove_file(path: str | Path) -> None:

@@ -16,8 +16,10 @@ from surgvqa.core.io import ForeignFileError, atomic_write_json, protect_foreign
 
 MARKER = ".surgvqa-run"
 LOCK_FILE = ".lock"  # the run lock's file, made before the folder is claimed (run.runlock)
-# What a run folder made before the marker existed always holds: such a folder is surgvqa's own.
-EARLIER_RUN_FILES = ("stages.json", "config.resolved.yaml")
+# What a run folder made before the marker existed holds (the ledger, the resolved config, prepare's summary, which
+# is also what a user copies in from another run to skip preparing, `surgvqa slurm`'s chain): such a folder is
+# surgvqa's own.
+EARLIER_RUN_FILES = ("stages.json", "config.resolved.yaml", "prepared/summary.json", "slurm/RUN_ALL.sh")
 
 
 class ForeignRunFolder(ForeignFileError):
@@ -29,9 +31,12 @@ def _entries(run_dir: Path) -> list[str]:
 
 
 def _files_under(run_dir: Path) -> list[str]:
-    top = {run_dir / MARKER, run_dir / LOCK_FILE}
-    return sorted(str(path.relative_to(run_dir)) for path in run_dir.rglob("*")
-                  if (path.is_symlink() or not path.is_dir()) and path not in top)
+    found = []
+    for parent, folders, files in os.walk(run_dir):  # links to folders are listed, never followed
+        found += [os.path.join(parent, name) for name in files]
+        found += [os.path.join(parent, name) for name in folders if os.path.islink(os.path.join(parent, name))]
+    top = {str(run_dir / MARKER), str(run_dir / LOCK_FILE)}
+    return sorted(os.path.relpath(path, run_dir) for path in found if path not in top)
 
 
 def claim_run_directory(run_dir: str | Path, *, adopt: bool = False) -> list[str]:

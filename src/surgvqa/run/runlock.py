@@ -48,7 +48,7 @@ def run_directory_lock(run_dir: str | Path, command: str | None = None, *, adopt
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         # No O_TRUNC: the holder's pid must still be readable by the process that is refused.
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)  # less the umask, as every file
     except OSError as exc:
         raise _cannot_write(run_dir, exc) from None
     with os.fdopen(fd, "r+", encoding="utf-8") as handle:

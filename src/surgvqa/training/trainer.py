@@ -32,6 +32,7 @@ from surgvqa.core.io import (
     atomic_write_text,
     check_not_foreign,
     content_digest,
+    give_umask_mode,
     iter_jsonl,
     jsonl_text,
     remove_file,
@@ -207,6 +208,7 @@ class SupervisedOnlyTrainer(Trainer):
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
+        give_umask_mode(output_dir)  # the weights, as safetensors wrote them: 0600
         failpoint("train.checkpoint")  # weights and optimizer written, trainer state not yet: a half checkpoint
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
@@ -603,6 +605,7 @@ def save_trained(model: Any, processor: Any, target: Path) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
     processor.save_pretrained(partial)
+    give_umask_mode(partial)
     return replace_directory(partial, target)
 
 
