@@ -116,7 +116,10 @@ def _config(config: Path | None, overrides: list[str] | None, *, write: bool = T
     except ConfigError as exc:
         fail(str(exc))
     if write:
-        _lock_run_directory(loaded, adopt=adopt)
+        # prepare, train and run replace whole folders of the run: a folder surgvqa did not make is refused unless
+        # adopted with `run --force`. The other commands add single files (a user's own predictions.jsonl is
+        # evaluated where it lies): they adopt such a folder, its files protected all the same.
+        _lock_run_directory(loaded, adopt=adopt or not record)
         if record:
             write_resolved_config(loaded)
     return loaded

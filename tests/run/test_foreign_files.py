@@ -100,3 +100,23 @@ def test_adopted_files_are_never_replaced_or_deleted_by_any_writer(tmp_path):
     _assert_unchanged(run_dir, FOREIGN)
     io.atomic_write_text(run_dir / "notes.txt", "surgvqa's own")  # elsewhere it writes as before
     assert stat.S_ISREG((run_dir / "notes.txt").stat().st_mode)
+
+
+def test_evaluate_of_a_users_own_predictions_adopts_the_folder_and_keeps_them(tmp_path):
+    """Commands that add single files (evaluate, predict, diagnose) adopt a folder they did not make, its files
+    protected: the user's predictions.jsonl is scored where it lies and stays byte for byte; a later `surgvqa run`
+    there stops before replacing it."""
+    from typer.testing import CliRunner
+
+    from surgvqa.cli import app
+
+    run_dir = tmp_path / "demo"
+    run_dir.mkdir()
+    mine = "".join(f'{{"id": "q{i}", "img_id": "i{i}", "question": "Is there a polyp?", "answer": "yes", '
+                   f'"question_type": "yes_no", "prediction": "{"yes" if i % 2 else "no"}"}}\n' for i in range(6))
+    (run_dir / "predictions.jsonl").write_text(mine, encoding="utf-8")
+    result = CliRunner().invoke(app, ["evaluate", "--no-report", "--set", f"output_dir={tmp_path}"])
+    assert result.exit_code == 0, result.output
+    assert (run_dir / MARKER).is_file() and (run_dir / "metrics.json").is_file()
+    assert (run_dir / "predictions.jsonl").read_text(encoding="utf-8") == mine
+    assert claim_run_directory(run_dir) == ["predictions.jsonl"]
