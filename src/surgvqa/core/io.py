@@ -61,7 +61,15 @@ def check_not_foreign(path: str | Path, action: str = "replace") -> None:
 
 
 def umask() -> int:
-    """The process's umask (read by setting it, so set back at once)."""
+    """The process's umask: from /proc where Linux shows it, else read by setting it and setting it back (which
+    another thread creating a file at that instant would see)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
