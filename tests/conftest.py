@@ -75,7 +75,7 @@ def small_run_command(session_cache):
 
     repo = Path(__file__).resolve().parents[1]
 
-    def run(output_dir: Path, failpoint: str | None = None) -> subprocess.CompletedProcess:
+    def run(output_dir: Path, failpoint: str | None = None, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
         settings = [f"output_dir={output_dir}", "run_name=small", f"cache_dir={session_cache}",
                     "data.synthetic.images=20", f"train.max_steps={run.steps}",
                     f"train.save_steps={run.save_steps}", "train.logging_steps=1",
@@ -86,7 +86,7 @@ def small_run_command(session_cache):
         env.pop(ENVIRONMENT_VARIABLE, None)
         if failpoint:
             env[ENVIRONMENT_VARIABLE] = failpoint
-        command = [sys.executable, "-m", "surgvqa", "run", "--skip-sanity",
+        command = [sys.executable, "-m", "surgvqa", "run", "--skip-sanity", *extra,
                    *(arg for item in settings for arg in ("--set", item))]
         return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
 

@@ -106,7 +106,7 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def _config(config: Path | None, overrides: list[str] | None, *, write: bool = True,
-            record: bool = False) -> Config:
+            record: bool = False, adopt: bool = False) -> Config:
     """Load the config; for a command that writes into the run directory (``write``), also take the directory's
     lock for the rest of the command. Only the commands that make the run's data and model (``record``: prepare,
     train, run) record the resolved config there: a diagnose, predict or evaluate tried with other settings must
@@ -116,17 +116,21 @@ def _config(config: Path | None, overrides: list[str] | None, *, write: bool = T
     except ConfigError as exc:
         fail(str(exc))
     if write:
-        _lock_run_directory(loaded)
+        # prepare, train and run replace whole folders of the run: a folder surgvqa did not make is refused unless
+        # adopted with `run --force`. The other commands add single files (a user's own predictions.jsonl is
+        # evaluated where it lies): they adopt such a folder, its files protected all the same.
+        _lock_run_directory(loaded, adopt=adopt or not record)
         if record:
             write_resolved_config(loaded)
     return loaded
 
 
-def _lock_run_directory(cfg: Config) -> None:
-    """Hold the run directory's lock until the current command ends (the click context closes it)."""
+def _lock_run_directory(cfg: Config, *, adopt: bool = False) -> None:
+    """Hold the run directory's lock until the current command ends (the click context closes it); a folder
+    surgvqa did not make is refused unless ``adopt`` (``run --force``)."""
     if int(os.environ.get("RANK", "0")) != 0:
         return  # the workers of one torchrun job share the directory; rank 0 holds the lock for all of them
-    _command_scope.enter_context(run_directory_lock(cfg.run_dir, command=_command_name))
+    _command_scope.enter_context(run_directory_lock(cfg.run_dir, command=_command_name, adopt=adopt))
 
 
 def _print_json(payload: object) -> None:
@@ -373,14 +377,15 @@ def run(
     config: ConfigOption = None,
     set_: SetOption = None,
     from_stage: Annotated[str | None, typer.Option("--from", help="rerun from this stage on")] = None,
-    force: Annotated[bool, typer.Option("--force", help="rerun every stage")] = False,
+    force: Annotated[bool, typer.Option("--force", help="rerun every stage; also use a run folder that surgvqa did "
+                                        "not make (its files are kept: never replaced or deleted)")] = False,
     skip_sanity: Annotated[bool, typer.Option("--skip-sanity", help="do not run the overfit gate")] = False,
 ) -> None:
     """Every stage in order (prepare, diagnose, overfit, train, baseline, predict, evaluate), skipping the
     stages whose inputs and config are unchanged."""
     if from_stage is not None and from_stage not in STAGE_NAMES:
         fail(f"--from {from_stage!r}: choose one of {', '.join(STAGE_NAMES)}")
-    cfg = _config(config, set_, record=True)
+    cfg = _config(config, set_, record=True, adopt=force)
     from surgvqa.training.trainer import Preempted
 
     try:

@@ -1,6 +1,7 @@
 """A config error names where the bad value came from: the file (with its line numbers for a repeated key) or the
 ``--set`` override that gave it."""
 
+import time
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,38 @@ def test_override_error_reaches_the_command_line_with_its_origin():
     assert result.exit_code == 2
     assert result.output == ("error: --set train.lr=abc: 'train.lr': Input should be a valid number, unable to parse "
                              "string as a number (got 'abc')\n")
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.epochs=inf", "train.epochs"), ("train.epochs=.inf", "train.epochs"), ("train.lr=.nan", "train.lr"),
+    ("train.lr=nan", "train.lr"),
+    ("evaluate.size_tolerance_mm=-.inf", "evaluate.size_tolerance_mm"),
+])
+def test_infinite_and_nan_values_fail_at_load_naming_the_key(override, key):
+    # `train.epochs=inf` passed every bound and failed after prepare with OverflowError (issue 29).
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, [override])
+    assert f"'{key}': Input should be a finite number" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_yaml_alias_bomb_is_reported_with_a_bounded_excerpt_in_bounded_time(tmp_path):
+    # Each level lists the one before ten times: a small file whose value of train.lr repr()s to 10^7 items.
+    levels = [f"a0: &a0 [{', '.join(['x' * 10] * 10)}]"]
+    levels += [f"a{n}: &a{n} [{', '.join([f'*a{n - 1}'] * 10)}]" for n in range(1, 7)]
+    config_file = write_config(tmp_path, "\n".join(["x-anchors:", *("  " + line for line in levels)])
+                               + "\ntrain:\n  lr: *a6\n")  # was 4 s and a 100 MB string (8 levels: > 2 GB)
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as caught:
+        load_config(config_file)
+    assert time.monotonic() - started < 1.0
+    message = str(caught.value)
+    assert "'train.lr': Input should be a valid number" in message and len(message) < 600, message
+
+
+def test_no_value_and_a_leading_dash_in_run_name_say_what_is_wrong():
+    with pytest.raises(ConfigError, match=r"'run_name': has no value \(YAML reads ~, null and an empty value as "
+                                          r"none\); give one"):
+        load_config(None, ["run_name=~"])
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["run_name=-x"])
+    assert "starts with a letter or digit" in str(caught.value) and "(got '-x')" in str(caught.value)

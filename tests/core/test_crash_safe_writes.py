@@ -115,3 +115,25 @@ def test_a_full_disk_while_writing_the_report_is_one_clear_error_and_the_old_rep
     assert f"error: cannot write {report}: no space left or file-size limit reached" in result.stderr
     assert "Traceback" not in result.stderr
     assert report.read_bytes() == before
+
+
+def test_written_files_and_swapped_folders_take_the_umasks_mode(tmp_path):
+    """The temporary file + rename made every file 0600 and every swapped folder 0700 (issue 28): on a shared
+    cluster nobody else could read the report. They now get what open() and mkdir give under the umask."""
+    import tempfile
+
+    from surgvqa.core.io import atomic_write_text
+
+    previous = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "report.html", "<p>report</p>")
+        append_lines(tmp_path / "log.jsonl", ["{}\n"])
+        staged = Path(tempfile.mkdtemp(dir=tmp_path, prefix=".model.", suffix=".tmp"))
+        atomic_write_text(staged / "weights.json", "{}")
+        replace_directory(staged, tmp_path / "model")
+    finally:
+        os.umask(previous)
+    modes = {path.name: oct(path.stat().st_mode & 0o777)
+             for path in [tmp_path / "report.html", tmp_path / "log.jsonl", tmp_path / "model",
+                          tmp_path / "model" / "weights.json"]}
+    assert modes == {"report.html": "0o640", "log.jsonl": "0o640", "model": "0o750", "weights.json": "0o640"}

@@ -3,6 +3,7 @@ split, answers as `surgvqa predict` does, row for row; its dataset statement is 
 rewrites; `surgvqa evaluate --challenge` scores its predictions_1.json."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ from surgvqa.export.challenge import (
     CHALLENGES,
     export_submission,
     local_datasets,
+    remove_stale_staging,
     render_script,
     run_script,
     write_challenge_predictions,
@@ -253,3 +255,23 @@ def test_export_replaces_only_a_new_or_empty_folder_or_an_earlier_export(untrain
     again = export_submission(config, "gi-2025", first, validate=False)  # an earlier export: replaced whole
     assert sorted(path.name for path in again.iterdir()) == ["README.md", "requirements.txt", "submission_task1.py"]
     assert "# edited by hand" not in (again / "submission_task1.py").read_text(encoding="utf-8")
+
+
+def test_a_killed_exports_staging_folder_is_removed_by_the_next_export(untrained_run, tmp_path):
+    """A kill during an export leaves its staging folder `.<name>.*.tmp/` beside the output (issue 29, junk): the
+    next export to that output removes it; a live export's folder (its pid alive) and other names are kept."""
+    config = untrained_run("kvasir-vqa")
+    out = tmp_path / "submission"
+    killed = subprocess.Popen([sys.executable, "-c", "pass"])
+    killed.wait()
+    leftovers = [tmp_path / ".submission.abcd1234.tmp", tmp_path / f".submission.{killed.pid}.k9x2.tmp"]
+    live = tmp_path / f".submission.{os.getpid()}.live.tmp"
+    other = tmp_path / ".other.12.x.tmp"
+    for folder in [*leftovers, live, other]:
+        folder.mkdir()
+        (folder / "submission_task1.py").write_text("# half written\n", encoding="utf-8")
+    export_submission(config, "gi-2025", out, validate=False)
+    assert not any(folder.exists() for folder in leftovers)
+    assert live.is_dir() and other.is_dir()
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([live.name, other.name, "submission"])
+    assert remove_stale_staging(out) == []

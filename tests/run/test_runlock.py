@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from surgvqa.cli import app
+from surgvqa.core.run_folder import MARKER
 from surgvqa.run.runlock import LOCK_FILE, RunDirectoryBusy, run_directory_lock
 
 SURGVQA = Path(sys.executable).parent / "surgvqa"
@@ -46,8 +47,8 @@ def test_second_process_on_a_held_run_directory_is_refused_at_once(tmp_path):
     assert result.stderr == (f"error: {run_dir} is in use by another surgvqa process (pid {holder.pid}, "
                              "`surgvqa run`); wait for it or use another run_name\n")
     assert elapsed < 15
-    # Refused before anything was written: not even the resolved config.
-    assert sorted(path.name for path in run_dir.iterdir()) == [LOCK_FILE]
+    # Refused before anything was written: not even the resolved config (the holder made the lock and the marker).
+    assert sorted(path.name for path in run_dir.iterdir()) == [LOCK_FILE, MARKER]
 
 
 def test_lock_of_a_killed_process_does_not_block(tmp_path):

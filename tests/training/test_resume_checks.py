@@ -237,3 +237,23 @@ def test_a_kill_while_old_checkpoints_are_deleted_leaves_none_of_them_to_resume(
     assert sorted(path.name for path in checkpoints.iterdir()) == ["made_with.json"]
     training.start_checkpoints(checkpoints, {"settings": {}, "training_split_sha256": "x"})  # the rerun
     assert not checkpoints.with_name("checkpoints.discarded").exists()
+
+
+def test_an_incomplete_checkpoint_left_by_a_killed_rotation_is_removed_at_the_next_run(tmp_path):
+    """HF deletes the checkpoints beyond save_total_limit after saving the last one; a kill while it deletes one
+    leaves a folder without its weights (issue 29, junk). The next resume removes it and keeps the complete ones."""
+    folder = tmp_path / "checkpoints"
+
+    def checkpoint(step: int, weights: bool) -> Path:
+        path = folder / f"checkpoint-{step}"
+        path.mkdir(parents=True)
+        (path / "trainer_state.json").write_text(json.dumps({"global_step": step}), encoding="utf-8")
+        if weights:
+            (path / "adapter_model.safetensors").write_bytes(b"weights")
+        return path
+
+    half_deleted, kept, last = checkpoint(2, weights=False), checkpoint(4, True), checkpoint(6, True)
+    assert training.latest_complete_checkpoint(folder) == str(last)
+    assert half_deleted.is_dir()  # looking is not cleaning
+    assert training.latest_complete_checkpoint(folder, discard_incomplete=True) == str(last)
+    assert not half_deleted.exists() and kept.is_dir() and last.is_dir()

@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import json
 import re
+import reprlib
 import string
 from importlib import resources
 from pathlib import Path
@@ -28,7 +29,8 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `train.epochs: .inf` passed every bound and failed after prepare with an OverflowError.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # A run name is a folder name and part of every SLURM job name: no path separators, spaces or shell syntax.
@@ -374,8 +376,8 @@ class Config(_Section):
     @classmethod
     def _folder_and_job_name(cls, value: str) -> str:
         if not RUN_NAME_PATTERN.fullmatch(value):
-            raise ValueError("must be a folder name of letters, digits, '.', '_', '+', '-' (it names the run "
-                             "directory and the SLURM jobs)")
+            raise ValueError("must be a folder name that starts with a letter or digit and goes on with letters, "
+                             "digits, '.', '_', '+' or '-' (it names the run directory and the SLURM jobs)")
         return value
 
     @field_validator("output_dir", "cache_dir")
@@ -539,6 +541,17 @@ def _shortened(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+# An excerpt of a value, never its whole repr: a YAML alias bomb (`a: &a [x, x]`, `b: &b [*a, *a]`, ...) is a small
+# tree of shared lists whose full repr runs to gigabytes (40 s, then MemoryError, for one value of train.lr).
+_EXCERPT = reprlib.Repr()
+_EXCERPT.maxlevel, _EXCERPT.maxlist, _EXCERPT.maxtuple, _EXCERPT.maxdict = 3, 4, 4, 4
+_EXCERPT.maxstring, _EXCERPT.maxother = 60, 60
+
+
+def _excerpt(value: object) -> str:
+    return _shortened(_EXCERPT.repr(value))
+
+
 def _format_validation_error(error: ValidationError, config_path: Path, overrides: list[_Override]) -> str:
     problems_by_origin: dict[str, list[str]] = {}
     for item in error.errors():
@@ -547,11 +560,15 @@ def _format_validation_error(error: ValidationError, config_path: Path, override
         if item["type"] == "extra_forbidden":
             problem = f"unknown key '{key}'"
         else:
-            got = _shortened(repr(item.get("input")))
+            got = _excerpt(item.get("input"))
             if item["type"] == "string_type" and isinstance(item.get("input"), (bool, int, float)):
                 got += "; write it in quotes to make it text"  # YAML read `run_name: 2024` as a number
             message = item["msg"].removeprefix("Value error, ")
-            problem = f"'{key}': {message} (got {got})"
+            if item.get("input") is None and item["type"].endswith("_type"):
+                # `run_name: ~`, `null` or nothing after the colon: YAML's "no value", shown as None
+                problem = f"'{key}': has no value (YAML reads ~, null and an empty value as none); give one"
+            else:
+                problem = f"'{key}': {message} (got {got})"
         problems_by_origin.setdefault(_error_origin(key_path, config_path, overrides), []).append(problem)
     return "; ".join(f"{origin}: " + "; ".join(problems) for origin, problems in problems_by_origin.items())
 

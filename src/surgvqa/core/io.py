@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -19,6 +20,91 @@ _NO_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 class WriteError(OSError):
     """A file could not be written (full disk, file-size limit, read-only folder); the old content is intact."""
+
+
+class ForeignFileError(WriteError):
+    """surgvqa was about to replace or delete a file it did not write (see :func:`protect_foreign_files`)."""
+
+
+# Files surgvqa found in a run folder it adopted (``surgvqa run --force``) and so never replaces or deletes; every
+# writer and remover below checks this set, so no stage can take such a file whatever path it takes to it.
+_foreign: set[Path] = set()
+
+
+def protect_foreign_files(paths: Iterable[str | Path]) -> None:
+    """Refuse, for the rest of this process, to replace or delete any of ``paths`` (absolute)."""
+    _foreign.update(Path(os.path.abspath(path)) for path in paths)
+
+
+def foreign_file_under(path: str | Path) -> Path | None:
+    """A protected file at ``path`` or under it (a folder about to be replaced whole), or None."""
+    if not _foreign:
+        return None
+    path = Path(os.path.abspath(path))
+    # One the user has since moved away is no longer in the way. Only a real folder can hold one: a file's
+    # check is one look-up, however many files an adopted folder holds.
+    if path in _foreign and os.path.lexists(path):
+        return path
+    if path.is_symlink() or not path.is_dir():
+        return None
+    return next((foreign for foreign in sorted(_foreign)
+                 if path in foreign.parents and os.path.lexists(foreign)), None)
+
+
+def check_not_foreign(path: str | Path, action: str = "replace") -> None:
+    """Raise :class:`ForeignFileError` when ``path`` is, or holds, a file surgvqa did not write."""
+    foreign = foreign_file_under(path)
+    if foreign is not None:
+        raise ForeignFileError(f"{foreign} was not written by surgvqa (it was in the run folder when surgvqa "
+                               f"adopted it), and surgvqa would {action} it: move it out of the run folder "
+                               "or choose another run_name; nothing of yours was deleted")
+
+
+def umask() -> int:
+    """The process's umask: from /proc where Linux shows it, else read by setting it and setting it back (which
+    another thread creating a file at that instant would see)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_umask_mode(folder: str | Path) -> None:
+    """Give ``folder`` and what is under it at least the bits that ``open()`` and ``mkdir`` give under the umask:
+    safetensors writes its weights 0600 and ``mkdtemp`` makes 0700 folders, so no one else on a shared cluster
+    could load a saved model."""
+    mask = umask()
+    folder = Path(folder)
+    for path in [folder, *folder.rglob("*")]:
+        try:
+            status = path.lstat()
+            if stat.S_ISLNK(status.st_mode):
+                continue
+            mode = stat.S_IMODE(status.st_mode)
+            wanted = mode | ((0o777 if stat.S_ISDIR(status.st_mode) else 0o666) & ~mask)
+            if wanted != mode:
+                os.chmod(path, wanted)
+        except OSError:
+            pass  # one we cannot chmod keeps its mode
+
+
+def remove_file(path: str | Path) -> None:
+    """Delete a file surgvqa wrote (missing is fine); a file it did not write is refused."""
+    check_not_foreign(path, "delete")
+    Path(path).unlink(missing_ok=True)
+
+
+def remove_tree(path: str | Path) -> None:
+    """Delete a folder surgvqa wrote, ignoring errors as ``shutil.rmtree(ignore_errors=True)``; a folder holding a
+    file surgvqa did not write is refused."""
+    check_not_foreign(path, "delete")
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def write_failure_reason(exc: OSError) -> str:
@@ -49,6 +135,7 @@ def _fsync_directory(folder: Path) -> None:
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
+    check_not_foreign(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # The name pattern is what remove_stale_temporaries looks for after a kill.
@@ -56,6 +143,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except OSError as exc:
         raise WriteError(describe_write_failure(path, exc)) from None
     try:
+        # mkstemp makes 0600 files, and the rename keeps that mode: a report nobody else on a shared cluster can
+        # read. The mode an ordinary open() gives instead: 0666 less the umask.
+        os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -98,9 +188,10 @@ def append_lines(path: str | Path, lines: Iterable[str]) -> None:
     ``prediction_files.read_done``); a write that fails part-way is cut back off, so the file ends on a whole line.
     """
     path = Path(path)
+    check_not_foreign(path, "append to")
     data = "".join(lines).encode("utf-8")
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     except OSError as exc:
         raise WriteError(describe_write_failure(path, exc)) from None
     position = os.lseek(fd, 0, os.SEEK_END)
@@ -128,6 +219,8 @@ def replace_directory(staged: str | Path, target: str | Path) -> Path:
     only then is the old one deleted. A kill at any instant leaves the old or the new complete directory (a
     kill between the two renames leaves the old one aside, which :func:`recover_directory` puts back)."""
     staged, target = Path(staged), Path(target)
+    check_not_foreign(target)
+    _apply_umask_to_folder(staged)
     aside = _aside(target)
     if aside.exists() and target.exists():
         shutil.rmtree(aside)  # a previous swap finished its renames but was killed while deleting
@@ -142,6 +235,15 @@ def replace_directory(staged: str | Path, target: str | Path) -> Path:
     _fsync_directory(target.parent)
     shutil.rmtree(aside, ignore_errors=True)
     return target
+
+
+def _apply_umask_to_folder(folder: Path) -> None:
+    """Give ``folder`` the mode mkdir gives under the umask (0777 less it): a staging folder made by
+    ``tempfile.mkdtemp`` is 0700, and the swap would keep that (the folders under it were made by mkdir)."""
+    try:
+        os.chmod(folder, 0o777 & ~umask())
+    except OSError:
+        pass  # a folder we cannot chmod keeps its mode; the swap itself does not depend on it
 
 
 def recover_directory(target: str | Path) -> bool:
@@ -162,7 +264,7 @@ def remove_stale_temporaries(folder: str | Path) -> int:
     folder = Path(folder)
     # `surgvqa app` writes under <run>/app/ without the run's lock: its files are its own to finish.
     stale = [path for path in folder.rglob(".*.tmp")
-             if path.is_file() and path.relative_to(folder).parts[0] != "app"]
+             if path.is_file() and path.relative_to(folder).parts[0] != "app" and foreign_file_under(path) is None]
     for path in stale:
         path.unlink(missing_ok=True)
     return len(stale)

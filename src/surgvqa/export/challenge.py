@@ -10,6 +10,7 @@ prediction rows scored against a local copy of the split, so ``surgvqa evaluate`
 
 from __future__ import annotations
 
+import glob
 import importlib.metadata
 import json
 import os
@@ -233,6 +234,28 @@ def check_replaceable(out: Path) -> None:
                      "replaces its folder whole: choose a new or empty folder")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's process: alive
+    return True
+
+
+def remove_stale_staging(out: Path) -> list[Path]:
+    """Delete the staging folders (``.<name>.<pid>.*.tmp`` beside ``out``) of exports to ``out`` that were killed:
+    those whose process is gone, or that name none (made before the pid was in the name). Returns them."""
+    stale = []
+    for path in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):
+        pid = path.name[len(out.name) + 2:].split(".", 1)[0]
+        if path.is_dir() and not path.is_symlink() and not (pid.isdigit() and _alive(int(pid))):
+            shutil.rmtree(path, ignore_errors=True)
+            stale.append(path)
+    return stale
+
+
 def export_submission(config: Config, challenge_name: str, out: Path, *, validate: bool = True,
                       quiet: bool = False) -> Path:
     """Write the submission folder ``out`` (replaced whole, so a failed export leaves the previous one; only a
@@ -243,7 +266,9 @@ def export_submission(config: Config, challenge_name: str, out: Path, *, validat
     script = render_script(config, challenge)
     mapping = local_datasets(config, challenge) if validate else None
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    remove_stale_staging(out)
+    # The pid in the name tells a later export whether this folder's export is still alive.
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent))
     try:
         atomic_write_text(staging / "submission_task1.py", script)
         adapter_is_lora = (config.run_dir / "model" / "adapter_config.json").is_file()

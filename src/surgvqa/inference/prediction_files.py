@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from surgvqa.core.io import JsonlLineError, atomic_write_text, jsonl_text
+from surgvqa.core.io import JsonlLineError, atomic_write_text, jsonl_text, remove_file
 from surgvqa.data.records import Record, image_path
 from surgvqa.inference.confidence import row_fields
 from surgvqa.inference.predictor import Outcome
@@ -139,4 +139,4 @@ def discard_predictions(out: Path) -> None:
     """Delete a predictions file and its rank shards, so that nothing of it is resumed (a rerun merges leftover
     shards into the file)."""
     for path in [out, *rank_files(out), out.with_name(f"{out.stem}.made_with.json")]:
-        path.unlink(missing_ok=True)
+        remove_file(path)

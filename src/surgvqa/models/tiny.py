@@ -24,7 +24,7 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-from surgvqa.core.io import replace_directory, shown_names
+from surgvqa.core.io import give_umask_mode, replace_directory, shown_names
 from surgvqa.models.families import FAMILIES, family_pixel_budget
 
 # The Qwen2 pre-tokenizer regex. It differs from tiktoken's cl100k default in `\p{N}` (single digits, not
@@ -398,6 +398,7 @@ def build_tiny_model(
         # The tokenizer alone (AutoTokenizer) must also render the official template, as with the real repo.
         tokenizer.save_pretrained(tmp)
         (tmp / "chat_template.jinja").write_text(chat_template(arch), encoding="utf-8")
+        give_umask_mode(tmp)  # safetensors writes its weights 0600
         (tmp / _MARKER).write_text(settings + "\n", encoding="utf-8")
         _publish(tmp, out_dir, settings, replace_existing)
     except BaseException:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -15,10 +14,12 @@ from surgvqa.core.config import Config
 from surgvqa.core.faults import enter_stage
 from surgvqa.core.io import (
     atomic_write_json,
+    check_not_foreign,
     content_digest,
     file_fingerprint,
     recover_directory,
     remove_stale_temporaries,
+    remove_tree,
 )
 from surgvqa.stages import GateFailed
 from surgvqa.stages import stage as load_stage
@@ -358,6 +359,9 @@ def run_pipeline(config: Config, *, from_stage: str | None = None, force: bool =
     for folder in ("prepared", "model"):
         recover_directory(run_dir / folder)  # a kill between the two renames of a directory swap
     remove_stale_temporaries(run_dir)  # files a kill left before their rename; the run lock keeps writers out
+    for stage in STAGES:  # refused before any work, not after hours of it (core.run_folder: an adopted folder)
+        check_not_foreign(run_dir / Path(stage.output).parts[0])
+    check_not_foreign(run_dir / "checkpoints", "delete")
     keys = stage_keys(config)
     ledger = StageLedger(run_dir, previous_keys=lambda: previous_version_keys(config))
     forced_from = STAGE_NAMES.index(from_stage) if from_stage else (0 if force else len(STAGE_NAMES))
@@ -383,7 +387,7 @@ def run_pipeline(config: Config, *, from_stage: str | None = None, force: bool =
             reason = "continuing an interrupted run" if resume else ""
         print(f"== {stage.name}" + (f" ({reason})" if reason else ""))
         if stage.name == "train" and not resume:
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # a new key means a new training run
+            remove_tree(run_dir / "checkpoints")  # a new key means a new training run
         ledger.start(stage, key)
         started = time.perf_counter()
         enter_stage(stage.name)

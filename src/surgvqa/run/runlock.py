@@ -11,8 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from surgvqa.core.io import WriteError, write_failure_reason
-
-LOCK_FILE = ".lock"
+from surgvqa.core.run_folder import LOCK_FILE, claim_run_directory
 
 
 class RunDirectoryBusy(RuntimeError):
@@ -38,8 +37,9 @@ def _command_line() -> str:
 
 
 @contextmanager
-def run_directory_lock(run_dir: str | Path, command: str | None = None) -> Iterator[Path]:
+def run_directory_lock(run_dir: str | Path, command: str | None = None, *, adopt: bool = False) -> Iterator[Path]:
     """Hold ``run_dir``'s lock for the block; raise :class:`RunDirectoryBusy` at once if another process has it.
+    Holding it, claim the folder (``core.run_folder``): one surgvqa did not make is refused unless ``adopt``.
 
     ``flock``: the kernel drops the lock when its holder dies, so no stale lock ever blocks; the pid and command
     written into the file only let the refusal say who holds it."""
@@ -48,7 +48,7 @@ def run_directory_lock(run_dir: str | Path, command: str | None = None) -> Itera
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         # No O_TRUNC: the holder's pid must still be readable by the process that is refused.
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)  # less the umask, as every file
     except OSError as exc:
         raise _cannot_write(run_dir, exc) from None
     with os.fdopen(fd, "r+", encoding="utf-8") as handle:
@@ -65,6 +65,7 @@ def run_directory_lock(run_dir: str | Path, command: str | None = None) -> Itera
         except OSError as exc:
             raise _cannot_write(run_dir, exc) from None
         try:
+            claim_run_directory(run_dir, adopt=adopt)
             yield lock_path
         finally:
             # Empty the record before the kernel drops the lock, so the file never names a finished process.

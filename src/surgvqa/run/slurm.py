@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from surgvqa.core.config import Config, default_config_path
+from surgvqa.core.io import check_not_foreign, umask
 
 USR1_LEAD_SECONDS = 300  # SIGUSR1 this long before the time limit: room for a step to finish and save
 RDZV_PORT = 29500
@@ -36,12 +37,13 @@ JOB_IDS = "job_ids.txt"
 
 def _write_executable(path: Path, text: str) -> None:
     """Temp file in the same folder + rename, so a half-written script is never submitted."""
+    check_not_foreign(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
-            os.fchmod(handle.fileno(), 0o755)
+            os.fchmod(handle.fileno(), 0o777 & ~umask())  # executable, readable as the umask allows
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

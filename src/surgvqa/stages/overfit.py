@@ -10,7 +10,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from surgvqa.core.config import Config
-from surgvqa.core.io import atomic_write_json
+from surgvqa.core.io import atomic_write_json, remove_file
 from surgvqa.data.records import read_records
 from surgvqa.data.sources import allowed_image_roots
 from surgvqa.inference.predictor import Predictor
@@ -130,8 +130,8 @@ def sanity_overfit(config: Config, *, quiet: bool = False) -> SanityResult:
         logging_steps = math.gcd(logging_steps, settings.check_every)
     args.logging_steps = logging_steps
     args.disable_tqdm = quiet
-    (run_dir / "sanity_log.jsonl").unlink(missing_ok=True)
-    (run_dir / "sanity_log.csv").unlink(missing_ok=True)
+    remove_file(run_dir / "sanity_log.jsonl")
+    remove_file(run_dir / "sanity_log.csv")
     early = (PassEarly(lambda trained: greedy_answers(trained, processor, config, records), settings.check_every,
                        settings.loss_threshold, settings.min_match) if settings.check_every else None)
     trainer = build_trainer(config, model, processor, dataset, args, log_name="sanity_log",

@@ -24,7 +24,15 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from surgvqa.core.config import Config
-from surgvqa.core.io import atomic_write_json, recover_directory, replace_directory, write_jsonl
+from surgvqa.core.io import (
+    atomic_write_json,
+    check_not_foreign,
+    recover_directory,
+    remove_file,
+    remove_tree,
+    replace_directory,
+    write_jsonl,
+)
 from surgvqa.data.answers import answer_problem, is_bad_answer, normalize_answer
 from surgvqa.data.image_store import ImageStore, StoredImage
 from surgvqa.data.records import SPLITS, Record, write_records
@@ -99,8 +107,9 @@ def prepare(config: Config, *, quiet: bool = False) -> PrepareResult:
     run_dir = config.run_dir
     final_dir = run_dir / "prepared"
     recover_directory(final_dir)  # a swap killed half-way left the previous folder aside
+    check_not_foreign(final_dir)  # before the work: prepared/ is replaced whole
     work_dir = run_dir / "prepared.partial"
-    shutil.rmtree(work_dir, ignore_errors=True)
+    remove_tree(work_dir)
     work_dir.mkdir(parents=True)
     try:
         result = _prepare_into(work_dir, final_dir, config, quiet)
@@ -108,7 +117,7 @@ def prepare(config: Config, *, quiet: bool = False) -> PrepareResult:
         shutil.rmtree(work_dir, ignore_errors=True)
         raise
     replace_directory(work_dir, final_dir)
-    (run_dir / FAILED_REJECTS_NAME).unlink(missing_ok=True)  # a failed run's list no longer describes prepared/
+    remove_file(run_dir / FAILED_REJECTS_NAME)  # a failed run's list no longer describes prepared/
     return result
 
 

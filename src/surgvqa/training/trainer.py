@@ -30,9 +30,13 @@ from surgvqa.core.io import (
     append_lines,
     atomic_write_json,
     atomic_write_text,
+    check_not_foreign,
     content_digest,
+    give_umask_mode,
     iter_jsonl,
     jsonl_text,
+    remove_file,
+    remove_tree,
     replace_directory,
     shown_names,
 )
@@ -204,6 +208,7 @@ class SupervisedOnlyTrainer(Trainer):
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
+        give_umask_mode(output_dir)  # the weights, as safetensors wrote them: 0600
         failpoint("train.checkpoint")  # weights and optimizer written, trainer state not yet: a half checkpoint
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
@@ -322,18 +327,26 @@ def _is_complete_checkpoint(path: Path) -> bool:
 
 def latest_complete_checkpoint(folder: Path, *, discard_incomplete: bool = False) -> str | None:
     """The newest complete checkpoint; with ``discard_incomplete``, newer half-written ones are deleted so that
-    the resumed run can save its own checkpoint at that step again."""
+    the resumed run can save its own checkpoint at that step again, and older incomplete ones too: HF deletes
+    the checkpoints beyond ``save_total_limit`` after saving the last one, and a kill while it deletes one leaves
+    a folder without its weights that no run would ever use or remove."""
     if not folder.is_dir():
         return None
     steps = sorted((int(path.name.split("-")[1]), path) for path in folder.glob("checkpoint-*")
                    if path.name.split("-")[1].isdigit())
+    latest = None
     for _, path in reversed(steps):
         if _is_complete_checkpoint(path):
-            return str(path)
-        if discard_incomplete:
+            latest = latest or path
+            if not discard_incomplete:
+                break
+        elif discard_incomplete and latest is None:
             log.warning("%s was not completely saved (interrupted); resuming from the one before", path)
-            shutil.rmtree(path, ignore_errors=True)
-    return None
+            remove_tree(path)
+        elif discard_incomplete:
+            log.warning("%s is incomplete (its deletion was interrupted); removed", path)
+            remove_tree(path)
+    return None if latest is None else str(latest)
 
 
 def truncate_logs(run_dir: Path, last_step: int) -> None:
@@ -431,6 +444,7 @@ def start_checkpoints(checkpoints: Path, key: dict[str, Any]) -> None:
     the new ones first, and a later ``--resume`` would continue the old ones under the new record."""
     # Renamed aside in one step before deletion: a kill part-way through deleting must not leave some old
     # checkpoints in a folder without their record, which a later --resume would continue unchecked.
+    check_not_foreign(checkpoints, "delete")  # a file the user kept in an adopted run folder's checkpoints/
     discarded = checkpoints.with_name(checkpoints.name + ".discarded")
     shutil.rmtree(discarded, ignore_errors=True)
     if checkpoints.exists():
@@ -591,6 +605,7 @@ def save_trained(model: Any, processor: Any, target: Path) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
     processor.save_pretrained(partial)
+    give_umask_mode(partial)
     return replace_directory(partial, target)
 
 
@@ -634,7 +649,7 @@ def train(config: Config, *, resume: bool = False, restart: bool = False,
         if trainer.is_world_process_zero():
             start_checkpoints(checkpoints, made_with)
         for name in ("train_log.jsonl", "train_log.csv"):
-            (run_dir / name).unlink(missing_ok=True)
+            remove_file(run_dir / name)
     else:
         step = int(Path(last).name.rsplit("-", 1)[1])
         truncate_logs(run_dir, step)
