@@ -16,6 +16,10 @@ from surgvqa.core.config import Config
 from surgvqa.core.formatting import NOT_AVAILABLE, percent
 from surgvqa.serve.answer_service import Answer, AnswerService, NotAnImage, read_image
 
+# Uploads older than a day are deleted every hour, and all of them when the server stops: app/uploads/ stays bounded.
+UPLOAD_SWEEP_SECONDS = 3600
+UPLOAD_MAX_AGE_SECONDS = 86400
+
 # Every ASCII punctuation mark may be backslash-escaped in Markdown (CommonMark), which makes it literal text: an
 # answer or reference of "<img ...>" or "**bold**" is then shown as written, never as an element or bold type.
 _MARKDOWN_PUNCTUATION = re.compile(r"([!-/:-@\[-`{-~])")
@@ -92,7 +96,7 @@ def build_interface(service: AnswerService) -> Any:
         csv_path, jsonl_path = service.predict_files(list(files), service.questions, progress)
         return str(csv_path), str(jsonl_path), f"{len(files)} image(s) × {len(service.questions)} questions done"
 
-    with gr.Blocks(title="surgvqa") as page:
+    with gr.Blocks(title="surgvqa", delete_cache=(UPLOAD_SWEEP_SECONDS, UPLOAD_MAX_AGE_SECONDS)) as page:
         gr.Markdown(f"## surgvqa · {service.config.run_name}\nModel: `{service.model_path}` · task "
                     f"`{service.task.name or 'kvasir-vqa'}` · mode `{service.mode}`")
         image_state = gr.State(None)
