@@ -162,6 +162,15 @@ def test_report_opens_in_headless_chromium(tmp_path):
             assert page.locator("#confident-errors .case img").count() == confident_errors.count()
             page.screenshot(path=str(screenshot), full_page=True)
 
+            # A thumbnail shown small opens larger on a click, over the page, and closes on a click elsewhere.
+            thumbnail = page.locator(".case img").first
+            small = thumbnail.bounding_box()
+            thumbnail.click()
+            enlarged = thumbnail.bounding_box()
+            assert enlarged["width"] > 1.5 * small["width"], (small, enlarged)
+            page.mouse.click(5, 5)
+            assert thumbnail.bounding_box()["width"] == small["width"]
+
             # The confidence table says what it means in plain words, and at 800 px nothing runs off the page.
             assert page.locator("#confidence-in-words").inner_text().startswith("In plain words: on average the model")
             page.set_viewport_size({"width": 800, "height": 900})

@@ -13,7 +13,8 @@ from surgvqa.core.config import load_config
 from surgvqa.data.images import ImageProblem, open_rgb, resolve_within
 from surgvqa.data.sources import allowed_image_roots
 
-THUMBNAIL_PX = 160
+# Shown at 160 px in a card; embedded at the models' usual 448-px input so a click enlarges it without blur.
+THUMBNAIL_PX = 448
 CONFIG_FILE = "config.resolved.yaml"
 
 
