@@ -158,8 +158,10 @@ _NAME_SYNONYMS = {
     "paris iia": ("0 iia", "slightly elevated", "flat elevated", "superficial elevated"),
 }
 # Phrases in which a label's word names something else: white-light and blue-light imaging, the green/black box
-# artefact, a sessile serrated lesion (a histology, flat as often as sessile).
-_NOT_THE_LABEL = ("white light", "blue light", "green box", "black box", "green black", "sessile serrated")
+# artefact, a sessile serrated lesion (a histology, flat as often as sessile), a needle-knife (a cutting device)
+# and grasping forceps (they take no biopsy).
+_NOT_THE_LABEL = ("white light", "blue light", "green box", "black box", "green black", "sessile serrated",
+                  "needle knife", "grasping forceps")
 _SIDE_NOUNS = frozenset({"side", "half", "part", "portion", "edge", "margin", "region", "area", "aspect", "corner",
                          "field", "hand", "periphery"})
 _IMAGE_NOUNS = frozenset({"image", "frame", "field", "view", "picture", "screen", "center"})
