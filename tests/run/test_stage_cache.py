@@ -245,11 +245,43 @@ def test_bookkeeping_settings_leave_every_stage_key_as_it_was(override):
     assert stage_keys(load_config(None, [override])) == stage_keys(load_config())
 
 
-@pytest.mark.parametrize("override", ["train.per_device_batch_size=2", "train.grad_accum=3", "train.seed=1"])
-def test_settings_that_change_the_model_still_change_the_keys_of_train_and_after(override):
+@pytest.mark.parametrize("override", ["train.per_device_batch_size=2", "train.grad_accum=3", "train.epochs=3",
+                                      "train.max_steps=40", "train.group_by_length=true"])
+def test_training_length_and_batches_change_train_and_after_but_not_the_overfit_gate(override):
+    # the gate trains for sanity.max_steps at sanity.batch_size, without accumulation
+    base, changed = stage_keys(load_config()), stage_keys(load_config(None, [override]))
+    assert [name for name in STAGE_NAMES if changed[name] != base[name]] == ["train", "predict", "evaluate"]
+
+
+@pytest.mark.parametrize("override", ["train.seed=1", "train.lr=1e-3", "train.warmup_ratio=0.1",
+                                      "train.vision_lr=1e-5"])
+def test_optimiser_settings_the_gate_shares_change_the_overfit_key_too(override):
     base, changed = stage_keys(load_config()), stage_keys(load_config(None, [override]))
     assert [name for name in STAGE_NAMES if changed[name] != base[name]] == ["overfit", "train", "predict",
                                                                               "evaluate"]
+
+
+@pytest.mark.parametrize("override", ["sanity.max_steps=5", "sanity.batch_size=2", "sanity.lr=1e-3",
+                                      "predict.max_new_tokens_open=8", "predict.group_by_image=false"])
+def test_settings_the_overfit_gate_reads_change_its_key(override):
+    assert stage_keys(load_config(None, [override]))["overfit"] != stage_keys(load_config())["overfit"]
+
+
+def test_a_ledger_of_the_previous_version_keeps_its_overfit_gate(tmp_path, stand_ins):
+    config = _config(tmp_path)
+    run_pipeline(config, quiet=True)
+    stand_ins.ran()
+    ledger = config.run_dir / "stages.json"
+    previous = pipeline.previous_version_keys(config, 2)
+    assert previous["overfit"] != stage_keys(config)["overfit"]  # all of train and predict were in its key
+    entries = json.loads(ledger.read_text())
+    ledger.write_text(json.dumps({name: {**entry, "key": previous[name], "version": 2}
+                                  for name, entry in entries.items()}))
+
+    assert run_pipeline(config, quiet=True).ran == []
+    assert json.loads(ledger.read_text())["overfit"]["key"] == stage_keys(config)["overfit"]
+    longer = _config(tmp_path, "train.epochs=2")
+    assert run_pipeline(longer, quiet=True).ran == ["train", "predict", "evaluate"]
 
 
 def test_predict_batch_size_stays_in_the_prediction_keys():

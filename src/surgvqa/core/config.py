@@ -29,6 +29,8 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
+    # A field's meaning is the docstring under it; scripts/config_reference.py writes them into docs/config.md.
+    # Not use_attribute_docstrings: reading the source on import would slow every command by ~0.1 s.
     # allow_inf_nan=False: `train.epochs: .inf` passed every bound and failed after prepare with an OverflowError.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
@@ -89,9 +91,13 @@ def lr_scheduler_names() -> tuple[str, ...]:
 
 class SplitConfig(_Section):
     train: float = 0.7
+    """Share of the images (with all their questions) that go to the training split."""
     val: float = 0.15
+    """Share of the images in the validation split (calibration, thresholds)."""
     test: float = 0.15
+    """Share of the images in the test split, which predict and evaluate use."""
     seed: int = 42
+    """Seed of the split by image: the same seed and data give the same three splits."""
 
     @model_validator(mode="after")
     def _fractions_sum_to_one(self) -> SplitConfig:
@@ -103,45 +109,64 @@ class SplitConfig(_Section):
 
 class SyntheticConfig(_Section):
     images: int = Field(300, gt=0)
+    """Number of synthetic images generated (about 8 questions each)."""
     seed: int = 0
+    """Seed of the generated images, questions and answers."""
     image_size: int = Field(112, ge=28)
+    """Side of each synthetic image in pixels."""
 
 
 class DataConfig(_Section):
-    # A path (parquet file or folder, save_to_disk folder, .jsonl, .csv), a hub id ("hub:SimulaMet-HOST/Kvasir-VQA"),
-    # or "synthetic" for the generated Kvasir-like set in the cache directory.
     source: str = Field("synthetic", min_length=1)
+    """The raw data: a file or folder path, `hub:<name>`, or `synthetic` (generated into `cache_dir`)."""
     format: Literal["auto", "parquet", "save_to_disk", "jsonl", "csv", "hub"] = "auto"
-    image_root: str | None = None  # where relative image paths of JSONL/CSV sources resolve; default: the file's folder
+    """How to read `source`; `auto` tells it from the path."""
+    image_root: str | None = None
+    """Where the relative image paths of a JSONL or CSV source resolve (null: the file's folder)."""
     hub_split: str = "raw"
-    # Where rows without an image get theirs, joined by img_id (Kvasir-VQA-x1): a Kvasir-VQA parquet file or
-    # folder, a save_to_disk folder, or a folder of <img_id>.jpg files.
+    """The split of a hub or save_to_disk dataset to read."""
     images: str | None = None
-    # Official test rows whose image also occurs in the official training split (x1); off: comparable numbers.
+    """Where rows without an image find it by img_id (Kvasir-VQA-x1): a Kvasir-VQA parquet, a save_to_disk folder
+    or a folder of `<img_id>.jpg`."""
+    # Off by default, so that the numbers stay comparable with those reported on the official split.
     drop_leaking_test_rows: bool = False
-    # The same question about the same image with different answers: "report" keeps the rows and lists them in
-    # prepared/summary.json and the terminal; "drop" rejects every row of such a question (which one is right
-    # cannot be told).
+    """Drop official test rows whose image is also in the official training split (x1)."""
     contradictory_duplicates: Literal["report", "drop"] = "report"
+    """A question asked of one image with different answers: `report` keeps and lists the rows, `drop` rejects them
+    all."""
     max_rows: int | None = Field(None, gt=0)
+    """Read at most this many raw rows (null: all), for quick trials."""
     split: SplitConfig = SplitConfig()
+    """How the images are split into train, val and test."""
     synthetic: SyntheticConfig = SyntheticConfig()
+    """The generated dataset, when `source` is `synthetic`."""
 
 
 class ModelConfig(_Section):
-    # "tiny" builds the offline demo model into the cache directory; anything else is a local path or hub id.
     name_or_path: str = Field("tiny", min_length=1)
+    """The base model: a local folder, a hub id, or `tiny` (built offline into `cache_dir`)."""
     tiny_arch: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"] = "qwen2_vl"
+    """The family of the `tiny` model."""
     tiny_seed: int = 0
+    """Seed of the `tiny` model's random weights."""
     tiny_hidden_size: int = Field(64, ge=16)
+    """Hidden size of the `tiny` model."""
     tiny_layers: int = Field(2, ge=1)
+    """Number of decoder layers of the `tiny` model."""
     min_pixels: int = Field(56 * 56, gt=0)
+    """Smallest image area in pixels: smaller images are scaled up to it."""
     max_pixels: int = Field(112 * 112, gt=0)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    attn_implementation: str = "auto"  # auto: flash_attention_2 on CUDA when flash-attn is installed, else sdpa
+    """Largest image area the processor resizes to, in pixels: the budget of image tokens per image."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weight dtype; `auto`: bfloat16 on CUDA, float32 on the CPU."""
+    attn_implementation: str = "auto"
+    """Attention kernel; `auto`: flash_attention_2 on CUDA when flash-attn is installed, else sdpa."""
     gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, slower steps, the same model."""
     freeze_vision: bool = True
+    """Keep the vision tower's weights fixed."""
     train_merger: bool = False
+    """With a frozen vision tower, still train its merger (the projection into the language model)."""
 
     @model_validator(mode="after")
     def _pixels_ordered(self) -> ModelConfig:
@@ -151,12 +176,16 @@ class ModelConfig(_Section):
 
 
 class PromptConfig(_Section):
-    # None: the task's own (surgvqa.tasks: Kvasir-VQA asks for the answer alone, x1 for sentences); "" for none.
     system: str | None = None
+    """System prompt (null: the task's own; empty: none)."""
     user_template: str | None = None
+    """The user turn, with `{question}`, `{question_type}` and `{source}` (null: the task's own)."""
     list_candidates: bool = False
+    """Append the closed answer candidates to the question."""
     candidates_template: str = "\nOptions: {candidates}"
-    normalize_targets: bool = True  # teach lower-case answers with multi-label sets in one canonical order
+    """How the candidates are appended, with `{candidates}`."""
+    normalize_targets: bool = True
+    """Train on lower-case answers with multi-label sets in one canonical order."""
 
     # The fields chat.user_text fills in; any other {name} would fail with a KeyError at the first sample.
     @field_validator("user_template")
@@ -180,42 +209,65 @@ class PromptConfig(_Section):
 
 class MaskingConfig(_Section):
     strategy: Literal["span", "sentinel"] = "span"
-    max_length: int = Field(2048, gt=0)  # over-long samples are rejected, never truncated through image tokens
+    """How the answer is marked: `span` (the bare answer) or `sentinel` (`<ANS>answer</ANS>`)."""
+    max_length: int = Field(2048, gt=0)
+    """Longest sample in tokens; longer ones are rejected at prepare, never truncated."""
 
 
 class LoraConfig(_Section):
     r: int = Field(16, gt=0)
+    """LoRA rank."""
     alpha: int = Field(32, gt=0)
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
     dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the LoRA branch."""
     target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                                       min_length=1)
-    include_vision: bool = False  # also adapt matching modules of the vision tower (off: language model only)
+    """Module names that get an adapter."""
+    include_vision: bool = False
+    """Also adapt matching modules of the vision tower (off: the language model only)."""
 
 
 class TrainConfig(_Section):
     per_device_batch_size: int = Field(4, gt=0)
+    """Samples per micro-batch on each device."""
     grad_accum: int = Field(16, gt=0)
+    """Micro-batches accumulated into one optimizer step."""
     epochs: float = Field(1.0, gt=0)
-    max_steps: int = Field(-1, ge=-1)  # > 0 overrides epochs
+    """Passes over the training split (fractions allowed)."""
+    max_steps: int = Field(-1, ge=-1)
+    """Optimizer steps to train; > 0 overrides `epochs`, -1 does not."""
     lr: float = Field(2e-4, gt=0)
-    # The vision tower and its merger (ms-swift's vit_lr); None: train.lr.
+    """Peak learning rate."""
     vision_lr: float | None = Field(None, gt=0)
+    """Learning rate of the vision tower and its merger when they train (ms-swift's vit_lr; null: `train.lr`)."""
     weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    lr_scheduler: str = "cosine"  # a transformers SchedulerType value
-    max_grad_norm: float = Field(1.0, ge=0)  # 0: no clipping
+    """Share of the steps spent warming the learning rate up."""
+    lr_scheduler: str = "cosine"
+    """A transformers scheduler name (`cosine`, `linear`, `constant`, ...)."""
+    max_grad_norm: float = Field(1.0, ge=0)
+    """Gradient clipping norm; 0: no clipping."""
     save_steps: int = Field(200, gt=0)
+    """A checkpoint every this many steps."""
     save_total_limit: int = Field(2, gt=0)
+    """Checkpoints kept; older ones are deleted."""
     logging_steps: int = Field(10, gt=0)
+    """A log line (loss, learning rate, tokens/s) every this many steps."""
     # Off by default: on templated VQA, a length group is a template group, so batches hold one question type
     # each and the model chases the last one it saw (docs/benchmarks.md, learning benchmark).
     group_by_length: bool = False
+    """Batch samples of similar length together to save padding."""
     # One image's training questions in one sequence (surgvqa.training.grouping): the image is encoded once per step
     # instead of once per question, with the same per-answer losses and gradients. Off until the learning
     # benchmark (3 seeds, same wall-clock budget) shows per-type closed accuracy at least as good as per-sample.
     group_by_image: bool = False
+    """Train all questions of one image in one sequence, the image encoded once."""
     num_workers: int = Field(0, ge=0)
+    """Data-loader worker processes."""
     seed: int = 42
+    """Seed of training: the data order and dropout."""
 
     @field_validator("lr_scheduler")
     @classmethod
@@ -232,32 +284,46 @@ class TrainConfig(_Section):
 
 class SanityConfig(_Section):
     samples: int = Field(64, gt=0)
+    """Training samples the overfit gate memorises."""
     max_steps: int = Field(200, gt=0)
+    """Most steps the gate trains for."""
     loss_threshold: float = Field(2.0, gt=0)
+    """The gate passes only when its recent loss is below this."""
     min_match: float = Field(0.9, ge=0, le=1)
-    lr: float | None = Field(None, gt=0)  # None: train.lr
+    """The gate passes only when at least this share of its greedy answers also match the references."""
+    lr: float | None = Field(None, gt=0)
+    """The gate's learning rate (null: `train.lr`)."""
     batch_size: int = Field(8, gt=0)
-    # Greedy answers checked every this many steps too, the gate ending at the first pass (None: at the end only).
+    """The gate's batch size (no accumulation)."""
     check_every: int | None = Field(None, gt=0)
+    """Also check the greedy answers every this many steps, ending at the first pass (null: at the end only)."""
 
 
 class PredictConfig(_Section):
     mode: Literal["generate", "constrained", "rank"] = "constrained"
+    """How closed questions are answered: `generate` (free), `constrained` (to a candidate) or `rank` (every
+    candidate scored)."""
     batch_size: int = Field(8, gt=0)
+    """Questions per batch."""
     split: Literal["train", "val", "test"] = "test"
+    """The prepared split that `predict` answers."""
     max_new_tokens_open: int = Field(64, gt=0)
+    """Token budget of an open (generated) answer."""
     # Questions about one image in a batch continue one run of the image prefix (its KV cache reused): the same
     # predictions to rounding, the image encoded once. Families where that is not exact (Qwen3.5's linear
     # attention) run every question whole, with a warning.
     group_by_image: bool = True
+    """Run an image's prompt prefix once and reuse its KV cache for each of its questions in a batch."""
     # rank mode, multi-label records: "constrained" decodes the set through the candidate trie (a label's score
     # as the whole answer says little about its membership of a set, and 2^n subsets cannot all be scored);
     # "threshold" adds every label whose per-token score passes multi_label_threshold.
     multi_label_rank: Literal["constrained", "threshold"] = "constrained"
-    # "threshold" only: a mean log-probability per token (<= 0); None: calibrated on the validation split.
+    """`rank` mode, multi-label questions: decode the set through the candidates (`constrained`) or take every
+    label above a threshold."""
     multi_label_threshold: float | None = Field(None, le=0)
-    # The share of rows that may stay in error after retries before `predict` exits 1 and `run` stops.
+    """That threshold, a mean log-probability per token (null: calibrated on the validation split)."""
     max_error_rate: float = Field(0.0, ge=0, le=1)
+    """Share of rows that may stay in error before `predict` exits 1 and `run` stops."""
     # Confidence (docs/confidence.md), fitted on the validation split's predictions and applied to these:
     # temperature scaling with one temperature overall or one per question type ("none": the model's own numbers);
     # split-conformal answer sets for closed questions covering the answer with probability >= 1 - alpha;
@@ -265,10 +331,15 @@ class PredictConfig(_Section):
     # except with probability risk_delta (a binomial test on the validation split; null: the validation split's
     # own error rate, a point estimate that new questions often exceed).
     calibration: Literal["none", "overall", "per_type"] = "none"
+    """Temperature scaling fitted on the validation split: one temperature, one per question type, or none."""
     conformal_alpha: float | None = Field(None, gt=0, lt=1)
+    """Conformal answer sets covering the answer with probability >= 1 - alpha (null: none)."""
     abstain: bool = False
+    """Abstain below the confidence at which the answered questions' error rate stays within `target_risk`."""
     target_risk: float = Field(0.05, gt=0, lt=1)
+    """The error rate abstention keeps the answered questions within."""
     risk_delta: float | None = Field(0.1, gt=0, lt=1)
+    """Chance that the risk bound fails (a binomial test on the validation split; null: its point estimate)."""
 
 
 # The prediction modes, as the config accepts them (the command line checks --mode against the same list).
@@ -277,11 +348,17 @@ PREDICT_MODES: tuple[str, ...] = get_args(PredictConfig.model_fields["mode"].ann
 
 class EvaluateConfig(_Section):
     size_tolerance_mm: float = Field(5.0, ge=0)
+    """A size answer within this many millimetres of the reference counts as a tolerant match."""
     count_tolerance: int = Field(1, ge=0)
+    """A count answer within this many of the reference counts as a tolerant match."""
     bootstrap_samples: int = Field(1000, gt=0)
+    """Bootstrap resamples behind every confidence interval."""
     confidence: float = Field(0.95, gt=0, lt=1)
+    """Level of the confidence intervals."""
     seed: int = 0
+    """Seed of the bootstrap and of the failure examples drawn."""
     failure_examples: int = Field(6, ge=0)
+    """Failure cases shown per question type in the report."""
 
 
 # What `surgvqa export` writes into predictions_1.json's submission_info (the organizers' keys, all required).
@@ -293,25 +370,39 @@ class ExportConfig(_Section):
     """`surgvqa export --challenge NAME OUT`: where the submission script loads the model from, who submits, and
     the local copies of the challenge's data for the validation run (docs/challenge.md)."""
 
-    base_model: str | None = None  # hub id of the base model (e.g. Qwen/Qwen2-VL-2B-Instruct), or a folder
-    adapter: str | None = None  # hub id of the uploaded trained adapter / model (the run's model/ folder)
-    submission_info: dict[str, Any] = {}  # SUBMISSION_INFO_FIELDS
-    # A local copy of the challenge's split (save_to_disk folder or parquet), read where the script loads the hub's.
+    base_model: str | None = None
+    """Hub id of the base model the submission script loads (e.g. Qwen/Qwen2-VL-2B-Instruct)."""
+    adapter: str | None = None
+    """Hub id of the uploaded trained adapter or model (the run's `model/` folder)."""
+    submission_info: dict[str, Any] = {}
+    """The organizers' submission_info keys: Participant_Names, Affiliations, Contact_emails, Team_Name, Country,
+    Notes_to_organizers."""
     validation_data: str | None = None
-    # Medico: a local copy of Kvasir-VQA (the images Kvasir-VQA-x1 rows name by img_id).
+    """Local copy of the challenge's split (save_to_disk folder or parquet), read where the script loads the
+    hub's during validation."""
     validation_images: str | None = None
+    """Medico: a local copy of Kvasir-VQA (the images x1 rows name by img_id)."""
 
 
 class SlurmConfig(_Section):
     partition: str = "gpu"
+    """SLURM partition(s), comma-separated."""
     account: str | None = None
+    """SLURM account (null: the default)."""
     gpus: int = Field(1, ge=0)
+    """GPUs of the training job (the other stages get at most one)."""
     nodes: int = Field(1, gt=0)
+    """Nodes of the training job."""
     cpus_per_task: int = Field(8, gt=0)
+    """CPU cores per task."""
     mem: str = "64G"
+    """Memory per node (`64G`, `16000M`)."""
     time: str = "24:00:00"
+    """Time limit per job (`HH:MM:SS` or `D-HH:MM:SS`)."""
     env_setup: str = "source .venv/bin/activate"  # shell code by design, written into every script as it is
+    """Shell code run at the start of every job script, as written (activate the environment)."""
     extra_sbatch: list[str] = []
+    """More `#SBATCH` options, one `--option=value` each."""
 
     # Every value below lands in an #SBATCH line: a newline in one would start a shell command of its own.
     @field_validator("partition", "account")
@@ -356,21 +447,38 @@ class SlurmConfig(_Section):
 
 class Config(_Section):
     run_name: str = "demo"
+    """Name of the run: its folder under `output_dir` and its SLURM job names."""
     output_dir: str = "runs"
+    """Folder of the run folders; a run writes to `output_dir/run_name`."""
     cache_dir: str = ".cache/surgvqa"
+    """Folder of the built tiny models and synthetic data, shared by runs."""
     seed: int = 42
-    task: Literal["kvasir-vqa", "kvasir-vqa-x1", "vqa-jsonl"] = "kvasir-vqa"  # surgvqa.tasks: the dataset's rules
+    """Part of every stage's key (changing it reruns the whole chain); the split, training and evaluation have
+    seeds of their own."""
+    task: Literal["kvasir-vqa", "kvasir-vqa-x1", "vqa-jsonl"] = "kvasir-vqa"
+    """The dataset's rules (columns, question types, prompts, metrics)."""
     data: DataConfig = DataConfig()
+    """Where the raw data is and how it is split."""
     model: ModelConfig = ModelConfig()
+    """The base model and its image budget."""
     prompt: PromptConfig = PromptConfig()
+    """How a question is put to the model."""
     masking: MaskingConfig = MaskingConfig()
-    lora: LoraConfig | None = LoraConfig()  # null = full fine-tuning
+    """Which tokens are supervised."""
+    lora: LoraConfig | None = LoraConfig()
+    """The LoRA adapter; null: full fine-tuning."""
     train: TrainConfig = TrainConfig()
+    """Fine-tuning."""
     sanity: SanityConfig = SanityConfig()
+    """The overfit gate (`surgvqa overfit`)."""
     predict: PredictConfig = PredictConfig()
+    """Inference and confidence."""
     evaluate: EvaluateConfig = EvaluateConfig()
+    """Scoring and the report."""
     slurm: SlurmConfig = SlurmConfig()
+    """The job scripts of `surgvqa slurm`."""
     export: ExportConfig = ExportConfig()
+    """`surgvqa export --challenge`."""
 
     @field_validator("run_name")
     @classmethod

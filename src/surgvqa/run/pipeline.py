@@ -33,10 +33,20 @@ class RejectedOutput(GateFailed):
 @dataclass(frozen=True)
 class Stage:
     name: str
-    sections: tuple[str, ...]  # config sections the stage reads
+    sections: tuple[str, ...]  # config sections (or dotted keys) the stage reads
     upstream: tuple[str, ...]  # stages whose outputs it reads
     output: str  # path, relative to the run directory, that exists once the stage has completed
+    # The sections its key held before LEDGER_VERSION 3, where they differ: entries written then are compared
+    # with keys made from these, so that an existing run does not redo a stage whose settings did not change.
+    earlier_sections: tuple[str, ...] | None = None
 
+
+# The overfit gate trains for sanity.max_steps at sanity.batch_size without accumulation, so of `train` it reads
+# only the optimiser and schedule (train.lr where sanity.lr is unset) and the seed; of `predict`, what its greedy
+# answers are generated with. train.epochs, max_steps, batch size and accumulation do not reach it.
+OVERFIT_TRAIN_SETTINGS = ("train.lr", "train.vision_lr", "train.weight_decay", "train.warmup_ratio",
+                          "train.lr_scheduler", "train.max_grad_norm", "train.seed")
+OVERFIT_PREDICT_SETTINGS = ("predict.batch_size", "predict.max_new_tokens_open", "predict.group_by_image")
 
 STAGES = (
     # prepare measures every sample in tokens (prompt, masking, the model's processor and pixel budget)
@@ -44,8 +54,9 @@ STAGES = (
                       "model.min_pixels", "model.max_pixels"), (), "prepared/summary.json"),
     # train.group_by_image: diagnose then also checks the grouped losses against the separate ones
     Stage("diagnose", ("model", "prompt", "masking", "train.group_by_image"), ("prepare",), "diagnose.json"),
-    Stage("overfit", ("model", "prompt", "masking", "lora", "train", "sanity", "predict"), ("prepare",),
-          "sanity.json"),
+    Stage("overfit", ("model", "prompt", "masking", "lora", "sanity", *OVERFIT_TRAIN_SETTINGS,
+                      *OVERFIT_PREDICT_SETTINGS), ("prepare",), "sanity.json",
+          earlier_sections=("model", "prompt", "masking", "lora", "train", "sanity", "predict")),
     Stage("train", ("model", "prompt", "masking", "lora", "train"), ("prepare",), "model"),
     Stage("baseline", ("model", "prompt", "masking", "predict"), ("prepare",), "predictions.untrained.jsonl"),
     Stage("predict", ("predict",), ("train",), "predictions.jsonl"),
@@ -159,22 +170,33 @@ def _chained_keys(config: Config, settings_hash: Callable[[Stage], str], prepare
     return keys
 
 
+def _keys(config: Config, sections_of: Callable[[Stage], tuple[str, ...]]) -> dict[str, str]:
+    prepare_inputs = {"source": _source_fingerprint(config)}
+    if (images := _images_fingerprint(config)) is not None:
+        prepare_inputs["images"] = images  # absent otherwise, so that the key of such a source stays as it was
+    return _chained_keys(config, lambda stage: config.section_hash(*_key_settings(config, sections_of(stage))),
+                         prepare_inputs)
+
+
 def stage_keys(config: Config) -> dict[str, str]:
     """Each stage's key: a hash of the config settings it reads (less ``BOOKKEEPING_SETTINGS``), the seed and the
     keys of the stages it reads from, so that a change reruns exactly what depends on it; prepare's also holds
     the data source's files and the image folders it reads."""
-    prepare_inputs = {"source": _source_fingerprint(config)}
-    if (images := _images_fingerprint(config)) is not None:
-        prepare_inputs["images"] = images  # absent otherwise, so that the key of such a source stays as it was
-    return _chained_keys(config, lambda stage: config.section_hash(*_key_settings(config, stage.sections)),
-                         prepare_inputs)
+    return _keys(config, lambda stage: stage.sections)
 
 
-def previous_version_keys(config: Config) -> dict[str, str]:
-    """The keys a ledger without fingerprints (``LEDGER_VERSION`` 1) was written with: whole sections hashed, no
-    image folders. Its stages stay current when these match, so that an existing run is not redone."""
-    return _chained_keys(config, lambda stage: config.section_hash(*stage.sections),
-                         {"source": _source_fingerprint(config)})
+def _earlier_sections(stage: Stage) -> tuple[str, ...]:
+    return stage.earlier_sections or stage.sections
+
+
+def previous_version_keys(config: Config, version: int = 1) -> dict[str, str]:
+    """The keys a ledger of an earlier ``LEDGER_VERSION`` was written with: in version 1 (no fingerprints) whole
+    sections hashed and no image folders, in version 2 the keys of today made from each stage's earlier sections.
+    Its stages stay current when these match, so that an existing run is not redone."""
+    if version == 1:
+        return _chained_keys(config, lambda stage: config.section_hash(*_earlier_sections(stage)),
+                             {"source": _source_fingerprint(config)})
+    return _keys(config, _earlier_sections)
 
 
 def output_fingerprint(path: Path) -> str | None:
@@ -190,7 +212,8 @@ def output_fingerprint(path: Path) -> str | None:
 
 # 2: entries hold the fingerprints of the stage's output and of the upstream outputs it read; keys leave
 # BOOKKEEPING_SETTINGS out and prepare's holds the image folders. Entries without a version were written before.
-LEDGER_VERSION = 2
+# 3: the overfit gate's key holds only the train and predict settings it reads (Stage.earlier_sections).
+LEDGER_VERSION = 3
 
 
 class StageLedger:
@@ -199,20 +222,21 @@ class StageLedger:
     unchanged: a manual command that replaced its output (``surgvqa train`` with other settings) or an upstream
     output reruns it."""
 
-    def __init__(self, run_dir: Path, previous_keys: Callable[[], dict[str, str]] = dict):
-        # previous_keys: the keys to compare entries of the previous version with (see previous_version_keys)
+    def __init__(self, run_dir: Path, previous_keys: Callable[[int], dict[str, str]] = lambda version: {}):
+        # previous_keys: the keys to compare entries of an earlier version with (see previous_version_keys)
         self.run_dir = run_dir
         self.path = run_dir / "stages.json"
         self.entries: dict[str, dict] = json.loads(self.path.read_text()) if self.path.exists() else {}
         self._previous_keys = previous_keys
-        self._previous: dict[str, str] | None = None
+        self._previous: dict[int, dict[str, str]] = {}
 
     def _key_matches(self, entry: dict, stage: Stage, key: str) -> bool:
-        if entry.get("version", 1) >= LEDGER_VERSION:
+        version = entry.get("version", 1)
+        if version >= LEDGER_VERSION:
             return entry.get("key") == key
-        if self._previous is None:  # computed only for a ledger the previous version wrote
-            self._previous = self._previous_keys()
-        return entry.get("key") == self._previous.get(stage.name)
+        if version not in self._previous:  # computed only for a ledger an earlier version wrote
+            self._previous[version] = self._previous_keys(version)
+        return entry.get("key") == self._previous[version].get(stage.name)
 
     def _fingerprints(self, stage: Stage) -> dict:
         return {"output": output_fingerprint(self.run_dir / stage.output),
@@ -235,7 +259,7 @@ class StageLedger:
         return bool(entry) and entry.get("status") == "running" and self._key_matches(entry, stage, key)
 
     def upgrade(self, stage: Stage, key: str) -> None:
-        """Rewrite a current entry of the previous version in this version's form, fingerprints included, so
+        """Rewrite a current entry of an earlier version in this version's form, fingerprints included, so
         that from now on a replaced output is noticed."""
         entry = self.entries[stage.name]
         if entry.get("version", 1) < LEDGER_VERSION:
@@ -363,7 +387,7 @@ def run_pipeline(config: Config, *, from_stage: str | None = None, force: bool =
         check_not_foreign(run_dir / Path(stage.output).parts[0])
     check_not_foreign(run_dir / "checkpoints", "delete")
     keys = stage_keys(config)
-    ledger = StageLedger(run_dir, previous_keys=lambda: previous_version_keys(config))
+    ledger = StageLedger(run_dir, previous_keys=lambda version: previous_version_keys(config, version))
     forced_from = STAGE_NAMES.index(from_stage) if from_stage else (0 if force else len(STAGE_NAMES))
     ran, skipped = [], []
     for index, stage in enumerate(STAGES):
