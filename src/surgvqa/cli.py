@@ -81,6 +81,10 @@ class ErrorReportingGroup(TyperGroup):
         except KeyboardInterrupt:
             typer.echo("error: interrupted", err=True)
             raise typer.Exit(INTERRUPTED_EXIT_CODE) from None
+        except BrokenPipeError:
+            # The reader went away (`surgvqa evaluate --help | head`): click ends quietly with status 1, as it does
+            # for `surgvqa --help | head`, instead of this handler's "error: BrokenPipeError".
+            raise
         except Exception as exc:
             if _is_cli_flow(exc):
                 raise

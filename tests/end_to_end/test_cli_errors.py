@@ -189,3 +189,16 @@ def test_adapter_of_another_base_model_is_one_clear_error(tmp_path, tiny_model_d
     fitting = load_adapter(AutoModelForImageTextToText.from_pretrained(narrow_tiny_model_dir), adapter_dir,
                            str(narrow_tiny_model_dir))
     assert type(fitting).__name__ == "PeftModel"
+
+
+def test_output_cut_off_by_its_reader_ends_quietly(tmp_path, monkeypatch):
+    """`surgvqa slurm | head -1`: the reader closing the pipe while the command writes is no error of the user's."""
+    import surgvqa.cli
+
+    def reader_gone(*args, **kwargs):
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    monkeypatch.setattr(surgvqa.cli, "render_slurm", reader_gone)
+    result = CliRunner().invoke(app, ["slurm", "--set", f"output_dir={tmp_path}"])
+    assert result.exit_code == 1  # click's own status for a closed pipe, as for `surgvqa --help | head -1`
+    assert "error" not in result.output, result.output
