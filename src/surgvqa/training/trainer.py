@@ -15,12 +15,14 @@ import signal
 import sys
 import threading
 import time
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
@@ -325,18 +327,41 @@ def _is_complete_checkpoint(path: Path) -> bool:
     return isinstance(state, dict) and state.get("global_step") == int(path.name.split("-")[1]) and weights
 
 
+def damaged_checkpoint_file(path: Path) -> str | None:
+    """The first file of a complete checkpoint that cannot be loaded, with why, or None. A full disk or a copy cut
+    short truncates a file after ``trainer_state.json`` exists; resuming it would fail on every rerun with a
+    loader error naming no file. Only headers are read (safetensors' header and the zip directory at the end of
+    a ``torch.save`` file, which a truncation cuts off), so checking costs milliseconds, not a load."""
+    for file in sorted(path.iterdir()):
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), framework="pt"):
+                    pass
+            elif file.suffix in (".pt", ".pth", ".bin"):
+                zipfile.ZipFile(file).close()
+        except (SafetensorError, zipfile.BadZipFile, OSError) as exc:
+            return f"{file} is damaged ({type(exc).__name__}: {exc})"
+    return None
+
+
 def latest_complete_checkpoint(folder: Path, *, discard_incomplete: bool = False) -> str | None:
     """The newest complete checkpoint; with ``discard_incomplete``, newer half-written ones are deleted so that
     the resumed run can save its own checkpoint at that step again, and older incomplete ones too: HF deletes
     the checkpoints beyond ``save_total_limit`` after saving the last one, and a kill while it deletes one leaves
-    a folder without its weights that no run would ever use or remove."""
+    a folder without its weights that no run would ever use or remove. A newer checkpoint with a damaged file is
+    deleted too when resuming, and said so, so that the run continues from the last intact one."""
     if not folder.is_dir():
         return None
     steps = sorted((int(path.name.split("-")[1]), path) for path in folder.glob("checkpoint-*")
                    if path.name.split("-")[1].isdigit())
-    latest = None
+    latest, damaged = None, []
     for _, path in reversed(steps):
-        if _is_complete_checkpoint(path):
+        damage = damaged_checkpoint_file(path) if latest is None and _is_complete_checkpoint(path) else None
+        if damage is not None:
+            damaged.append(damage)
+            if discard_incomplete:
+                remove_tree(path)
+        elif _is_complete_checkpoint(path):
             latest = latest or path
             if not discard_incomplete:
                 break
@@ -346,6 +371,10 @@ def latest_complete_checkpoint(folder: Path, *, discard_incomplete: bool = False
         elif discard_incomplete:
             log.warning("%s is incomplete (its deletion was interrupted); removed", path)
             remove_tree(path)
+    if discard_incomplete:
+        for damage in damaged:
+            log.warning("%s: its checkpoint was removed; %s", damage,
+                        f"resuming from {latest}" if latest else "no intact checkpoint is left to resume from")
     return None if latest is None else str(latest)
 
 
