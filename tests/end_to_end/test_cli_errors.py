@@ -2,6 +2,7 @@
 
 import errno
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -160,6 +161,55 @@ def test_read_only_run_directory_is_a_clear_error(tmp_path):
 ])
 def test_error_lines_and_codes(error, line, code):
     assert describe_error(error) == (line, code)
+
+
+TORCH_FULL_DISK = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+SAFETENSORS_FULL_DISK = RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+@pytest.mark.parametrize("error, line", [
+    (OSError(errno.ENOSPC, "No space left on device", "/data/runs/x/prepared.partial/test.jsonl"),
+     ("disk full while writing /data/runs/x/prepared.partial/test.jsonl (N MB free now): free space on its "
+     "disk, or point output_dir at another, and rerun the same command")),
+    (OSError(errno.ENOSPC, "No space left on device"),
+     ("disk full while writing a file it does not name ([Errno 28] No space left on device): free space on the "
+     "run's disk and rerun the same command")),
+    (TORCH_FULL_DISK, ("disk full while writing a file it does not name ([enforce fail at inline_container.cc:672] . "
+                      "unexpected pos 704 vs 598): free space on the run's disk and rerun the same command")),
+    (SAFETENSORS_FULL_DISK, ("disk full while writing a file it does not name (Error while serializing: I/O error: "
+                            "No space left on device (os error 28)): free space on the run's disk and rerun the "
+                            "same command")),
+], ids=["errno-28-with-file", "errno-28-without-file", "torch-zip-writer", "safetensors"])
+def test_a_full_disk_is_said_to_be_one_with_exit_2(error, line):
+    said, code = describe_error(error)
+    assert (re.sub(r"\([0-9,]+ MB free now\)", "(N MB free now)", said), code) == (line, 2)
+
+
+def test_a_reader_error_of_torch_is_not_taken_for_a_full_disk():
+    error = RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central directory")
+    assert describe_error(error)[1] == 1
+
+
+def test_a_full_disk_while_prepare_writes_an_image_names_the_file_and_exits_2(tmp_path, monkeypatch,
+                                                                             demo_config_overrides):
+    write_bytes = Path.write_bytes
+
+    def full_disk_under_the_run(path, data):
+        if "prepared.partial" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")  # as write() raises it: no file named
+        return write_bytes(path, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk_under_the_run)
+    result = CliRunner().invoke(app, ["prepare", *[arg for override in demo_config_overrides
+                                                   for arg in ("--set", override)],
+                                      "--set", f"output_dir={tmp_path}", "--set", "run_name=full"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error")]  # after progress bars
+    assert len(lines) == 1 and "Traceback" not in result.output
+    assert lines[0].startswith(f"error: disk full while writing {tmp_path / 'full' / 'prepared.partial' / 'images'}/")
+    assert lines[0].endswith("free now): free space on its disk, or point output_dir at another, and rerun the "
+                             "same command")
+    assert not (tmp_path / "full" / "prepared.partial").exists() and not (tmp_path / "full" / "prepared").exists()
 
 
 @pytest.fixture(scope="module")

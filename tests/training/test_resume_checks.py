@@ -2,6 +2,7 @@
 script always passes --resume, so an edited config must not silently continue the old run), may raise the length
 to train longer, and trains nothing when the checkpoint is already at the last step."""
 
+import argparse
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from surgvqa.core.config import load_config
+from surgvqa.core.io import WriteError
 from surgvqa.training import trainer as training
 
 VENV_BIN = Path(sys.executable).parent
@@ -299,3 +301,25 @@ def test_a_resume_whose_latest_checkpoint_is_truncated_continues_from_the_intact
     assert logged_steps(run_dir) == [1, 2, 3, 4]
     resumed_again = run_train(overrides, "--resume")  # the new checkpoint-4 is intact
     assert resumed_again.returncode == 0 and "is damaged" not in resumed_again.stderr
+
+
+def test_a_full_disk_while_saving_a_checkpoint_names_it_and_gives_its_space_back(tmp_path, monkeypatch):
+    from transformers import Trainer
+
+    checkpoints = tmp_path / "checkpoints"
+    half = checkpoints / "checkpoint-6"
+
+    def save_until_the_disk_is_full(self, model, trial):
+        half.mkdir(parents=True)
+        save_file({"weight": torch.zeros(8)}, half / "adapter_model.safetensors")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # optimizer.pt
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save_until_the_disk_is_full)
+    trainer = training.SupervisedOnlyTrainer.__new__(training.SupervisedOnlyTrainer)
+    trainer.args, trainer.state = argparse.Namespace(output_dir=str(checkpoints)), argparse.Namespace(global_step=6)
+    with pytest.raises(WriteError) as caught:
+        trainer._save_checkpoint(None, None)
+    assert str(caught.value).startswith(f"disk full while writing {half} (")
+    assert str(caught.value).endswith("free now): free space on its disk, or point output_dir at another, and rerun "
+                                      "the same command")
+    assert not half.exists()  # its space given back; the checkpoint before it is what the rerun resumes

@@ -34,7 +34,9 @@ from surgvqa.core.io import (
     atomic_write_text,
     check_not_foreign,
     content_digest,
+    disk_full_error,
     give_umask_mode,
+    is_disk_full,
     iter_jsonl,
     jsonl_text,
     remove_file,
@@ -207,6 +209,19 @@ class SupervisedOnlyTrainer(Trainer):
             self.optimizer = optimizer_cls([{"params": params, "lr": lr, "weight_decay": decay_rate}
                                             for (lr, decay_rate), params in ordered], **optimizer_kwargs)
         return super().create_optimizer(model)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as exc:
+            if not is_disk_full(exc):
+                raise
+            # torch reports a full disk as `enforce fail at inline_container.cc ... unexpected pos`, naming no file.
+            # The half-written checkpoint is deleted to give its space back; the one before it stays to resume.
+            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            if not _is_complete_checkpoint(folder):
+                remove_tree(folder)
+            raise disk_full_error(getattr(exc, "filename", None) or folder) from None
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
@@ -632,8 +647,14 @@ def save_trained(model: Any, processor: Any, target: Path) -> Path:
     """Save the adapter (LoRA) or the full model, with its processor, beside ``target`` and swap it in."""
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    processor.save_pretrained(partial)
+    try:
+        model.save_pretrained(partial)
+        processor.save_pretrained(partial)
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        shutil.rmtree(partial, ignore_errors=True)  # its space back; the checkpoints are kept to save it from
+        raise disk_full_error(getattr(exc, "filename", None) or partial) from None
     give_umask_mode(partial)
     return replace_directory(partial, target)
 
