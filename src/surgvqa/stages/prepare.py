@@ -51,6 +51,7 @@ REJECT_REASONS = {
     "bad_csv": "line is not a well-formed CSV record",
     "missing_image": "image missing",
     "image_outside_root": "image path escapes the dataset root",
+    "image_link_loop": "image path is a symbolic link loop",
     "empty_image": "image has zero bytes",
     "not_an_image": "file is not an image (PIL cannot identify its format)",
     "corrupt_image": "image header cannot be parsed",
