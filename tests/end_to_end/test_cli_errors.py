@@ -239,3 +239,33 @@ def test_adapter_of_another_base_model_is_one_clear_error(tmp_path, tiny_model_d
     fitting = load_adapter(AutoModelForImageTextToText.from_pretrained(narrow_tiny_model_dir), adapter_dir,
                            str(narrow_tiny_model_dir))
     assert type(fitting).__name__ == "PeftModel"
+
+
+@pytest.fixture
+def damaged_model_copy(tmp_path, tiny_model_dir):
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, copy)
+    return copy
+
+
+@pytest.mark.parametrize("damage", ["no tokenizer", "truncated weights"])
+def test_a_model_folder_without_a_tokenizer_or_with_damaged_weights_is_named(damaged_model_copy, damage, tmp_path,
+                                                                            demo_config_overrides):
+    if damage == "no tokenizer":
+        (damaged_model_copy / "tokenizer.json").unlink()
+        expected = (f"error: model.name_or_path: {damaged_model_copy} has no tokenizer (tokenizer.json is missing, "
+                    "and so are vocab.json with merges.txt and tokenizer.model): copy the model's tokenizer files "
+                    "into it, or download the model again")
+    else:
+        weights = damaged_model_copy / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100_000])
+        expected = (f"error: model.name_or_path: {weights} is damaged (SafetensorError: Error while deserializing "
+                    "header: incomplete metadata, file not fully covered): copy or download the model again")
+    result = CliRunner().invoke(app, ["prepare", *[arg for override in demo_config_overrides
+                                                   for arg in ("--set", override)],
+                                      "--set", f"output_dir={tmp_path / 'runs'}",
+                                      "--set", f"model.name_or_path={damaged_model_copy}"])
+    assert result.exit_code == 2, result.output
+    assert [line for line in result.output.splitlines() if line.startswith("error")] == [expected]
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "runs" / "demo" / "prepared").exists()  # no rows kept with empty text

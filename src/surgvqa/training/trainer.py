@@ -15,14 +15,12 @@ import signal
 import sys
 import threading
 import time
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
@@ -55,6 +53,7 @@ from surgvqa.models.loading import (
     model_family,
     register_sentinel_tokens,
     resolve_model_path,
+    weights_file_damage,
 )
 from surgvqa.prompting.masking import IGNORE_INDEX
 from surgvqa.prompting.shared_prefix import rope_index_of
@@ -346,16 +345,11 @@ def damaged_checkpoint_file(path: Path) -> str | None:
     """The first file of a complete checkpoint that cannot be loaded, with why, or None. A full disk or a copy cut
     short truncates a file after ``trainer_state.json`` exists; resuming it would fail on every rerun with a
     loader error naming no file. Only headers are read (safetensors' header and the zip directory at the end of
-    a ``torch.save`` file, which a truncation cuts off), so checking costs milliseconds, not a load."""
+    a ``torch.save`` file), so checking costs milliseconds, not a load."""
     for file in sorted(path.iterdir()):
-        try:
-            if file.suffix == ".safetensors":
-                with safe_open(str(file), framework="pt"):
-                    pass
-            elif file.suffix in (".pt", ".pth", ".bin"):
-                zipfile.ZipFile(file).close()
-        except (SafetensorError, zipfile.BadZipFile, OSError) as exc:
-            return f"{file} is damaged ({type(exc).__name__}: {exc})"
+        damage = weights_file_damage(file)
+        if damage is not None:
+            return f"{file} is damaged ({damage})"
     return None
 
 
