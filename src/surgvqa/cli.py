@@ -16,7 +16,7 @@ import typer
 from typer.core import TyperGroup
 
 from surgvqa.core.config import PREDICT_MODES, Config, ConfigError, load_config, write_resolved_config
-from surgvqa.core.io import WriteError
+from surgvqa.core.io import WriteError, disk_full_error, is_disk_full
 from surgvqa.models.tiny import ARCHS, build_tiny_model, tiny_model_settings
 from surgvqa.run.pipeline import STAGE_NAMES, run_pipeline
 from surgvqa.run.runlock import RunDirectoryBusy, run_directory_lock
@@ -46,6 +46,12 @@ def describe_error(exc: BaseException) -> tuple[str, int]:
         return _one_line(exc), 1
     if isinstance(exc, (ConfigError, WriteError, ValueError)):
         return _one_line(exc), 2
+    if is_disk_full(exc):  # a writer that no stage wrapped: the file when the error names one
+        where = getattr(exc, "filename", None)
+        if where is not None:
+            return _one_line(disk_full_error(where)), 2
+        return (f"disk full while writing a file it does not name ({_one_line(exc)}): free space on the run's "
+                "disk and rerun the same command"), 2
     if isinstance(exc, OSError) and exc.filename is not None:
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             return f"cannot access {exc.filename}: permission denied", 2

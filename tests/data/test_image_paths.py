@@ -126,3 +126,35 @@ def test_the_report_embeds_only_images_inside_the_runs_folders(folders, tmp_path
     roots = report_image_roots(run_dir)
     assert run_dir in roots and outside in roots
     assert thumbnail_data_uri(secret, roots=roots).startswith("data:image/jpeg;base64,")
+
+
+def _rows_read(tmp_path: Path, images: list[str]) -> list:
+    from surgvqa.data.sources import iter_raw_rows
+
+    source = tmp_path / "data.jsonl"
+    source.write_text("".join(json.dumps({"image": image, "question": "Is there text?", "answer": "no"}) + "\n"
+                              for image in images))
+    return list(iter_raw_rows(str(source), image_root=str(tmp_path)))
+
+
+def test_a_symbolic_link_loop_is_named_as_one_not_as_escaping_the_root(tmp_path, folders):
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
+    (tmp_path / "a.png").symlink_to(tmp_path / "b.png")
+    (tmp_path / "b.png").symlink_to(tmp_path / "a.png")
+    rows = _rows_read(tmp_path, ["loop.png", "a.png"])
+    assert [row.problem for row in rows] == ["image_link_loop", "image_link_loop"]
+    assert rows[0].detail == ("image path 'loop.png' is a symbolic link loop (it leads back to itself); point the "
+                              "link at the image file")
+
+    prepared, _ = folders
+    (prepared / "images" / "loop.png").symlink_to(prepared / "images" / "loop.png")
+    with pytest.raises(ValueError, match=r"^row-7: image path 'images/loop.png' is a symbolic link loop"):
+        load_image(_record("images/loop.png"), prepared)
+
+
+def test_a_file_name_ending_in_a_space_is_found_as_written_and_padding_around_a_name_still_reads(tmp_path):
+    Image.new("RGB", (16, 16), (0, 0, 200)).save(tmp_path / "scan.png ", format="PNG")  # the space ends the name
+    Image.new("RGB", (16, 16), (0, 200, 0)).save(tmp_path / "plain.png")
+    rows = _rows_read(tmp_path, ["scan.png ", " plain.png "])
+    assert [row.problem for row in rows] == [None, None]
+    assert [row.image_file for row in rows] == [tmp_path / "scan.png ", tmp_path / "plain.png"]

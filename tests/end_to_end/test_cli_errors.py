@@ -2,6 +2,7 @@
 
 import errno
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -162,6 +163,55 @@ def test_error_lines_and_codes(error, line, code):
     assert describe_error(error) == (line, code)
 
 
+TORCH_FULL_DISK = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+SAFETENSORS_FULL_DISK = RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+@pytest.mark.parametrize("error, line", [
+    (OSError(errno.ENOSPC, "No space left on device", "/data/runs/x/prepared.partial/test.jsonl"),
+     ("disk full while writing /data/runs/x/prepared.partial/test.jsonl (N MB free now): free space on its "
+     "disk, or point output_dir at another, and rerun the same command")),
+    (OSError(errno.ENOSPC, "No space left on device"),
+     ("disk full while writing a file it does not name ([Errno 28] No space left on device): free space on the "
+     "run's disk and rerun the same command")),
+    (TORCH_FULL_DISK, ("disk full while writing a file it does not name ([enforce fail at inline_container.cc:672] . "
+                      "unexpected pos 704 vs 598): free space on the run's disk and rerun the same command")),
+    (SAFETENSORS_FULL_DISK, ("disk full while writing a file it does not name (Error while serializing: I/O error: "
+                            "No space left on device (os error 28)): free space on the run's disk and rerun the "
+                            "same command")),
+], ids=["errno-28-with-file", "errno-28-without-file", "torch-zip-writer", "safetensors"])
+def test_a_full_disk_is_said_to_be_one_with_exit_2(error, line):
+    said, code = describe_error(error)
+    assert (re.sub(r"\([0-9,]+ MB free now\)", "(N MB free now)", said), code) == (line, 2)
+
+
+def test_a_reader_error_of_torch_is_not_taken_for_a_full_disk():
+    error = RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central directory")
+    assert describe_error(error)[1] == 1
+
+
+def test_a_full_disk_while_prepare_writes_an_image_names_the_file_and_exits_2(tmp_path, monkeypatch,
+                                                                             demo_config_overrides):
+    write_bytes = Path.write_bytes
+
+    def full_disk_under_the_run(path, data):
+        if "prepared.partial" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")  # as write() raises it: no file named
+        return write_bytes(path, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk_under_the_run)
+    result = CliRunner().invoke(app, ["prepare", *[arg for override in demo_config_overrides
+                                                   for arg in ("--set", override)],
+                                      "--set", f"output_dir={tmp_path}", "--set", "run_name=full"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error")]  # after progress bars
+    assert len(lines) == 1 and "Traceback" not in result.output
+    assert lines[0].startswith(f"error: disk full while writing {tmp_path / 'full' / 'prepared.partial' / 'images'}/")
+    assert lines[0].endswith("free now): free space on its disk, or point output_dir at another, and rerun the "
+                             "same command")
+    assert not (tmp_path / "full" / "prepared.partial").exists() and not (tmp_path / "full" / "prepared").exists()
+
+
 @pytest.fixture(scope="module")
 def narrow_tiny_model_dir(session_cache) -> Path:
     from surgvqa.models.tiny import ensure_tiny_model
@@ -202,3 +252,33 @@ def test_output_cut_off_by_its_reader_ends_quietly(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["slurm", "--set", f"output_dir={tmp_path}"])
     assert result.exit_code == 1  # click's own status for a closed pipe, as for `surgvqa --help | head -1`
     assert "error" not in result.output, result.output
+
+
+@pytest.fixture
+def damaged_model_copy(tmp_path, tiny_model_dir):
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, copy)
+    return copy
+
+
+@pytest.mark.parametrize("damage", ["no tokenizer", "truncated weights"])
+def test_a_model_folder_without_a_tokenizer_or_with_damaged_weights_is_named(damaged_model_copy, damage, tmp_path,
+                                                                            demo_config_overrides):
+    if damage == "no tokenizer":
+        (damaged_model_copy / "tokenizer.json").unlink()
+        expected = (f"error: model.name_or_path: {damaged_model_copy} has no tokenizer (tokenizer.json is missing, "
+                    "and so are vocab.json with merges.txt and tokenizer.model): copy the model's tokenizer files "
+                    "into it, or download the model again")
+    else:
+        weights = damaged_model_copy / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100_000])
+        expected = (f"error: model.name_or_path: {weights} is damaged (SafetensorError: Error while deserializing "
+                    "header: incomplete metadata, file not fully covered): copy or download the model again")
+    result = CliRunner().invoke(app, ["prepare", *[arg for override in demo_config_overrides
+                                                   for arg in ("--set", override)],
+                                      "--set", f"output_dir={tmp_path / 'runs'}",
+                                      "--set", f"model.name_or_path={damaged_model_copy}"])
+    assert result.exit_code == 2, result.output
+    assert [line for line in result.output.splitlines() if line.startswith("error")] == [expected]
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "runs" / "demo" / "prepared").exists()  # no rows kept with empty text

@@ -2,6 +2,7 @@
 script always passes --resume, so an edited config must not silently continue the old run), may raise the length
 to train longer, and trains nothing when the checkpoint is already at the last step."""
 
+import argparse
 import json
 import os
 import re
@@ -12,9 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from surgvqa.core.config import load_config
+from surgvqa.core.io import WriteError
 from surgvqa.training import trainer as training
 
 VENV_BIN = Path(sys.executable).parent
@@ -249,7 +251,7 @@ def test_an_incomplete_checkpoint_left_by_a_killed_rotation_is_removed_at_the_ne
         path.mkdir(parents=True)
         (path / "trainer_state.json").write_text(json.dumps({"global_step": step}), encoding="utf-8")
         if weights:
-            (path / "adapter_model.safetensors").write_bytes(b"weights")
+            save_file({"weight": torch.zeros(2)}, path / "adapter_model.safetensors")
         return path
 
     half_deleted, kept, last = checkpoint(2, weights=False), checkpoint(4, True), checkpoint(6, True)
@@ -257,3 +259,67 @@ def test_an_incomplete_checkpoint_left_by_a_killed_rotation_is_removed_at_the_ne
     assert half_deleted.is_dir()  # looking is not cleaning
     assert training.latest_complete_checkpoint(folder, discard_incomplete=True) == str(last)
     assert not half_deleted.exists() and kept.is_dir() and last.is_dir()
+
+
+def _cut_in_half(file: Path) -> None:
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])  # as a full disk or a copy cut short leaves it
+
+
+@pytest.mark.parametrize("damaged", ["adapter_model.safetensors", "optimizer.pt"])
+def test_a_damaged_file_in_the_latest_checkpoint_falls_back_to_the_one_before_naming_it(tmp_path, damaged, caplog):
+    folder = tmp_path / "checkpoints"
+    for step in (2, 4):
+        path = folder / f"checkpoint-{step}"
+        path.mkdir(parents=True)
+        save_file({"weight": torch.full((8,), float(step))}, path / "adapter_model.safetensors")
+        torch.save({"state": {0: {"exp_avg": torch.zeros(8)}}}, path / "optimizer.pt")
+        (path / "trainer_state.json").write_text(json.dumps({"global_step": step}), encoding="utf-8")
+    _cut_in_half(folder / "checkpoint-4" / damaged)
+
+    assert training.latest_complete_checkpoint(folder) == str(folder / "checkpoint-2")  # looking deletes nothing
+    assert (folder / "checkpoint-4").is_dir()
+    with caplog.at_level("WARNING", logger=training.log.name):
+        assert training.latest_complete_checkpoint(folder, discard_incomplete=True) == str(folder / "checkpoint-2")
+    assert not (folder / "checkpoint-4").exists()  # the resumed run saves its own checkpoint-4
+    said = [record.getMessage() for record in caplog.records]
+    assert len(said) == 1
+    assert said[0].startswith(f"{folder / 'checkpoint-4' / damaged} is damaged (")
+    assert said[0].endswith(f": its checkpoint was removed; resuming from {folder / 'checkpoint-2'}")
+
+
+def test_a_resume_whose_latest_checkpoint_is_truncated_continues_from_the_intact_one(copy_of_finished_run):
+    run_dir, overrides = copy_of_finished_run
+    shutil.rmtree(run_dir / "model")  # killed after its last checkpoint, which a full disk cut short
+    _cut_in_half(run_dir / "checkpoints" / "checkpoint-4" / "optimizer.pt")
+    resumed = run_train(overrides, "--resume", "--json")
+    assert json_result(resumed)["global_step"] == 4
+    damaged = run_dir / "checkpoints" / "checkpoint-4" / "optimizer.pt"
+    assert f"{damaged} is damaged (BadZipFile: File is not a zip file): its checkpoint was removed; resuming from " \
+           f"{run_dir / 'checkpoints' / 'checkpoint-2'}" in resumed.stderr
+    assert f"continuing training from {run_dir / 'checkpoints' / 'checkpoint-2'} (step 2)" in resumed.stderr
+    assert logged_steps(run_dir) == [1, 2, 3, 4]
+    resumed_again = run_train(overrides, "--resume")  # the new checkpoint-4 is intact
+    assert resumed_again.returncode == 0 and "is damaged" not in resumed_again.stderr
+
+
+def test_a_full_disk_while_saving_a_checkpoint_names_it_and_gives_its_space_back(tmp_path, monkeypatch):
+    from transformers import Trainer
+
+    checkpoints = tmp_path / "checkpoints"
+    half = checkpoints / "checkpoint-6"
+
+    def save_until_the_disk_is_full(self, model, trial):
+        half.mkdir(parents=True)
+        save_file({"weight": torch.zeros(8)}, half / "adapter_model.safetensors")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # optimizer.pt
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save_until_the_disk_is_full)
+    trainer = training.SupervisedOnlyTrainer.__new__(training.SupervisedOnlyTrainer)
+    trainer.args, trainer.state = argparse.Namespace(output_dir=str(checkpoints)), argparse.Namespace(global_step=6)
+    with pytest.raises(WriteError) as caught:
+        trainer._save_checkpoint(None, None)
+    assert str(caught.value).startswith(f"disk full while writing {half} (")
+    assert str(caught.value).endswith("free now): free space on its disk, or point output_dir at another, and rerun "
+                                      "the same command")
+    assert not half.exists()  # its space given back; the checkpoint before it is what the rerun resumes

@@ -120,6 +120,32 @@ def describe_write_failure(path: Path, exc: OSError) -> str:
     return f"cannot write {path}: {write_failure_reason(exc)}; its previous content is unchanged"
 
 
+# How the writers that do not raise OSError report a full disk: torch's zip writer checks its position after each
+# write (`[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598`, or `PytorchStreamWriter failed
+# writing file ...`), and safetensors' Rust serializer formats the OS error into its own message.
+_FULL_DISK_TEXTS = ("unexpected pos", "PytorchStreamWriter failed", "file write failed", "No space left on device",
+                    "os error 28", "Disk quota exceeded", "File too large")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """A write that failed for want of space (a full disk, a quota or the file-size limit), whoever wrote it."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc.errno in _NO_SPACE
+    text = str(exc)
+    return "Reader" not in text and any(marker in text for marker in _FULL_DISK_TEXTS)
+
+
+def disk_full_error(path: str | Path) -> WriteError:
+    """The one-line error for a full disk while ``path`` (a file, or the folder being written) was written."""
+    path = Path(path)
+    try:
+        free = f"{shutil.disk_usage(next(p for p in (path, *path.parents) if p.exists())).free / 2**20:,.0f} MB"
+    except (OSError, StopIteration):
+        free = "unknown"
+    return WriteError(f"disk full while writing {path} ({free} free now): free space on its disk, or point "
+                      "output_dir at another, and rerun the same command")
+
+
 def _fsync_directory(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from surgvqa.core.io import disk_full_error, is_disk_full
 from surgvqa.data.images import ImageProblem, decode_image
 from surgvqa.data.sources import RawRow
 
@@ -106,5 +107,11 @@ class ImageStore:
         else:
             reference = f"images/{_safe_name(raw.img_id)}.{image_format.replace('jpeg', 'jpg')}"
             if write:
-                (self.images_dir.parent / reference).write_bytes(data)
+                target = self.images_dir.parent / reference
+                try:
+                    target.write_bytes(data)
+                except OSError as exc:  # a failed write() names no file
+                    if is_disk_full(exc):
+                        raise disk_full_error(target) from None
+                    raise
         return StoredImage(None, reference=reference, digest=digest, image_tokens=tokens)

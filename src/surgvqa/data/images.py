@@ -7,6 +7,7 @@ both see the same pixels. ``resolve_within`` keeps every image read inside the f
 
 from __future__ import annotations
 
+import errno
 import io
 import warnings
 from collections.abc import Sequence
@@ -106,6 +107,23 @@ def decode_image(source: bytes | str | Path) -> tuple[Image.Image, str]:
             except (SyntaxError, ValueError, OSError, TypeError) as exc:  # a damaged EXIF block
                 raise ImageProblem("corrupt_image", f"image EXIF data cannot be read ({exc})") from None
             return to_rgb(upright), image_format
+
+
+def is_link_loop(path: str | Path) -> bool:
+    """``path`` is a symbolic link that leads back to itself (directly or through others): no file to read."""
+    try:
+        Path(path).resolve()
+    except RuntimeError:  # Python 3.11's Path.resolve says "Symlink loop from ..."
+        return True
+    except (OSError, ValueError):
+        return False
+    try:
+        Path(path).stat()
+    except OSError as exc:  # later Pythons resolve a loop without raising; stat() meets ELOOP
+        return exc.errno == errno.ELOOP
+    except ValueError:
+        return False
+    return False
 
 
 def resolve_within(path: str | Path, roots: Sequence[str | Path]) -> Path | None:

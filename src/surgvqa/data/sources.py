@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from surgvqa.data.images import resolve_within
+from surgvqa.data.images import is_link_loop, resolve_within
 
 if TYPE_CHECKING:
     from surgvqa.core.config import Config
@@ -102,8 +103,15 @@ def _row_from_mapping(row: dict[str, Any], origin: str, root: Path, split: str |
     if isinstance(image, (bytes, bytearray, memoryview)):
         raw.image_bytes = bytes(image)
     elif isinstance(image, str) and image.strip():
-        resolved = resolve_within(root / image.strip(), [root])  # None also for a NUL byte or a link loop
-        if resolved is None:
+        # A name is taken as written (a file may end in a space); only when no such file exists is the space
+        # around it taken for an exporter's padding.
+        as_written = root / image
+        path = as_written if os.path.lexists(as_written) else root / image.strip()
+        resolved = resolve_within(path, [root])  # None also for a NUL byte or a link loop
+        if is_link_loop(path):
+            raw.problem, raw.detail = "image_link_loop", (f"image path {image!r} is a symbolic link loop (it leads "
+                                                          "back to itself); point the link at the image file")
+        elif resolved is None:
             raw.problem, raw.detail = "image_outside_root", f"image path {image!r} escapes the dataset root {root}"
         else:
             raw.image_file = resolved

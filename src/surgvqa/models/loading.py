@@ -12,10 +12,12 @@ import importlib.util
 import logging
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from surgvqa.core.config import Config, ModelConfig
 from surgvqa.models.families import (
@@ -68,6 +70,40 @@ def _looks_like_path(name: str) -> bool:
     return os.sep in name and not HUB_ID_PATTERN.fullmatch(name)
 
 
+def weights_file_damage(file: Path) -> str | None:
+    """Why a weights file (safetensors, or a ``torch.save`` zip: ``.pt``, ``.pth``, ``.bin``) cannot be loaded, or
+    None. Only headers are read: safetensors' header, checked against the file's size, and the zip directory at
+    the end of a ``torch.save`` file, which a truncation cuts off. The loaders' own errors name no file."""
+    try:
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt"):
+                pass
+        elif file.suffix in (".pt", ".pth", ".bin"):
+            zipfile.ZipFile(file).close()
+    except (SafetensorError, zipfile.BadZipFile, OSError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+# A model folder's tokenizer is one of these sets of files. Without any, transformers builds a tokenizer with an
+# empty vocabulary: every question encodes to nothing, and prepare would keep every row.
+TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",))
+
+
+def _check_model_folder(folder: Path, key: str) -> None:
+    """A local model folder's tokenizer is there and its weights' headers read, so that neither fails later
+    without naming a file."""
+    if (folder / "config.json").is_file() and not any(all((folder / name).is_file() for name in names)
+                                                      for names in TOKENIZER_FILE_SETS):
+        raise ModelLoadError(f"{key}: {folder} has no tokenizer (tokenizer.json is missing, and so are vocab.json "
+                             "with merges.txt and tokenizer.model): copy the model's tokenizer files into it, or "
+                             "download the model again")
+    for file in sorted(folder.glob("*.safetensors")):
+        damage = weights_file_damage(file)
+        if damage is not None:
+            raise ModelLoadError(f"{key}: {file} is damaged ({damage}): copy or download the model again")
+
+
 def check_model_source(name: str, key: str = "model.name_or_path") -> str:
     """Fail early, in one line, for a model that cannot load: a missing folder, or a hub id that is not in the
     local cache while the hub is offline (transformers would answer both with a hub-id traceback)."""
@@ -78,6 +114,7 @@ def check_model_source(name: str, key: str = "model.name_or_path") -> str:
         # A trained LoRA adapter folder (adapter_config.json, no config.json) is a model to predict with too.
         if not (local / "config.json").is_file() and not (local / "adapter_config.json").is_file():
             raise ModelLoadError(f"{key}: {name} is not a model directory (no config.json in it)")
+        _check_model_folder(local, key)
         return str(local) if name.startswith("~") else name
     if _looks_like_path(name):
         raise ModelLoadError(f"{key}: {name} does not exist")

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from surgvqa.core.config import MaskingConfig, PromptConfig
-from surgvqa.data.images import open_rgb, resolve_within
+from surgvqa.data.images import is_link_loop, open_rgb, resolve_within
 from surgvqa.data.records import Record, image_path
 from surgvqa.prompting.chat import render_prompt, render_training, training_target
 from surgvqa.prompting.masking import (
@@ -37,6 +37,9 @@ def load_image(record: Record, base_dir: str | Path, *, roots: Sequence[str | Pa
     allowed = [Path(base_dir)] if roots is None else [Path(root) for root in roots]
     path = image_path(record, base_dir)
     resolved = resolve_within(path, allowed)
+    if resolved is None and is_link_loop(path):
+        raise ValueError(f"{record.id}: image path {record.image!r} is a symbolic link loop (it leads back to "
+                         "itself); point the link at the image file")
     if resolved is None:
         raise ValueError(f"{record.id}: image path {record.image!r} resolves outside the allowed image folders "
                          f"({', '.join(str(root) for root in allowed)})")

@@ -25,8 +25,11 @@ from tqdm.auto import tqdm
 
 from surgvqa.core.config import Config
 from surgvqa.core.io import (
+    WriteError,
     atomic_write_json,
     check_not_foreign,
+    disk_full_error,
+    is_disk_full,
     recover_directory,
     remove_file,
     remove_tree,
@@ -48,6 +51,7 @@ REJECT_REASONS = {
     "bad_csv": "line is not a well-formed CSV record",
     "missing_image": "image missing",
     "image_outside_root": "image path escapes the dataset root",
+    "image_link_loop": "image path is a symbolic link loop",
     "empty_image": "image has zero bytes",
     "not_an_image": "file is not an image (PIL cannot identify its format)",
     "corrupt_image": "image header cannot be parsed",
@@ -113,8 +117,10 @@ def prepare(config: Config, *, quiet: bool = False) -> PrepareResult:
     work_dir.mkdir(parents=True)
     try:
         result = _prepare_into(work_dir, final_dir, config, quiet)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(work_dir, ignore_errors=True)
+        if is_disk_full(exc) and not isinstance(exc, WriteError):  # WriteErrors name their file already
+            raise disk_full_error(getattr(exc, "filename", None) or work_dir) from None
         raise
     replace_directory(work_dir, final_dir)
     remove_file(run_dir / FAILED_REJECTS_NAME)  # a failed run's list no longer describes prepared/

@@ -32,7 +32,9 @@ from surgvqa.core.io import (
     atomic_write_text,
     check_not_foreign,
     content_digest,
+    disk_full_error,
     give_umask_mode,
+    is_disk_full,
     iter_jsonl,
     jsonl_text,
     remove_file,
@@ -51,6 +53,7 @@ from surgvqa.models.loading import (
     model_family,
     register_sentinel_tokens,
     resolve_model_path,
+    weights_file_damage,
 )
 from surgvqa.prompting.masking import IGNORE_INDEX
 from surgvqa.prompting.shared_prefix import rope_index_of
@@ -206,6 +209,19 @@ class SupervisedOnlyTrainer(Trainer):
                                             for (lr, decay_rate), params in ordered], **optimizer_kwargs)
         return super().create_optimizer(model)
 
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as exc:
+            if not is_disk_full(exc):
+                raise
+            # torch reports a full disk as `enforce fail at inline_container.cc ... unexpected pos`, naming no file.
+            # The half-written checkpoint is deleted to give its space back; the one before it stays to resume.
+            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            if not _is_complete_checkpoint(folder):
+                remove_tree(folder)
+            raise disk_full_error(getattr(exc, "filename", None) or folder) from None
+
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
         give_umask_mode(output_dir)  # the weights, as safetensors wrote them: 0600
@@ -325,18 +341,36 @@ def _is_complete_checkpoint(path: Path) -> bool:
     return isinstance(state, dict) and state.get("global_step") == int(path.name.split("-")[1]) and weights
 
 
+def damaged_checkpoint_file(path: Path) -> str | None:
+    """The first file of a complete checkpoint that cannot be loaded, with why, or None. A full disk or a copy cut
+    short truncates a file after ``trainer_state.json`` exists; resuming it would fail on every rerun with a
+    loader error naming no file. Only headers are read (safetensors' header and the zip directory at the end of
+    a ``torch.save`` file), so checking costs milliseconds, not a load."""
+    for file in sorted(path.iterdir()):
+        damage = weights_file_damage(file)
+        if damage is not None:
+            return f"{file} is damaged ({damage})"
+    return None
+
+
 def latest_complete_checkpoint(folder: Path, *, discard_incomplete: bool = False) -> str | None:
     """The newest complete checkpoint; with ``discard_incomplete``, newer half-written ones are deleted so that
     the resumed run can save its own checkpoint at that step again, and older incomplete ones too: HF deletes
     the checkpoints beyond ``save_total_limit`` after saving the last one, and a kill while it deletes one leaves
-    a folder without its weights that no run would ever use or remove."""
+    a folder without its weights that no run would ever use or remove. A newer checkpoint with a damaged file is
+    deleted too when resuming, and said so, so that the run continues from the last intact one."""
     if not folder.is_dir():
         return None
     steps = sorted((int(path.name.split("-")[1]), path) for path in folder.glob("checkpoint-*")
                    if path.name.split("-")[1].isdigit())
-    latest = None
+    latest, damaged = None, []
     for _, path in reversed(steps):
-        if _is_complete_checkpoint(path):
+        damage = damaged_checkpoint_file(path) if latest is None and _is_complete_checkpoint(path) else None
+        if damage is not None:
+            damaged.append(damage)
+            if discard_incomplete:
+                remove_tree(path)
+        elif _is_complete_checkpoint(path):
             latest = latest or path
             if not discard_incomplete:
                 break
@@ -346,6 +380,10 @@ def latest_complete_checkpoint(folder: Path, *, discard_incomplete: bool = False
         elif discard_incomplete:
             log.warning("%s is incomplete (its deletion was interrupted); removed", path)
             remove_tree(path)
+    if discard_incomplete:
+        for damage in damaged:
+            log.warning("%s: its checkpoint was removed; %s", damage,
+                        f"resuming from {latest}" if latest else "no intact checkpoint is left to resume from")
     return None if latest is None else str(latest)
 
 
@@ -603,8 +641,14 @@ def save_trained(model: Any, processor: Any, target: Path) -> Path:
     """Save the adapter (LoRA) or the full model, with its processor, beside ``target`` and swap it in."""
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    processor.save_pretrained(partial)
+    try:
+        model.save_pretrained(partial)
+        processor.save_pretrained(partial)
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        shutil.rmtree(partial, ignore_errors=True)  # its space back; the checkpoints are kept to save it from
+        raise disk_full_error(getattr(exc, "filename", None) or partial) from None
     give_umask_mode(partial)
     return replace_directory(partial, target)
 
