@@ -252,7 +252,7 @@ def render_slurm(config: Config, config_path: Path | None, overrides: list[str],
     args = _args_array(config_file, overrides)
     time_note = training_time_note(config)
     # Printed beside the script paths: the --time limit is chosen now, before the first job runs.
-    print(f"training time: {time_note}", file=sys.stderr)
+    print(f"training time: {time_note}", file=sys.stderr, flush=True)
 
     bodies = {
         "diagnose": _simple_stage(
