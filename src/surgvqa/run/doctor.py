@@ -9,10 +9,13 @@ creating a CUDA context (which would itself take memory on the GPU).
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import platform
 import pwd
 import shutil
+import statistics
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,12 +23,13 @@ from typing import Any, Literal
 
 from surgvqa.core.config import Config
 from surgvqa.core.io import iter_jsonl
-from surgvqa.data.records import Record
+from surgvqa.data.records import Record, read_records
 from surgvqa.data.sources import allowed_image_roots
 from surgvqa.models.families import CONFIG_TOKEN_SIDE, family_of, family_pixel_budget
 from surgvqa.models.loading import load_processor, max_image_tokens, resolve_model_path
 from surgvqa.models.tiny import build_config
 from surgvqa.prompting.encoding import SampleTooLong, encode_example, load_image
+from surgvqa.training.grouping import grouped_accumulation_steps, mean_questions, pack_images
 from surgvqa.training.trainer import lora_target_regex
 
 GIB = 1024**3
@@ -633,6 +637,161 @@ def check_architecture(report: DoctorReport, config: Config, model_ok: bool, gpu
         report.add("memory estimate", "ok", detail)
 
 
+# --- training time: what the SLURM job's --time must hold ----------------------------------------------------
+
+# Without a measured rate: tokens per second of one process training Qwen2-VL-2B's dimensions at batch 4 on one
+# H200 (docs/benchmarks.md, "GPU (real dimensions)"), scaled down for larger models by their parameters (a
+# token's matrix work grows with them). A first guess only: the overfit gate's measured rate replaces it in the
+# training job's preflight.
+REFERENCE_TOKENS_PER_S = {"lora": 2140.0, "full": 2700.0}
+REFERENCE_PARAMETERS = 2_208_985_600
+RATE_LOGS = ("train_log.jsonl", "sanity_log.jsonl")  # this run's training, else its overfit gate
+TIME_MARGIN = 1.2  # the suggested slurm.time: the estimate plus a fifth
+# The training job gets SIGUSR1 this long before its time limit, to save a checkpoint and requeue
+# (run/slurm.py's USR1_LEAD_SECONDS; not imported: slurm imports this module).
+SAVE_LEAD_SECONDS = 300
+
+
+@dataclass
+class TimeEstimate:
+    """Training wall time as optimizer steps x the tokens they run / the measured or assumed tokens per second.
+
+    Tokens are counted as the memory estimate counts them (``TEXT_TOKENS_PER_SAMPLE`` beside the image tokens of
+    ``model.max_pixels``, on the safe side). Grouped (``train.group_by_image``), an image's prefix (system prompt
+    and image) runs once per row for all its questions, each of which adds ``SEGMENT_TOKENS_PER_QUESTION``: a
+    question costs ``prefix / questions per image + segment`` tokens instead of ``prefix + segment``."""
+
+    steps: int
+    questions_per_step: float  # over all processes
+    tokens_per_question: float
+    tokens_per_question_alone: int
+    questions_per_image: float
+    processes: int
+    tokens_per_s: float  # of one process, as train_log.jsonl logs it
+    rate_source: str
+
+    @property
+    def seconds(self) -> float:
+        return self.steps * self.questions_per_step * self.tokens_per_question / (self.tokens_per_s * self.processes)
+
+
+def measured_tokens_per_s(run_dir: Path) -> tuple[float, str] | None:
+    """The median logged ``tokens_per_s`` of this run's training, else of its overfit gate; the first window is
+    left out when there are others (it holds the start-up)."""
+    for name in RATE_LOGS:
+        try:
+            rates = [row["tokens_per_s"] for _, row in iter_jsonl(run_dir / name, skip_bad=True)
+                     if row.get("tokens_per_s")]
+        except OSError:
+            continue
+        if rates:
+            return statistics.median(rates[1:] or rates), name
+    return None
+
+
+def _parameter_count(config: Config) -> int:
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    with torch.device("meta"):  # no memory, no weights
+        model = AutoModelForImageTextToText.from_config(_model_config(config))
+    return sum(p.numel() for p in model.parameters())
+
+
+def estimate_training_time(config: Config) -> TimeEstimate | None:
+    """The training stage's wall time; None before ``prepare`` has written the training split."""
+    try:
+        counts = list(Counter((record.img_id, record.image)
+                              for record in read_records(config.run_dir / "prepared" / "train.jsonl")).values())
+    except (OSError, ValueError):
+        return None
+    if not counts:
+        return None
+    train, questions = config.train, sum(counts)
+    processes = max(config.slurm.gpus, 1) * config.slurm.nodes
+    alone = min(config.masking.max_length, max_image_tokens(config.model) + TEXT_TOKENS_PER_SAMPLE)
+    if train.group_by_image:
+        micro_batches = pack_images(counts, train.per_device_batch_size, train.seed)
+        per_micro_batch = mean_questions(micro_batches, counts)
+        accumulation = grouped_accumulation_steps(per_micro_batch, train.per_device_batch_size, train.grad_accum)
+        per_step = accumulation * processes * per_micro_batch
+        prefix = alone - SEGMENT_TOKENS_PER_QUESTION
+        # An image with more questions than a row holds (masking.max_length) repeats its prefix in each row.
+        per_row = max(1, (config.masking.max_length - prefix) // SEGMENT_TOKENS_PER_QUESTION)
+        prefixes = sum(math.ceil(count / per_row) for count in counts)
+        tokens = prefixes * prefix / questions + SEGMENT_TOKENS_PER_QUESTION
+    else:
+        per_step = train.per_device_batch_size * train.grad_accum * processes
+        tokens = alone
+    steps = train.max_steps if train.max_steps > 0 else math.ceil(train.epochs * questions / per_step)
+    measured = measured_tokens_per_s(config.run_dir)
+    if measured is not None:
+        rate, source = measured[0], f"measured in {measured[1]}"
+    else:
+        recipe = "lora" if config.lora is not None else "full"
+        parameters = _parameter_count(config)
+        rate = REFERENCE_TOKENS_PER_S[recipe] * min(1.0, REFERENCE_PARAMETERS / parameters)
+        source = (f"assumed: {recipe} rate of Qwen2-VL-2B on one H200 (docs/benchmarks.md) for "
+                  f"{parameters / 1e9:.2f} B parameters; the overfit gate's log replaces it")
+    return TimeEstimate(steps=steps, questions_per_step=per_step, tokens_per_question=tokens,
+                        tokens_per_question_alone=alone, questions_per_image=questions / len(counts),
+                        processes=processes, tokens_per_s=rate, rate_source=source)
+
+
+def slurm_time_seconds(limit: str) -> float:
+    """A SLURM time limit in seconds: minutes, minutes:seconds, hours:minutes:seconds or
+    days-hours[:minutes[:seconds]]; UNLIMITED and infinite are math.inf."""
+    if limit.lower() in ("unlimited", "infinite"):
+        return math.inf
+    days, _, time_of_day = limit.rpartition("-")
+    parts = [int(part) for part in time_of_day.split(":")]
+    if days:
+        hours, minutes, seconds = [*parts, 0, 0][:3]
+    else:
+        hours, minutes, seconds = {1: [0, parts[0], 0], 2: [0, *parts], 3: parts}[len(parts)]
+    return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+def clock(seconds: float) -> str:
+    """Seconds as SLURM writes a time limit: D-HH:MM:SS, or HH:MM:SS under a day."""
+    seconds = math.ceil(seconds)
+    days, rest = divmod(seconds, 86400)
+    text = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"{days}-{text}" if days else text
+
+
+def training_time_check(config: Config) -> tuple[Status, str, str]:
+    """(status, detail, fix) of the training time against ``slurm.time``: a shorter limit is a warning, not a
+    failure, since the training job requeues itself and resumes (each run loses the minutes it saves in)."""
+    estimate = estimate_training_time(config)
+    if estimate is None:
+        return "ok", "no prepared data yet: estimated once `surgvqa prepare` has run", ""
+    alone, shared = estimate.tokens_per_question_alone, estimate.tokens_per_question
+    tokens = (f"; grouped by image ({estimate.questions_per_image:.1f} questions per image): {shared:.0f} tokens per "
+              f"question instead of {alone} ({alone / shared:.1f}x fewer)" if config.train.group_by_image else
+              f"; {alone} tokens per question")
+    detail = (f"training about {clock(estimate.seconds)}: {estimate.steps} optimizer steps of "
+              f"~{estimate.questions_per_step:.0f} questions on {estimate.processes} process(es) at "
+              f"{estimate.tokens_per_s:,.0f} tokens/s each ({estimate.rate_source}){tokens}")
+    limit = slurm_time_seconds(config.slurm.time)
+    if estimate.seconds <= limit - SAVE_LEAD_SECONDS:
+        return "ok", detail + f"; within slurm.time {config.slurm.time}", ""
+    runs = math.ceil(estimate.seconds / max(limit - SAVE_LEAD_SECONDS, 60))
+    suggested = clock(estimate.seconds * TIME_MARGIN + SAVE_LEAD_SECONDS)
+    shorter = f"{detail}; slurm.time {config.slurm.time} is shorter: the job stops and requeues itself about {runs - 1} time(s)"
+    return "warn", shorter, f"set slurm.time='{suggested}' (the estimate plus a fifth), or keep it and let the job requeue"
+
+
+def check_training_time(report: DoctorReport, config: Config, model_ok: bool) -> None:
+    if not model_ok:
+        report.add("training time", "warn", "skipped: the model is not readable (see the model check)")
+        return
+    try:
+        report.add("training time", *training_time_check(config))
+    except (OSError, ValueError) as exc:
+        report.add("training time", "warn", f"not estimated: {type(exc).__name__}: {' '.join(str(exc).split())}")
+
+
 # --- the report --------------------------------------------------------------------------------------------------
 
 def run_doctor(config: Config, nvml: Any | None = None) -> DoctorReport:
@@ -646,6 +805,7 @@ def run_doctor(config: Config, nvml: Any | None = None) -> DoctorReport:
     check_disk(report, config, model_ok)
     check_image_tokens(report, config, model_ok)
     check_architecture(report, config, model_ok, report.gpu_free)
+    check_training_time(report, config, model_ok)
     return report
 
 

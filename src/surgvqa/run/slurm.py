@@ -16,13 +16,16 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 from surgvqa.core.config import Config, default_config_path
 from surgvqa.core.io import check_not_foreign, umask
 
 USR1_LEAD_SECONDS = 300  # SIGUSR1 this long before the time limit: room for a step to finish and save
+# (doctor.SAVE_LEAD_SECONDS counts the same minutes in its training-time estimate)
 RDZV_PORT = 29500
 STAGES = (  # (file name, stage name) in submission order
     ("01_diagnose.sbatch", "diagnose"),
@@ -133,7 +136,19 @@ srun torchrun --nnodes "$SLURM_NNODES" --nproc_per_node {gpus} \\
     -m surgvqa train "${{SURGVQA_ARGS[@]}}" --resume &"""
 
 
-def _train_stage(config: Config, project_dir: Path, logs_dir: Path, args: str) -> str:
+def training_time_note(config: Config) -> str:
+    """``surgvqa doctor``'s training-time line against ``slurm.time``, with its fix when the limit is shorter."""
+    # Imported here: the doctor loads torch and transformers, which the CLI must not at start-up.
+    from surgvqa.run.doctor import training_time_check
+
+    try:
+        _, detail, fix = training_time_check(config)
+    except (OSError, ValueError) as exc:
+        return f"not estimated: {type(exc).__name__}: {' '.join(str(exc).split())}"
+    return f"{detail} -> {fix}" if fix else detail
+
+
+def _train_stage(config: Config, project_dir: Path, logs_dir: Path, args: str, time_note: str) -> str:
     slurm = config.slurm
     header = _sbatch_header(config, "train", logs_dir, gpus=slurm.gpus, nodes=slurm.nodes,
                             extra=(f"--signal=B:USR1@{USR1_LEAD_SECONDS}", "--requeue", "--open-mode=append"))
@@ -143,6 +158,8 @@ def _train_stage(config: Config, project_dir: Path, logs_dir: Path, args: str) -
 # the trap forwards it to the trainer, which saves a checkpoint and exits 75. The script then requeues the
 # job: the same job id runs again and `--resume` continues from the checkpoint (a first run with no checkpoint
 # starts fresh). Rendered by `surgvqa slurm`; edit freely.
+# Time estimate (surgvqa doctor, when rendered):
+{textwrap.indent(textwrap.fill(time_note, 110), "#   ")}
 {header}
 
 {_preamble(config, project_dir, args)}
@@ -233,6 +250,9 @@ def render_slurm(config: Config, config_path: Path | None, overrides: list[str],
     logs_dir.mkdir(parents=True, exist_ok=True)
     config_file = Path(config_path).resolve() if config_path else default_config_path().resolve()
     args = _args_array(config_file, overrides)
+    time_note = training_time_note(config)
+    # Printed beside the script paths: the --time limit is chosen now, before the first job runs.
+    print(f"training time: {time_note}", file=sys.stderr, flush=True)
 
     bodies = {
         "diagnose": _simple_stage(
@@ -243,7 +263,7 @@ def render_slurm(config: Config, config_path: Path | None, overrides: list[str],
             config, project_dir, logs_dir, args, "overfit", "Sanity overfit gate",
             '# exits 1 unless the model memorises the first samples (loss and greedy answers).\n'
             'surgvqa overfit "${SURGVQA_ARGS[@]}"'),
-        "train": _train_stage(config, project_dir, logs_dir, args),
+        "train": _train_stage(config, project_dir, logs_dir, args, time_note),
         "predict": _simple_stage(
             config, project_dir, logs_dir, args, "predict", "Prediction",
             '# resumable: a rerun continues after the last written batch.\nsurgvqa predict "${SURGVQA_ARGS[@]}"'),
