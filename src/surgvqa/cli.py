@@ -331,11 +331,13 @@ def doctor(config: ConfigOption = None, set_: SetOption = None, as_json: JsonOpt
 def evaluate(
     config: ConfigOption = None,
     set_: SetOption = None,
-    predictions: Annotated[Path | None, typer.Option(help="predictions.jsonl (default: the run's)")] = None,
+    predictions: Annotated[Path | None, typer.Option(help="predictions.jsonl (default: the run's); with --challenge, "
+                                                         "predictions_1.json or its submission folder")] = None,
     baseline: Annotated[Path | None, typer.Option(help="a baseline run's predictions.jsonl to compare with")] = None,
     out: Annotated[Path | None, typer.Option(help="output folder (default: the run directory for the run's own "
                                                   "predictions.jsonl; for any other file, <its name>.evaluation "
-                                                  "beside it)")] = None,
+                                                  "beside it; with --challenge, <submission folder>.evaluation "
+                                                  "beside that folder)")] = None,
     report: Annotated[bool, typer.Option(help="write plots and report.html")] = True,
     challenge: Annotated[str | None, typer.Option(help="score a challenge's predictions_1.json (gi-2025, gi-2026, "
                                                        "medico-2025, medico-2026)")] = None,

@@ -3,8 +3,10 @@
 ``export_submission`` writes the folder a team uploads from: ``submission_task1.py`` (self-contained: the
 organizers' runner downloads only it and ``requirements.txt``), ``requirements.txt``, a ``README.md`` with the
 upload and ``medvqa`` commands, and ``predictions_1.json`` from running the script here, exactly as the runner
-would, with its ``load_dataset`` reading local copies (:func:`redirect_load_dataset`, started through
-``assets/challenge/sitecustomize.py``). ``challenge_prediction_rows`` turns a ``predictions_1.json`` back into
+would, with its ``load_dataset`` reading local copies and its ``from_pretrained`` the run's local weights for the
+hub ids it names (:func:`redirect_load_dataset`, :func:`redirect_from_pretrained`, started through
+``assets/challenge/sitecustomize.py``): the weights are validated before they are uploaded, and the script keeps
+the hub ids. ``challenge_prediction_rows`` turns a ``predictions_1.json`` back into
 prediction rows scored against a local copy of the split, so ``surgvqa evaluate`` checks it before upload.
 """
 
@@ -29,11 +31,12 @@ from surgvqa.core.io import atomic_write_text, replace_directory, shown_names, w
 from surgvqa.evaluation.nltk_data import ensure_nltk_data
 from surgvqa.export.inline import inline_definitions
 from surgvqa.models.families import family_pixel_budget
-from surgvqa.models.loading import processor_token_side
+from surgvqa.models.loading import processor_token_side, resolve_model_path
 from surgvqa.tasks import get_task
 from surgvqa.tasks.kvasir_vqa import infer_question_type
 
 LOCAL_DATASETS_ENV = "SURGVQA_LOCAL_DATASETS"  # hub id -> {"path": local copy, "split": name}: read by the shim
+LOCAL_WEIGHTS_ENV = "SURGVQA_LOCAL_WEIGHTS"  # hub id -> local model or adapter folder: read by the shim
 KVASIR_IMAGES = "SimulaMet-HOST/Kvasir-VQA"  # where Kvasir-VQA-x1 rows find their images, by img_id
 MEDICO_ROWS = 1500
 
@@ -85,9 +88,12 @@ INLINED = (
     ("surgvqa.inference.batch_isolation", "run_isolated"),
 )
 # The script's imports: transformers and peft pinned (they decide tokenisation and decoding), the rest at least as
-# tested here.
+# tested here, but torch and torchvision as the runner has them (RUNNER_BUILT).
 PINNED = ("transformers", "peft")
-AT_LEAST = ("torch", "torchvision", "datasets", "pillow", "numpy", "nltk", "rouge-score", "sacrebleu", "accelerate")
+AT_LEAST = ("datasets", "pillow", "numpy", "nltk", "rouge-score", "sacrebleu", "accelerate")
+# The runner's torch is built for its CUDA driver; a floor above it (this machine's version) makes pip replace it with
+# a wheel that may not run there. The pinned transformers states the torch it needs itself.
+RUNNER_BUILT = ("torch", "torchvision")
 
 
 def get_challenge(name: str) -> Challenge:
@@ -106,17 +112,65 @@ def _json_literal(payload: Any) -> str:
 
 
 def submission_info(config: Config) -> dict[str, Any]:
-    info = config.export.submission_info
-    for field in SUBMISSION_INFO_FIELDS:
-        value = info.get(field)
-        if field != "Notes_to_organizers" and (value is None or not str(value).strip() or value == []):
-            raise ConfigError(f"export.submission_info.{field} is missing: the organizers require "
-                              f"{', '.join(SUBMISSION_INFO_FIELDS)} (Notes_to_organizers may be empty)")
-    unknown = sorted(set(info) - set(SUBMISSION_INFO_FIELDS))
+    return {field: config.export.submission_info.get(field, "") for field in SUBMISSION_INFO_FIELDS}
+
+
+HUB_ID_EXAMPLES = {"base_model": "Qwen/Qwen2-VL-2B-Instruct", "adapter": "my-team/kvasir-qwen2vl-lora"}
+
+
+def _is_hub_id(value: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if Path(value).expanduser().exists():
+        return False  # transformers would load the folder, here only
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return False
+    return True
+
+
+def check_export_settings(config: Config, challenge: Challenge, *, validate: bool) -> None:
+    """Every missing or unusable ``export.*`` setting, named in one error before anything is rendered (rendering
+    and validating take minutes; finding the next missing key after each is not how a user wants to learn them)."""
+    export = config.export
+    missing = [key for key in ("base_model", "adapter") if not getattr(export, key)]
+    missing += [f"submission_info.{field}" for field in SUBMISSION_INFO_FIELDS
+                if field != "Notes_to_organizers" and _blank(export.submission_info.get(field))]
+    if validate and not export.validation_data:
+        missing.append("validation_data")
+    problems = []
+    if missing:
+        problems.append("missing " + ", ".join(f"export.{key}" for key in missing) + " (docs/challenge.md: "
+                        f"export.base_model and export.adapter are hub ids, export.validation_data a local copy "
+                        f"of {challenge.dataset} or --no-validate; the organizers require every submission_info "
+                        "field but Notes_to_organizers)")
+    unknown = sorted(set(export.submission_info) - set(SUBMISSION_INFO_FIELDS))
     if unknown:
-        raise ConfigError(f"export.submission_info: unknown field(s) {', '.join(unknown)}; the organizers' keys are "
-                          f"{', '.join(SUBMISSION_INFO_FIELDS)}")
-    return {field: info.get(field, "") for field in SUBMISSION_INFO_FIELDS}
+        problems.append(f"unknown export.submission_info field(s) {', '.join(unknown)} (the organizers' keys are "
+                        f"{', '.join(SUBMISSION_INFO_FIELDS)})")
+    for key in ("base_model", "adapter"):
+        value = getattr(export, key)
+        if value and not _is_hub_id(value):
+            problems.append(f"export.{key} is {value}, a local path: the organizers' runner cannot see local "
+                            f"folders, so the script needs the hub id it is uploaded to (e.g. {HUB_ID_EXAMPLES[key]}); "
+                            "export validates against the run's local weights")
+    trained_from = config.model.name_or_path
+    if export.base_model and trained_from != "tiny" and not Path(trained_from).expanduser().exists() \
+            and trained_from != export.base_model:
+        problems.append(f"export.base_model is {export.base_model}, but the run trained from {trained_from} "
+                        "(model.name_or_path)")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def _blank(value: Any) -> bool:
+    return value is None or value == [] or not str(value).strip()
+
+
+def local_weights(config: Config) -> dict[str, str]:
+    """The shim's map for the validation run: the hub ids the script names -> the run's local folders."""
+    return {config.export.base_model: resolve_model_path(config), config.export.adapter: str(config.run_dir / "model")}
 
 
 def script_settings(config: Config, challenge: Challenge) -> dict[str, Any]:
@@ -125,10 +179,6 @@ def script_settings(config: Config, challenge: Challenge) -> dict[str, Any]:
     if config.task != challenge.task:
         raise ConfigError(f"task is {config.task}, but {challenge.name} scores {challenge.task} runs: export a "
                           f"{challenge.task} run (--set task={challenge.task})")
-    for key in ("base_model", "adapter"):
-        if not getattr(config.export, key):
-            raise ConfigError(f"export.{key} is missing: the hub id the script loads the "
-                              f"{'base model' if key == 'base_model' else 'trained adapter or model'} from")
     if config.masking.strategy != "span":
         raise ConfigError("masking.strategy is sentinel: export supports span-trained runs only")
     if config.predict.mode == "rank":
@@ -146,9 +196,7 @@ def script_settings(config: Config, challenge: Challenge) -> dict[str, Any]:
     holds_processor = (model_dir / "preprocessor_config.json").is_file() or \
         (model_dir / "processor_config.json").is_file()
     processor_from = config.export.adapter if holds_processor else config.export.base_model
-    processor_dir = model_dir if holds_processor else Path(config.export.base_model)
-    token_side = processor_token_side(str(processor_dir)) if processor_dir.exists() else \
-        processor_token_side(processor_from)
+    token_side = processor_token_side(local_weights(config)[processor_from])
     min_pixels, max_pixels = family_pixel_budget(config.model.min_pixels, config.model.max_pixels, token_side)
     return {
         "base_model": config.export.base_model, "adapter": config.export.adapter,
@@ -166,6 +214,7 @@ def script_settings(config: Config, challenge: Challenge) -> dict[str, Any]:
 
 
 def render_script(config: Config, challenge: Challenge) -> str:
+    check_export_settings(config, challenge, validate=False)
     return Template(_asset("submission_task1.py.tmpl")).substitute(
         title=challenge.title, challenge=challenge.name, run_name=config.run_name,
         dataset_statement=challenge.statement,
@@ -184,6 +233,8 @@ def requirements(adapter_is_lora: bool) -> str:
 
     lines = [f"{name}=={version(name)}" for name in PINNED if name != "peft" or adapter_is_lora]
     lines += [f"{name}>={version(name).split('+')[0]}" for name in AT_LEAST]
+    lines += [f"# {', '.join(RUNNER_BUILT)}: the runner's own build, matched to its CUDA driver (validated here with "
+              + ", ".join(f"{name} {version(name)}" for name in RUNNER_BUILT) + ")", *RUNNER_BUILT]
     return "\n".join(lines) + "\n"
 
 
@@ -205,18 +256,22 @@ def local_datasets(config: Config, challenge: Challenge) -> dict[str, dict[str, 
     return mapping
 
 
-def run_script(script: Path, work_dir: Path, mapping: dict[str, dict[str, str]], *, quiet: bool = False
-               ) -> subprocess.CompletedProcess:
+def run_script(script: Path, work_dir: Path, mapping: dict[str, dict[str, str]], weights: dict[str, str], *,
+               quiet: bool = False) -> subprocess.CompletedProcess:
     """Run a submission script as the organizers' runner does (its folder as working directory), with its
-    ``load_dataset`` reading the local copies in ``mapping`` and NLTK's data from surgvqa's offline build."""
+    ``load_dataset`` reading the local copies in ``mapping``, its ``from_pretrained`` the local folders in
+    ``weights`` for the hub ids it names, and NLTK's data from surgvqa's offline build."""
     shim = Path(str(resources.files("surgvqa") / "assets" / "challenge"))
-    env = {**os.environ, LOCAL_DATASETS_ENV: json.dumps(mapping), "NLTK_DATA": str(ensure_nltk_data()),
+    env = {**os.environ, LOCAL_DATASETS_ENV: json.dumps(mapping), LOCAL_WEIGHTS_ENV: json.dumps(weights),
+           "NLTK_DATA": str(ensure_nltk_data()),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(shim), os.environ.get("PYTHONPATH")]))}
     return subprocess.run([sys.executable, str(script)], cwd=work_dir, env=env, check=False, text=True,
                           capture_output=quiet)
 
 
 SUBMISSION_FILES = ("submission_task1.py", "requirements.txt", "README.md", "predictions_1.json")
+# Made from an export's own files (`python -m py_compile submission_task1.py`), so replaced with them.
+DERIVED_FILES = ("__pycache__",)
 
 
 def check_replaceable(out: Path) -> None:
@@ -227,7 +282,7 @@ def check_replaceable(out: Path) -> None:
     if not out.is_dir():
         raise ValueError(f"{out} is a file: export writes a folder")
     entries = sorted(entry.name for entry in out.iterdir())
-    others = [name for name in entries if name not in SUBMISSION_FILES]
+    others = [name for name in entries if name not in SUBMISSION_FILES + DERIVED_FILES]
     if not entries or ("submission_task1.py" in entries and not others):
         return
     raise ValueError(f"{out} is not an earlier submission folder (it holds {shown_names(others)}), and export "
@@ -261,8 +316,9 @@ def export_submission(config: Config, challenge_name: str, out: Path, *, validat
     """Write the submission folder ``out`` (replaced whole, so a failed export leaves the previous one; only a
     missing or empty folder or an earlier export is replaced)."""
     out = Path(out)
-    check_replaceable(out)
     challenge = get_challenge(challenge_name)
+    check_export_settings(config, challenge, validate=validate)
+    check_replaceable(out)
     script = render_script(config, challenge)
     mapping = local_datasets(config, challenge) if validate else None
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -275,7 +331,8 @@ def export_submission(config: Config, challenge_name: str, out: Path, *, validat
         atomic_write_text(staging / "requirements.txt", requirements(adapter_is_lora))
         atomic_write_text(staging / "README.md", readme(config, challenge))
         if mapping is not None:
-            result = run_script(staging / "submission_task1.py", staging, mapping, quiet=quiet)
+            result = run_script(staging / "submission_task1.py", staging, mapping, local_weights(config),
+                                quiet=quiet)
             if result.returncode != 0:
                 tail = (result.stderr or "").strip().splitlines()[-1:] if quiet else []
                 raise RuntimeError(f"the submission script failed in the validation run (exit {result.returncode})"
@@ -342,6 +399,36 @@ def redirect_load_dataset() -> None:
     datasets.load_dataset = load_dataset
 
 
+# The script's from_pretrained calls, and where each takes the model (or adapter) to load.
+FROM_PRETRAINED = (("transformers", "AutoProcessor", 0), ("transformers", "AutoModelForImageTextToText", 0),
+                   ("peft", "PeftModel", 1))
+
+
+def redirect_from_pretrained() -> None:
+    """Make the script's ``from_pretrained`` load the local folder named in $SURGVQA_LOCAL_WEIGHTS for a hub id
+    (the hub otherwise): the script keeps the ids the organizers load, and is validated on the weights before they
+    are uploaded."""
+    weights = json.loads(os.environ.get(LOCAL_WEIGHTS_ENV) or "{}")
+    if not weights:
+        return
+    import importlib
+
+    for module_name, class_name, position in FROM_PRETRAINED:
+        try:
+            owner = getattr(importlib.import_module(module_name), class_name)
+        except ImportError:
+            continue  # peft: only a LoRA run's script imports it
+        hub_from_pretrained = owner.from_pretrained.__func__
+
+        def from_pretrained(cls: type, *args: Any, _load: Any = hub_from_pretrained, _at: int = position,
+                            **kwargs: Any) -> Any:
+            if len(args) > _at and isinstance(args[_at], str):
+                args = (*args[:_at], weights.get(args[_at], args[_at]), *args[_at + 1:])
+            return _load(cls, *args, **kwargs)
+
+        owner.from_pretrained = classmethod(from_pretrained)
+
+
 def challenge_rows(challenge: Challenge, local_copy: str) -> Any:
     """The rows the script answers, in its order, from a local copy of the split (the same selection)."""
     rows = read_local_dataset(local_copy, challenge.split, challenge.split)
@@ -384,6 +471,16 @@ def challenge_prediction_rows(predictions_file: Path, challenge_name: str, local
                         meta={key: row[key] for key in ("complexity", "question_class", "original") if key in row})
         out.append(item)
     return out
+
+
+def submission_predictions(path: Path) -> tuple[Path, Path]:
+    """(the predictions_1.json that ``path`` names, itself or inside a submission folder; the folder its evaluation
+    is written to: ``<submission folder>.evaluation`` beside the submission folder, never in it, since export
+    replaces only a folder holding its own files, and the runner is given only what the folder holds)."""
+    path = Path(path)
+    predictions_file = path / "predictions_1.json" if path.is_dir() else path
+    folder = predictions_file.absolute().parent
+    return predictions_file, folder.with_name(f"{folder.name}.evaluation")
 
 
 def write_challenge_predictions(predictions_file: Path, challenge_name: str, local_copy: str, out_dir: Path) -> Path:

@@ -4,8 +4,10 @@ A challenge submission is a single script that the organizers' runner downloads 
 PyPI), yet it must type questions, build candidate sets and constrain decoding exactly as ``surgvqa predict``
 does. Rather than a second, hand-kept copy of that logic, the exporter copies the library's own definitions:
 for each requested name, the top-level statement defining it, the statements those use (followed through
-``from surgvqa.x import y``), and the imports of outside packages they need. Annotations are ignored (the script
-starts with ``from __future__ import annotations``), so type-only names pull nothing in.
+``from surgvqa.x import y``), and the imports of outside packages they need. The script starts with
+``from __future__ import annotations``, so an annotation is never evaluated; still, a name it uses must be defined
+for a linter (and for a reader) to make sense of it: an outside name used only in annotations is imported under
+``if TYPE_CHECKING:`` (no runtime cost, no new requirement), a surgvqa one is copied like any other.
 """
 
 from __future__ import annotations
@@ -57,35 +59,50 @@ def _module(name: str) -> _Module:
 
 
 class _UsedNames(ast.NodeVisitor):
-    """Names a statement reads, annotations excepted."""
+    """Names a statement reads when it runs (``names``) and names only its annotations read (``annotations``)."""
 
     def __init__(self) -> None:
         self.names: set[str] = set()
+        self.annotations: set[str] = set()
 
     def visit_Name(self, node: ast.Name) -> None:
         self.names.add(node.id)
 
+    def _annotation(self, node: ast.expr | None) -> None:
+        if node is not None:
+            self.annotations.update(n.id for n in ast.walk(node) if isinstance(n, ast.Name))
+
     def visit_arg(self, node: ast.arg) -> None:
-        pass  # an argument's annotation
+        self._annotation(node.annotation)
 
     def visit_AnnAssign(self, node: ast.AnnAssign) -> None:
+        self._annotation(node.annotation)
         self.visit(node.target)
         if node.value is not None:
             self.visit(node.value)
 
     def _visit_function(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
-        for item in (*node.decorator_list, *node.args.defaults, *node.args.kw_defaults, *node.body):
-            if item is not None:
-                self.visit(item)
+        self._annotation(node.returns)
+        for item in (*node.decorator_list, node.args, *node.body):
+            self.visit(item)
 
     visit_FunctionDef = _visit_function
     visit_AsyncFunctionDef = _visit_function
 
+    def visit_arguments(self, node: ast.arguments) -> None:
+        for argument in (*node.posonlyargs, *node.args, node.vararg, *node.kwonlyargs, node.kwarg):
+            if argument is not None:
+                self.visit_arg(argument)
+        for default in (*node.defaults, *node.kw_defaults):
+            if default is not None:
+                self.visit(default)
 
-def _used_names(statement: ast.stmt) -> set[str]:
+
+def _used_names(statement: ast.stmt) -> tuple[set[str], set[str]]:
+    """(the names the statement reads at run time, those only its annotations read)."""
     visitor = _UsedNames()
     visitor.visit(statement)
-    return visitor.names
+    return visitor.names, visitor.annotations - visitor.names
 
 
 def inline_definitions(roots: Sequence[tuple[str, str]]) -> str:
@@ -96,11 +113,13 @@ def inline_definitions(roots: Sequence[tuple[str, str]]) -> str:
     """
     chosen: dict[str, set[int]] = {}
     outside_imports: set[str] = set()
+    annotation_imports: set[str] = set()
     origin_of: dict[str, tuple[str, int]] = {}  # a name in the shared namespace -> where it is defined
     depends_on: dict[str, set[str]] = {}  # module -> the surgvqa modules it takes names from
-    pending: list[tuple[str, str, str | None]] = [(module, name, None) for module, name in roots]
+    # (module, name, the module that asked for it, whether only annotations ask for it)
+    pending: list[tuple[str, str, str | None, bool]] = [(module, name, None, False) for module, name in roots]
     while pending:
-        module_name, name, wanted_by = pending.pop()
+        module_name, name, wanted_by, for_annotation = pending.pop()
         module = _module(module_name)
         index = module.defined_by.get(name)
         if index is None:
@@ -113,10 +132,10 @@ def inline_definitions(roots: Sequence[tuple[str, str]]) -> str:
             if alias.asname:
                 raise ValueError(f"{module_name}: 'import ... as {alias.asname}' cannot be inlined")
             depends_on.setdefault(module_name, set()).add(statement.module)
-            pending.append((statement.module, alias.name, module_name))
+            pending.append((statement.module, alias.name, module_name, for_annotation))
             continue
         if isinstance(statement, (ast.Import, ast.ImportFrom)):
-            outside_imports.add(_single_import(statement, name))
+            (annotation_imports if for_annotation else outside_imports).add(_single_import(statement, name))
             continue
         previous = origin_of.setdefault(name, (module_name, index))
         if previous != (module_name, index):
@@ -124,8 +143,13 @@ def inline_definitions(roots: Sequence[tuple[str, str]]) -> str:
         if index in chosen.setdefault(module_name, set()):
             continue
         chosen[module_name].add(index)
-        pending.extend((module_name, used, module_name) for used in sorted(_used_names(statement)))
+        runtime, annotations = _used_names(statement)
+        pending.extend((module_name, used, module_name, False) for used in sorted(runtime))
+        pending.extend((module_name, used, module_name, True) for used in sorted(annotations))
     parts = ["\n".join(sorted(outside_imports))]
+    if typing_only := sorted(annotation_imports - outside_imports):
+        parts[0] += "\nfrom typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n" + \
+            "\n".join(f"    {line}" for line in typing_only)
     for module_name in _dependencies_first(chosen, depends_on):
         module = _module(module_name)
         parts.append(f"\n# --- from {module_name} " + "-" * max(0, 100 - len(module_name)))

@@ -24,7 +24,7 @@ from surgvqa.data.images import resolve_image_path
 from surgvqa.evaluation.confidence_report import confidence_metrics
 from surgvqa.evaluation.metrics import task_of
 from surgvqa.evaluation.scoring import PredictionRow
-from surgvqa.export.challenge import write_challenge_predictions
+from surgvqa.export.challenge import submission_predictions, write_challenge_predictions
 from surgvqa.tasks import get_task
 from surgvqa.tasks.kvasir_vqa import TEMPLATE_BY_ID, infer_question_type
 
@@ -321,7 +321,8 @@ def run_on_file(
 def run(config: Config, *, predictions: Path | None = None, baseline: Path | None = None, out: Path | None = None,
         with_report: bool = True, challenge: str | None = None, references: Path | None = None) -> dict:
     """Evaluate the run's predictions (or ``predictions``); with ``challenge``, a submission's predictions_1.json
-    scored against a local copy of the challenge's split (``references``, else export.validation_data).
+    (or its folder) scored against a local copy of the challenge's split (``references``, else
+    export.validation_data), written to ``<submission folder>.evaluation`` beside it unless ``out`` says otherwise.
 
     The run's own predictions are written into the run directory, any other file's beside it (``<stem>.evaluation``),
     so that another model's or mode's numbers never replace the run's own metrics.json, which ``surgvqa run`` would
@@ -335,7 +336,8 @@ def run(config: Config, *, predictions: Path | None = None, baseline: Path | Non
         if local_copy is None:
             raise ValueError("--challenge needs --references (or export.validation_data): a local copy of the "
                              "challenge's split")
-        out = out or predictions.parent
+        predictions, beside_submission = submission_predictions(predictions)
+        out = out or beside_submission
         predictions = write_challenge_predictions(predictions, challenge, str(local_copy), out)
     elif out is None:
         is_own = predictions.absolute() == own.absolute()
