@@ -118,18 +118,11 @@ def test_the_app_answers_in_the_browser_with_confidence_and_candidates(served, s
         page.locator("#ask").click()
         expect(answer).to_contain_text(f"Answered: {multi_label} (the menu's question", timeout=120_000)
         expect(answer).to_contain_text("the confidence is that of this exact set of labels")
+        rescaled = service.ask(surgvqa.serve.answer_service.read_image(image), [multi_label])[0].rescaled
+        assert ("recalibrated on the validation split" in answer.inner_text()) == rescaled
         expect(chart).to_contain_text("Each label's own probability")
         page.screenshot(path=str(shots / "app-multi-label.png"), full_page=True)
 
-        page.get_by_role("tab", name="Ask all").click()
-        page.locator("#ask-all").click()
-        table = page.locator("#all-answers")
-        expect(table).to_contain_text(service.questions[-1], timeout=180_000)
-        expect(table).to_contain_text(TEMPLATE_QUESTION)
-        assert page.evaluate(CUT, ["#all-answers", "xy"]) == []  # every row shown, no column cut
-        page.screenshot(path=str(shots / "app-ask-all.png"), full_page=True)
-
-        page.get_by_role("tab", name="Ask", exact=True).click()
         page.locator("#gallery img").first.click()  # a test image: its questions and references are shown
         first = read_records(small_run / "prepared" / "test.jsonl")[0]  # the gallery's first image
         expect(page.locator("#references")).to_contain_text(first.question, timeout=60_000)
@@ -140,6 +133,16 @@ def test_the_app_answers_in_the_browser_with_confidence_and_candidates(served, s
         expect(answer).to_contain_text("the reference", timeout=120_000)
         expect(page.locator("#references")).to_contain_text(first.answer)
         page.screenshot(path=str(shots / "app-gallery.png"), full_page=True)
+
+        # Every question about the test image, with its references and whether each answer matches.
+        page.get_by_role("tab", name="Ask all").click()
+        page.locator("#ask-all").click()
+        table = page.locator("#all-answers")
+        expect(table).to_contain_text(service.questions[-1], timeout=180_000)
+        expect(table).to_contain_text(TEMPLATE_QUESTION)
+        expect(table).to_contain_text(first.answer)
+        assert page.evaluate(CUT, ["#all-answers", "xy"]) == []  # every row shown, no column cut
+        page.screenshot(path=str(shots / "app-ask-all.png"), full_page=True)
 
         page.reload()  # a fresh page: the upload box is empty again
         page.locator("#ask").click()

@@ -69,6 +69,7 @@ class Answer:
     reference: str | None = None  # when the image and question come from the test split
     correct: bool | None = None
     multi_label: bool = False  # the answer is a set of labels; its confidence is the whole set's
+    rescaled: bool = False  # the confidence was recalibrated on the validation split (Platt), the chart was not
     base_answer: str | None = None  # the untrained model's answer, when it is loaded beside
     error: str | None = None
 
@@ -190,7 +191,7 @@ class AnswerService:
                     Record(id=record.id, img_id="", image="", question=record.question, answer=reference,
                            question_type=record.question_type, candidates=record.candidates,
                            multi_label=record.multi_label), outcome.prediction or ""),
-                multi_label=record.multi_label,
+                multi_label=record.multi_label, rescaled=calibrated["platt"] is not None,
                 base_answer=None if base is None else (base[index].prediction or ""),
                 error=outcome.error))
         return answers

@@ -53,7 +53,7 @@ def _verdict(answer: Answer, source: str) -> str:
     lines += [f"### {plain(answer.answer) if answer.answer else '(empty)'}",
               f"confidence **{_format_confidence(answer.confidence)}** · {kind}"]
     if answer.multi_label:
-        lines.append(MULTI_LABEL_NOTE)
+        lines.append(MULTI_LABEL_NOTE + (RESCALED_NOTE if answer.rescaled else ""))
     if answer.abstained:
         lines.append("**not sure enough to answer**: below the confidence this run answers at")
     if answer.answer_set is not None:
@@ -71,6 +71,8 @@ def _verdict(answer: Answer, source: str) -> str:
 # its labels' own probabilities; without this line "red 19.8 %" beside a bar "red 44 %" reads as a contradiction.
 MULTI_LABEL_NOTE = ("several labels may apply: the confidence is that of this exact set of labels (these and no "
                     "others); each bar is one label's own probability of being present")
+# Where the run recalibrated set confidences (Platt scaling, fitted by `surgvqa predict`), the bars stay the model's.
+RESCALED_NOTE = "; the confidence is recalibrated on the validation split, the bars are the model's own"
 CHART_LABEL = "Probability of each candidate"
 MULTI_LABEL_CHART_LABEL = "Each label's own probability of being present"
 
