@@ -68,8 +68,18 @@ class Answer:
     abstained: bool = False  # below the confidence the run answers at (predict.abstain)
     reference: str | None = None  # when the image and question come from the test split
     correct: bool | None = None
+    multi_label: bool = False  # the answer is a set of labels; its confidence is the whole set's
+    rescaled: bool = False  # the confidence was recalibrated on the validation split (Platt), the chart was not
     base_answer: str | None = None  # the untrained model's answer, when it is loaded beside
     error: str | None = None
+
+
+@dataclass
+class BatchResult:
+    csv: Path
+    jsonl: Path
+    images: int  # images answered
+    unreadable: list[str]  # names of the files that are not images, one error row each
 
 
 def read_image(path: str | Path) -> Image.Image:
@@ -181,6 +191,7 @@ class AnswerService:
                     Record(id=record.id, img_id="", image="", question=record.question, answer=reference,
                            question_type=record.question_type, candidates=record.candidates,
                            multi_label=record.multi_label), outcome.prediction or ""),
+                multi_label=record.multi_label, rescaled=calibrated["platt"] is not None,
                 base_answer=None if base is None else (base[index].prediction or ""),
                 error=outcome.error))
         return answers
@@ -203,9 +214,11 @@ class AnswerService:
 
     # -- batch ------------------------------------------------------------------------------------------------
 
-    def predict_files(self, files: list[str], questions: list[str], progress: Any = None) -> tuple[Path, Path]:
-        """Every question about every image file; results as CSV and JSONL under ``<run>/app/``."""
-        rows = []
+    def predict_files(self, files: list[str], questions: list[str], progress: Any = None) -> BatchResult:
+        """Every question about every image file; results as CSV and JSONL under ``<run>/app/``. A file that is not
+        an image gets one row (its error), not one per question: it was never asked anything."""
+        rows: list[dict[str, Any]] = []
+        unreadable: list[str] = []
         for number, path in enumerate(files):
             if progress is not None:
                 progress((number, len(files)), desc=f"image {number + 1} of {len(files)}")
@@ -213,8 +226,8 @@ class AnswerService:
             try:
                 image = read_image(path)
             except NotAnImage as exc:
-                rows += [{"image": name, "question": q, "answer": "", "confidence": None, "error": str(exc)}
-                         for q in questions]
+                rows.append({"image": name, "question": "", "answer": "", "confidence": None, "error": str(exc)})
+                unreadable.append(name)
                 continue
             for answer in self.ask(image, questions):
                 rows.append({"image": name, "question": answer.question, "answer": answer.answer,
@@ -233,7 +246,7 @@ class AnswerService:
         writer.writerows(rows)
         atomic_write_text(csv_path, buffer.getvalue())
         write_jsonl(jsonl_path, rows)
-        return csv_path, jsonl_path
+        return BatchResult(csv_path, jsonl_path, images=len(files) - len(unreadable), unreadable=unreadable)
 
 
 def _confidence(outcome: Outcome, probabilities: dict[str, float]) -> float | None:
