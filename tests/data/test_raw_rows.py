@@ -302,15 +302,16 @@ def test_the_app_renders_answers_and_references_as_text_not_markup():
     from surgvqa.serve.answer_service import Answer
     from surgvqa.serve.app import _verdict
 
-    answer = Answer(question="q", question_type="yes_no", answer="**bold** <b>x</b>", mode="generate",
+    answer = Answer(question="<u>q</u>", question_type="yes_no", answer="**bold** <b>x</b>", mode="generate",
                     confidence=0.5, reference='<img src=x onerror="alert(1)">', base_answer="_it_ [a](javascript:x)",
                     answer_set=["<i>a</i>"])
-    html = _rendered(_verdict(answer))
+    html = _rendered(_verdict(answer, "your typed question"))
+    assert "<u>" not in html and "&lt;u&gt;q&lt;/u&gt;" in html
     assert "<img" not in html and "<b>" not in html and "<i>" not in html and "<em>" not in html
     assert "<strong>bold</strong>" not in html and "<a " not in html
     assert "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in html and "**bold** &lt;b&gt;x&lt;/b&gt;" in html
     error = _rendered(_verdict(Answer(question="q", question_type="yes_no", answer="", mode="generate",
-                                      confidence=None, error="<script>x</script>")))
+                                      confidence=None, error="<script>x</script>"), "the menu's question"))
     assert "<script>" not in error and "&lt;script&gt;" in error
 
 
