@@ -158,6 +158,17 @@ def test_grouped_predictions_equal_the_ungrouped_row_for_row(arch, attention, mo
     assert encoded.count < separate.count / 2
 
 
+def largest_rank_difference(grouped, ungrouped, records, break_grouping) -> float:
+    """A negative control's measure: the largest change of a candidate's rank score when ``break_grouping`` (called
+    after the ungrouped reference ran, under the same random head) sabotages the grouped path."""
+    with random_head(grouped.model, seed=3):
+        expected = ungrouped.predict_batch(records, "rank")
+        break_grouping()
+        broken = grouped.predict_batch(records, "rank")
+    return max(abs(left.scores[label]["sum"] - right.scores[label]["sum"])
+               for left, right in zip(broken, expected) for label in left.scores)
+
+
 def test_positions_as_alone_are_what_makes_the_reuse_exact(predictors, monkeypatch):
     """Negative control: the same reuse with the suffix tokens at their column index instead of their M-RoPE
     positions (an image of 4 x 4 tokens advances positions by 4, not 16) gives other candidate likelihoods."""
@@ -169,13 +180,8 @@ def test_positions_as_alone_are_what_makes_the_reuse_exact(predictors, monkeypat
     def column_positions(_decoder, feature):
         return torch.arange(len(feature["input_ids"])).expand(3, -1)
 
-    with random_head(grouped.model, seed=3):
-        expected = ungrouped.predict_batch(records, "rank")
-        monkeypatch.setattr(prefix_cache, "positions_alone", column_positions)
-        shifted = grouped.predict_batch(records, "rank")
-    differences = [abs(left.scores[label]["sum"] - right.scores[label]["sum"])
-                   for left, right in zip(shifted, expected) for label in left.scores]
-    assert max(differences) > 1e-2
+    assert largest_rank_difference(grouped, ungrouped, records,
+                                   lambda: monkeypatch.setattr(prefix_cache, "positions_alone", column_positions)) > 1e-2
 
 
 def test_the_padding_between_prefix_and_a_shorter_question_must_be_masked(predictors, monkeypatch):
@@ -189,13 +195,8 @@ def test_the_padding_between_prefix_and_a_shorter_question_must_be_masked(predic
     def nothing_masked(prompts):
         return torch.ones((prompts.rows, prompts.length + prompts.suffix_ids.shape[1]), dtype=torch.long)
 
-    with random_head(grouped.model, seed=3):
-        expected = ungrouped.predict_batch(records, "rank")
-        monkeypatch.setattr(ImagePrefixPrompts, "attention_mask", nothing_masked)
-        unmasked = grouped.predict_batch(records, "rank")
-    differences = [abs(left.scores[label]["sum"] - right.scores[label]["sum"])
-                   for left, right in zip(unmasked, expected) for label in left.scores]
-    assert max(differences) > 1e-2
+    assert largest_rank_difference(grouped, ungrouped, records,
+                                   lambda: monkeypatch.setattr(ImagePrefixPrompts, "attention_mask", nothing_masked)) > 1e-2
 
 
 def test_qwen3_5_runs_every_question_whole_and_says_why(predictors, caplog):
