@@ -230,6 +230,13 @@ def test_x1_metrics_group_by_complexity_and_class_and_compare_paired():
     assert paired["n_paired"] == 31
     assert paired["atomic_recall"]["delta"] == pytest.approx(60 / 61)
     assert paired["atomic_recall"]["delta_ci"][0] > 0 and paired["rougeL"]["delta_ci"][0] > 0
+    # the same comparison per atom type and per complexity: the one row both answered alike moves nothing
+    assert paired["atomic_recall_per_type"]["count"]["delta"] == pytest.approx(1.0)
+    assert paired["atomic_recall_per_type"]["count"]["delta_ci"][0] > 0
+    assert paired["atomic_recall_per_type"]["name"]["delta"] == 0.0
+    assert paired["atomic_recall_per_complexity"]["1"]["delta"] == 0.0
+    assert paired["atomic_recall_per_complexity"]["2"]["delta"] == pytest.approx(1.0)
+    assert paired["atomic_recall_per_complexity"]["2"]["n_facts"] == 60
     assert normalise_text("The polyp, is RED.") == "polyp is red"
 
 

@@ -112,26 +112,49 @@ def _misses(scores: _RowScores, settings: EvaluateConfig) -> dict[str, list[dict
     return gallery
 
 
+def _paired_recall(run_stated: np.ndarray, base_stated: np.ndarray, facts: np.ndarray,
+                   settings: EvaluateConfig) -> dict[str, Any] | None:
+    """Run and baseline recall over the same facts, and their difference with a paired bootstrap CI over rows."""
+    if facts.sum() == 0:
+        return None
+    # One index draw resamples (run, baseline) pairs together: the interval reflects only their disagreement.
+    columns = np.stack([run_stated - base_stated, facts], axis=1)
+    draws = stratified_bootstrap_sums(columns, np.zeros(len(facts), dtype=np.int64), 1, settings.bootstrap_samples,
+                                      settings.seed)[0]
+    return {"run": float(run_stated.sum() / facts.sum()), "baseline": float(base_stated.sum() / facts.sum()),
+            "delta": float((run_stated.sum() - base_stated.sum()) / facts.sum()),
+            "delta_ci": percentile_ci(draws[:, 0] / np.maximum(draws[:, 1], 1e-12), settings.confidence),
+            "n_facts": int(facts.sum())}
+
+
 def _paired(run: _RowScores, base: _RowScores, settings: EvaluateConfig) -> dict[str, Any]:
-    """Run minus baseline on the rows both scored: atomic-fact recall and ROUGE-L, paired bootstrap CIs."""
+    """Run minus baseline on the rows both scored: atomic-fact recall (overall, per atom type and per complexity)
+    and ROUGE-L, with paired bootstrap CIs."""
     run_stated, facts = run.fact_counts()
     base_stated, _ = base.fact_counts()
     n = len(run.rows)
-    strata = np.zeros(n, dtype=np.int64)
     out: dict[str, Any] = {"n_paired": n}
     if n == 0:
         return out
-    # One index draw resamples (run, baseline) pairs together: the interval reflects only their disagreement.
-    columns = np.stack([run_stated - base_stated, facts, run.rouge_l - base.rouge_l], axis=1)
-    draws = stratified_bootstrap_sums(columns, strata, 1, settings.bootstrap_samples, settings.seed)[0]
-    if facts.sum() > 0:
-        out["atomic_recall"] = {
-            "run": float(run_stated.sum() / facts.sum()), "baseline": float(base_stated.sum() / facts.sum()),
-            "delta": float((run_stated.sum() - base_stated.sum()) / facts.sum()),
-            "delta_ci": percentile_ci(draws[:, 0] / np.maximum(draws[:, 1], 1e-12), settings.confidence)}
+    recall = _paired_recall(run_stated, base_stated, facts, settings)
+    if recall is not None:
+        out["atomic_recall"] = recall
+        per_type = {atom_type: _paired_recall(run.fact_counts(atom_type)[0], base.fact_counts(atom_type)[0],
+                                              run.fact_counts(atom_type)[1], settings) for atom_type in ATOM_TYPES}
+        out["atomic_recall_per_type"] = {key: value for key, value in per_type.items() if value is not None}
+        complexity = np.array([str((row.meta if isinstance(row.meta, dict) else {}).get("complexity") or "unknown")
+                               for row in run.rows])
+        per_complexity = {key: _paired_recall(run_stated[complexity == key], base_stated[complexity == key],
+                                              facts[complexity == key], settings)
+                          for key in sorted(set(complexity))}
+        out["atomic_recall_per_complexity"] = {key: value for key, value in per_complexity.items()
+                                               if value is not None}
+    strata = np.zeros(n, dtype=np.int64)
+    draws = stratified_bootstrap_sums((run.rouge_l - base.rouge_l)[:, None], strata, 1, settings.bootstrap_samples,
+                                      settings.seed)[0]
     out["rougeL"] = {"run": float(run.rouge_l.mean()), "baseline": float(base.rouge_l.mean()),
                      "delta": float((run.rouge_l - base.rouge_l).mean()),
-                     "delta_ci": percentile_ci(draws[:, 2] / n, settings.confidence)}
+                     "delta_ci": percentile_ci(draws[:, 0] / n, settings.confidence)}
     out["exact_match"] = {"run": float(run.exact.mean()), "baseline": float(base.exact.mean()),
                           "delta": float((run.exact - base.exact).mean())}
     return out
@@ -229,7 +252,12 @@ def x1_tables(x1: dict[str, Any]) -> list[dict[str, Any]]:
                        "rows": [[name, _pct(paired[key]["run"]), _pct(paired[key]["baseline"]),
                                  _pct(paired[key]["delta"]), _ci(paired[key].get("delta_ci"))]
                                 for name, key in (("atomic-fact recall", "atomic_recall"), ("ROUGE-L", "rougeL"),
-                                                  ("exact match", "exact_match")) if key in paired]})
+                                                  ("exact match", "exact_match")) if key in paired]
+                               + [[f"atomic-fact recall, {group} {key}", _pct(entry["run"]), _pct(entry["baseline"]),
+                                   _pct(entry["delta"]), _ci(entry["delta_ci"])]
+                                  for group, field in (("atom type", "atomic_recall_per_type"),
+                                                       ("complexity", "atomic_recall_per_complexity"))
+                                  for key, entry in paired.get(field, {}).items()]})
     misses = [[atom_type, item["question"], item["answer"], item["prediction"] or "(empty)", "; ".join(item["missed"])]
               for atom_type, items in x1["misses"].items() for item in items]
     if misses:
