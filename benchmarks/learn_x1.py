@@ -160,6 +160,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench-learn-x1"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override")
     parser.add_argument("--summarise-only", action="store_true", help="only summarise the seeds --workdir holds")
+    parser.add_argument("--result-name", default="learn_x1",
+                        help="the summary goes to benchmarks/results/<result-name>.json")
     parser.add_argument("--one-seed", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -175,12 +177,13 @@ def main() -> None:
                           f"--images {args.images} --seeds {' '.join(map(str, args.seeds))}"
                           + (f" --clock {args.clock}" if args.clock != "cpu" else "")
                           + (" --per-sample" if args.per_sample else "")
-                          + "".join(f" --set {item}" for item in args.overrides),
+                          + "".join(f" --set {item}" for item in args.overrides)
+                          + (f" --result-name {args.result_name}" if args.result_name != "learn_x1" else ""),
                "machine": machine_info(), "date": time.strftime("%Y-%m-%d"), "load_average_at_end": load_average(),
                "budget": f"{args.minutes} {args.clock.upper()} minutes of training per seed, one torch thread, "
                          f"{'per-sample' if args.per_sample else 'image-grouped'} training",
                **summarise(args), "seconds": round(time.perf_counter() - started, 1)}
-    write_result("learn_x1", payload)
+    write_result(args.result_name, payload)
 
 
 if __name__ == "__main__":
