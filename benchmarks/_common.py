@@ -10,6 +10,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -54,3 +55,18 @@ def write_result(name: str, payload: dict, *, indent: int | None = 2) -> dict:
     atomic_write_text(RESULTS / f"{name}.json", json.dumps(payload, indent=indent) + "\n")
     print(json.dumps(payload))
     return payload
+
+
+def run_at_once(runs: dict[str, list[str]], log_dir: Path) -> None:
+    """Start every command at once, one torch thread each and offline, each logging to ``log_dir/<name>.log``;
+    wait for them all and exit non-zero naming the first that failed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    running = []
+    for name, command in runs.items():
+        log = (log_dir / f"{name}.log").open("w")
+        running.append((name, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+    for name, process, log in running:
+        if process.wait() != 0:
+            sys.exit(f"{name} failed: see {log.name}")
+        log.close()
+        print(f"{name} done", flush=True)

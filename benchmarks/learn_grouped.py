@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from _common import load_average, machine_info, write_result
+from _common import load_average, machine_info, run_at_once, write_result
 
 from surgvqa.core.config import load_config
 from surgvqa.stages.evaluate import run_on_file
@@ -36,22 +34,12 @@ def run_name(seed: int, mode: str) -> str:
 def train_all(args: argparse.Namespace) -> None:
     """Start every (seed, mode) run of learn_synthetic.py at once and wait for them all."""
     script = Path(__file__).resolve().parent / "learn_synthetic.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    running = []
-    for seed in args.seeds:
-        for mode, grouped in MODES.items():
-            name = run_name(seed, mode)
-            log = (args.workdir / f"{name}.log").open("w")
-            command = [sys.executable, str(script), "--minutes", str(args.minutes), "--clock", "cpu",
-                       "--images", str(args.images), "--modes", "constrained",
-                       "--workdir", str(args.workdir / name), "--results", str(args.workdir / f"{name}.json"),
-                       "--set", f"train.seed={seed}", "--set", f"train.group_by_image={grouped}"]
-            running.append((name, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log))
-    for name, process, log in running:
-        if process.wait() != 0:
-            sys.exit(f"{name} failed: see {log.name}")
-        log.close()
-        print(f"{name} done", flush=True)
+    run_at_once({run_name(seed, mode): [sys.executable, str(script), "--minutes", str(args.minutes), "--clock", "cpu",
+                                        "--images", str(args.images), "--modes", "constrained",
+                                        "--workdir", str(args.workdir / run_name(seed, mode)),
+                                        "--results", str(args.workdir / f"{run_name(seed, mode)}.json"),
+                                        "--set", f"train.seed={seed}", "--set", f"train.group_by_image={grouped}"]
+                 for seed in args.seeds for mode, grouped in MODES.items()}, args.workdir)
 
 
 def summarise(args: argparse.Namespace) -> dict:

@@ -26,12 +26,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from _common import load_average, machine_info, write_result
+from _common import load_average, machine_info, run_at_once, write_result
 from learn_synthetic import WallClockBudget
 
 import surgvqa
@@ -117,20 +116,11 @@ def one_seed(args: argparse.Namespace, seed: int) -> dict:
 
 def run_all(args: argparse.Namespace) -> None:
     """Start one process per seed, one torch thread each, and wait for them all."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    running = []
-    for seed in args.seeds:
-        log = (args.workdir / f"s{seed}.log").open("w")
-        command = [sys.executable, __file__, "--one-seed", str(seed), "--minutes", str(args.minutes),
-                   "--clock", args.clock, "--images", str(args.images), "--workdir", str(args.workdir),
-                   *(["--per-sample"] if args.per_sample else []),
-                   *[item for override in args.overrides for item in ("--set", override)]]
-        running.append((seed, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log))
-    for seed, process, log in running:
-        if process.wait() != 0:
-            sys.exit(f"seed {seed} failed: see {log.name}")
-        log.close()
-        print(f"seed {seed} done", flush=True)
+    run_at_once({f"s{seed}": [sys.executable, __file__, "--one-seed", str(seed), "--minutes", str(args.minutes),
+                              "--clock", args.clock, "--images", str(args.images), "--workdir", str(args.workdir),
+                              *(["--per-sample"] if args.per_sample else []),
+                              *[item for override in args.overrides for item in ("--set", override)]]
+                 for seed in args.seeds}, args.workdir)
 
 
 def mean_range(values: list[float]) -> dict:

@@ -112,6 +112,11 @@ def _misses(scores: _RowScores, settings: EvaluateConfig) -> dict[str, list[dict
     return gallery
 
 
+def _complexity(row: PredictionRow) -> str:
+    meta = row.meta if isinstance(row.meta, dict) else {}
+    return str(meta.get("complexity") or "unknown")
+
+
 def _paired_recall(run_stated: np.ndarray, base_stated: np.ndarray, facts: np.ndarray,
                    settings: EvaluateConfig) -> dict[str, Any] | None:
     """Run and baseline recall over the same facts, and their difference with a paired bootstrap CI over rows."""
@@ -139,11 +144,12 @@ def _paired(run: _RowScores, base: _RowScores, settings: EvaluateConfig) -> dict
     recall = _paired_recall(run_stated, base_stated, facts, settings)
     if recall is not None:
         out["atomic_recall"] = recall
-        per_type = {atom_type: _paired_recall(run.fact_counts(atom_type)[0], base.fact_counts(atom_type)[0],
-                                              run.fact_counts(atom_type)[1], settings) for atom_type in ATOM_TYPES}
+        per_type = {}
+        for atom_type in ATOM_TYPES:
+            run_type_stated, type_facts = run.fact_counts(atom_type)
+            per_type[atom_type] = _paired_recall(run_type_stated, base.fact_counts(atom_type)[0], type_facts, settings)
         out["atomic_recall_per_type"] = {key: value for key, value in per_type.items() if value is not None}
-        complexity = np.array([str((row.meta if isinstance(row.meta, dict) else {}).get("complexity") or "unknown")
-                               for row in run.rows])
+        complexity = np.array([_complexity(row) for row in run.rows])
         per_complexity = {key: _paired_recall(run_stated[complexity == key], base_stated[complexity == key],
                                               facts[complexity == key], settings)
                           for key in sorted(set(complexity))}
@@ -188,7 +194,7 @@ def x1_metrics(rows: Sequence[PredictionRow], settings: EvaluateConfig,
     by_class: dict[str, list[int]] = {}
     for index, row in enumerate(scores.rows):
         meta = row.meta if isinstance(row.meta, dict) else {}
-        by_complexity.setdefault(str(meta.get("complexity") or "unknown"), []).append(index)
+        by_complexity.setdefault(_complexity(row), []).append(index)
         for label in question_classes(meta.get("question_class")) or ["(none)"]:
             by_class.setdefault(label, []).append(index)
     result["per_complexity"] = {key: _group_metrics(scores, indices, settings)
